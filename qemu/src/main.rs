@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("pi-qemu: not implemented yet");
+    std::process::exit(2);
+}
