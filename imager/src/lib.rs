@@ -1,1 +1,5 @@
+//! Metrica Fleet OS imager: recipes to images, bundles, keys.
+
+pub mod bundle;
 pub mod cli;
+pub mod keys;

@@ -3,8 +3,17 @@
 //! Modules are named after the concepts of docs/design.md.
 
 pub mod autoboot;
+pub mod bootinfo;
+pub mod bundle;
 pub mod cli;
 pub mod cmdline;
 pub mod disk;
+pub mod health;
+pub mod history;
+pub mod http;
+pub mod install;
 pub mod layout;
 pub mod release;
+pub mod sign;
+pub mod slot;
+pub mod state;

@@ -1,0 +1,1 @@
+//! (in progress) owned by the bundle work: see issue 4.

@@ -1,0 +1,1 @@
+//! (in progress) owned by the slot/state work: see issue 4.

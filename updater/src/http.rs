@@ -1,0 +1,1 @@
+//! (in progress) owned by the bundle/install work: see issue 4.
