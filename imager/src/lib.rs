@@ -1,5 +1,14 @@
-//! Metrica Fleet OS imager: recipes to images, bundles, keys.
+//! Metrica Fleet OS imager: recipes to reproducible A/B disk images, bundles and keys.
+//!
+//! Pure logic (recipe checks, layout math, bmap ranges) sits beside the I/O that uses it;
+//! external tools are only e2fsprogs (`mke2fs`, `debugfs`) and `dpkg-deb`.
 
 pub mod bundle;
 pub mod cli;
+pub mod cmd;
+pub mod ext4;
+pub mod fat;
 pub mod keys;
+pub mod progress;
+pub mod recipe;
+pub mod rootfs;

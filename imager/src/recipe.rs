@@ -1,0 +1,781 @@
+//! Recipes: the strict TOML files in `recipes/` that say what goes into an image.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the recipe file, the key
+//! and what was expected. Relative paths in a recipe are relative to the recipe's folder.
+//! The format is documented in docs/recipes.md.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A parsed and checked recipe.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe file, for error messages.
+    pub file: PathBuf,
+    /// The folder relative paths are resolved against.
+    pub dir: PathBuf,
+    pub name: String,
+    pub version: semver::Version,
+    pub compatible: String,
+    pub security_epoch: u64,
+    pub signing_key: Option<PathBuf>,
+    pub default_role: Option<String>,
+    pub partitions: Partitions,
+    pub base: Base,
+    pub debian: Option<Debian>,
+    pub layers: Vec<Layer>,
+    pub boot: Boot,
+}
+
+/// Partition sizes in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitions {
+    pub config: u64,
+    pub boot: u64,
+    pub root: u64,
+    pub provision: u64,
+    pub data: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// Start from an empty tree.
+    Empty,
+    /// Start from a root filesystem tarball (owners and modes from the tarball).
+    Tarball(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Debian {
+    pub architecture: String,
+    /// Where downloaded `.deb` files are kept, so builds work offline once cached.
+    pub cache: PathBuf,
+    /// Pinned packages by name.
+    pub packages: BTreeMap<String, String>,
+}
+
+/// Where a file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file on the build host.
+    Host(PathBuf),
+    /// A file inside a pinned Debian package: `deb:PACKAGE:/path`.
+    Deb { package: String, path: String },
+    /// A file of the assembled root filesystem: `root:/path`.
+    Root(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layer {
+    /// Unpack a pinned Debian package, optionally only some of its paths.
+    Deb { package: String, paths: Vec<String> },
+    /// Unpack a tarball with its owners and modes.
+    Tarball { path: PathBuf },
+    /// Copy `overlays/<name>`: files owned by root, mode 0755 if executable else 0644.
+    Overlay { name: String, path: PathBuf },
+    /// One file with an explicit mode and owner.
+    File { source: Source, path: String, mode: u32, uid: u32, gid: u32 },
+    /// A symbolic link.
+    Symlink { path: String, target: String },
+    /// An empty directory.
+    Dir { path: String, mode: u32, uid: u32, gid: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boot {
+    pub kernel: Source,
+    pub config_txt: Source,
+    /// `cmdline.txt` without `root=`; the imager adds each slot's `root=PARTUUID=`.
+    pub cmdline: String,
+    pub dtbs: Vec<Source>,
+    /// Further files copied to each boot partition: name -> source.
+    pub files: BTreeMap<String, Source>,
+    pub initramfs: Option<Initramfs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Initramfs {
+    /// A prebuilt initramfs file.
+    Prebuilt(Source),
+    /// An initramfs the imager assembles.
+    Build(InitramfsSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitramfsSpec {
+    /// The `/init` script.
+    pub init: Source,
+    /// Files copied in: path in the initramfs -> source. Executable when `mode` says so.
+    pub files: BTreeMap<String, Source>,
+    /// Package that holds the kernel modules (`lib/modules/<version>/...`).
+    pub modules_package: Option<String>,
+    /// Module names, in load order.
+    pub modules: Vec<String>,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Host(p) => write!(f, "{}", p.display()),
+            Source::Deb { package, path } => write!(f, "deb:{package}:{path}"),
+            Source::Root(p) => write!(f, "root:{p}"),
+        }
+    }
+}
+
+// ----- the TOML shapes -----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    name: String,
+    version: String,
+    compatible: String,
+    #[serde(default)]
+    security_epoch: u64,
+    signing_key: Option<String>,
+    default_role: Option<String>,
+    partitions: RawPartitions,
+    #[serde(default)]
+    base: Option<RawBase>,
+    debian: Option<RawDebian>,
+    #[serde(default)]
+    layers: Vec<RawLayer>,
+    boot: RawBoot,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartitions {
+    config: String,
+    boot_a: String,
+    boot_b: String,
+    root_a: String,
+    root_b: String,
+    provision: String,
+    data: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+enum RawBase {
+    Empty,
+    Tarball { path: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebian {
+    architecture: String,
+    cache: String,
+    packages: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+enum RawLayer {
+    Deb {
+        package: String,
+        #[serde(default)]
+        paths: Vec<String>,
+    },
+    Tarball {
+        path: String,
+    },
+    Overlay {
+        name: String,
+    },
+    File {
+        source: String,
+        path: String,
+        mode: String,
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    Dir {
+        path: String,
+        #[serde(default)]
+        mode: Option<String>,
+        #[serde(default)]
+        owner: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBoot {
+    kernel: String,
+    config_txt: String,
+    cmdline: String,
+    #[serde(default)]
+    dtbs: Vec<String>,
+    #[serde(default)]
+    files: BTreeMap<String, String>,
+    initramfs: Option<RawInitramfs>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawInitramfs {
+    Prebuilt(String),
+    Build(RawInitramfsSpec),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInitramfsSpec {
+    init: String,
+    #[serde(default)]
+    files: BTreeMap<String, String>,
+    modules_package: Option<String>,
+    #[serde(default)]
+    modules: Vec<String>,
+}
+
+/// Context for checks: names the file in every error.
+struct Checker<'a> {
+    file: &'a Path,
+    dir: &'a Path,
+}
+
+impl Checker<'_> {
+    fn err(&self, key: &str, what: impl fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}: {key}: {what}", self.file.display())
+    }
+
+    fn size(&self, key: &str, value: &str) -> Result<u64> {
+        parse_size(value).map_err(|e| self.err(key, e))
+    }
+
+    fn host_path(&self, key: &str, value: &str) -> Result<PathBuf> {
+        if value.is_empty() {
+            return Err(self.err(key, "expected a path, found an empty string"));
+        }
+        Ok(self.dir.join(value))
+    }
+
+    fn existing(&self, key: &str, value: &str) -> Result<PathBuf> {
+        let p = self.host_path(key, value)?;
+        if !p.exists() {
+            return Err(self.err(key, format!("{} does not exist", p.display())));
+        }
+        Ok(p)
+    }
+
+    fn image_path(&self, key: &str, value: &str) -> Result<String> {
+        if !value.starts_with('/') {
+            return Err(
+                self.err(key, format!("expected an absolute path in the image, found {value:?}"))
+            );
+        }
+        if value.split('/').any(|c| c == "..") {
+            return Err(self.err(key, format!("{value:?} must not contain \"..\"")));
+        }
+        if value.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+            return Err(
+                self.err(key, format!("{value:?} contains a control character, '\"' or '\\'"))
+            );
+        }
+        Ok(value.to_string())
+    }
+
+    fn source(&self, key: &str, value: &str, debian: Option<&Debian>) -> Result<Source> {
+        if let Some(rest) = value.strip_prefix("deb:") {
+            let (package, path) = rest.split_once(':').ok_or_else(|| {
+                self.err(key, format!("expected deb:PACKAGE:/path, found {value:?}"))
+            })?;
+            self.pinned(key, package, debian)?;
+            let path = self.image_path(key, path)?;
+            Ok(Source::Deb { package: package.to_string(), path })
+        } else if let Some(path) = value.strip_prefix("root:") {
+            Ok(Source::Root(self.image_path(key, path)?))
+        } else {
+            Ok(Source::Host(self.existing(key, value)?))
+        }
+    }
+
+    fn pinned(&self, key: &str, package: &str, debian: Option<&Debian>) -> Result<()> {
+        match debian {
+            None => Err(self.err(
+                key,
+                format!("package {package:?} used but the recipe has no [debian] table"),
+            )),
+            Some(d) if !d.packages.contains_key(package) => Err(self.err(
+                key,
+                format!(
+                    "package {package:?} is not pinned in [debian.packages] (pinned: {})",
+                    join_keys(&d.packages)
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn mode(&self, key: &str, value: &str) -> Result<u32> {
+        parse_mode(value).map_err(|e| self.err(key, e))
+    }
+
+    fn owner(&self, key: &str, value: Option<&str>) -> Result<(u32, u32)> {
+        match value {
+            None => Ok((0, 0)),
+            Some(v) => parse_owner(v).map_err(|e| self.err(key, e)),
+        }
+    }
+}
+
+fn join_keys(map: &BTreeMap<String, String>) -> String {
+    map.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// Parses a size such as `16MiB`, `16M`, `2GiB`, `512KiB` or a number of bytes.
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 =
+        num.parse().map_err(|_| format!("expected a size like \"256MiB\", found {value:?}"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {value:?}: expected B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("size {value:?} is too large"))?;
+    if bytes == 0 || bytes % (1 << 20) != 0 {
+        return Err(format!("expected a non-zero whole number of MiB, found {value:?}"));
+    }
+    Ok(bytes)
+}
+
+/// Parses an octal mode string such as `0755` or `4755`.
+pub fn parse_mode(value: &str) -> Result<u32, String> {
+    let expected = || format!("expected an octal mode like \"0755\", found {value:?}");
+    if value.is_empty() || value.len() > 5 || !value.chars().all(|c| ('0'..='7').contains(&c)) {
+        return Err(expected());
+    }
+    u32::from_str_radix(value, 8).map_err(|_| expected())
+}
+
+/// Parses `uid:gid` or `root` / `root:root` style owners (names limited to `root`).
+pub fn parse_owner(value: &str) -> Result<(u32, u32), String> {
+    let id = |s: &str| -> Result<u32, String> {
+        match s {
+            "root" => Ok(0),
+            n => n.parse().map_err(|_| {
+                format!(
+                    "expected an owner like \"root\", \"0:0\" or \"1000:1000\", found {value:?}"
+                )
+            }),
+        }
+    };
+    match value.split_once(':') {
+        Some((u, g)) => Ok((id(u)?, id(g)?)),
+        None => {
+            let u = id(value)?;
+            Ok((u, u))
+        }
+    }
+}
+
+impl Recipe {
+    /// Reads and checks a recipe file.
+    pub fn load(file: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading recipe {}", file.display()))?;
+        Recipe::parse(file, &text)
+    }
+
+    /// Parses and checks recipe text; `file` names it in errors and anchors relative paths.
+    pub fn parse(file: &Path, text: &str) -> Result<Recipe> {
+        let raw: RawRecipe =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let c = Checker { file, dir: &dir };
+
+        if raw.name.is_empty()
+            || !raw.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            bail!(c.err(
+                "name",
+                format!("expected letters, digits, '-' or '_', found {:?}", raw.name)
+            ));
+        }
+        let version = semver::Version::parse(&raw.version).map_err(|e| {
+            c.err("version", format!("expected a semantic version like \"1.2.3\": {e}"))
+        })?;
+        if raw.compatible.is_empty() {
+            bail!(c.err("compatible", "expected a non-empty string such as \"metrica-rpi4-arm64\""));
+        }
+
+        let p = &raw.partitions;
+        let (boot_a, boot_b) =
+            (c.size("partitions.boot_a", &p.boot_a)?, c.size("partitions.boot_b", &p.boot_b)?);
+        let (root_a, root_b) =
+            (c.size("partitions.root_a", &p.root_a)?, c.size("partitions.root_b", &p.root_b)?);
+        if boot_a != boot_b {
+            bail!(c.err(
+                "partitions.boot_b",
+                format!(
+                    "expected the same size as partitions.boot_a ({}), found {}",
+                    mib(boot_a),
+                    mib(boot_b)
+                )
+            ));
+        }
+        if root_a != root_b {
+            bail!(c.err(
+                "partitions.root_b",
+                format!(
+                    "expected the same size as partitions.root_a ({}), found {}",
+                    mib(root_a),
+                    mib(root_b)
+                )
+            ));
+        }
+        let partitions = Partitions {
+            config: c.size("partitions.config", &p.config)?,
+            boot: boot_a,
+            root: root_a,
+            provision: c.size("partitions.provision", &p.provision)?,
+            data: c.size("partitions.data", &p.data)?,
+        };
+
+        let base = match raw.base {
+            None | Some(RawBase::Empty) => Base::Empty,
+            Some(RawBase::Tarball { path }) => Base::Tarball(c.existing("base.path", &path)?),
+        };
+
+        let debian = match raw.debian {
+            None => None,
+            Some(d) => {
+                if d.architecture.is_empty() {
+                    bail!(c.err(
+                        "debian.architecture",
+                        "expected a Debian architecture such as \"arm64\""
+                    ));
+                }
+                for (name, version) in &d.packages {
+                    if version.is_empty() || version == "*" {
+                        bail!(c.err(
+                            &format!("debian.packages.{name}"),
+                            "expected a pinned version such as \"1:1.35.0-4\", found none"
+                        ));
+                    }
+                }
+                Some(Debian {
+                    architecture: d.architecture,
+                    cache: c.host_path("debian.cache", &d.cache)?,
+                    packages: d.packages,
+                })
+            }
+        };
+
+        let mut layers = Vec::new();
+        for (i, layer) in raw.layers.into_iter().enumerate() {
+            let key = |field: &str| format!("layers[{i}].{field}");
+            layers.push(match layer {
+                RawLayer::Deb { package, paths } => {
+                    c.pinned(&key("package"), &package, debian.as_ref())?;
+                    for path in &paths {
+                        c.image_path(&key("paths"), path)?;
+                    }
+                    Layer::Deb { package, paths }
+                }
+                RawLayer::Tarball { path } => {
+                    Layer::Tarball { path: c.existing(&key("path"), &path)? }
+                }
+                RawLayer::Overlay { name } => {
+                    if name.is_empty() || name.contains('/') || name.contains("..") {
+                        bail!(c.err(
+                            &key("name"),
+                            format!("expected the name of a folder in overlays/, found {name:?}")
+                        ));
+                    }
+                    let path = overlays_dir(&dir).join(&name);
+                    if !path.is_dir() {
+                        bail!(c.err(
+                            &key("name"),
+                            format!("overlay folder {} does not exist", path.display())
+                        ));
+                    }
+                    Layer::Overlay { name, path }
+                }
+                RawLayer::File { source, path, mode, owner } => {
+                    let source = c.source(&key("source"), &source, debian.as_ref())?;
+                    let path = c.image_path(&key("path"), &path)?;
+                    let mode = c.mode(&key("mode"), &mode)?;
+                    let (uid, gid) = c.owner(&key("owner"), owner.as_deref())?;
+                    Layer::File { source, path, mode, uid, gid }
+                }
+                RawLayer::Symlink { path, target } => {
+                    if target.is_empty() {
+                        bail!(
+                            c.err(&key("target"), "expected a link target, found an empty string")
+                        );
+                    }
+                    Layer::Symlink { path: c.image_path(&key("path"), &path)?, target }
+                }
+                RawLayer::Dir { path, mode, owner } => {
+                    let mode = match mode {
+                        Some(m) => c.mode(&key("mode"), &m)?,
+                        None => 0o755,
+                    };
+                    let (uid, gid) = c.owner(&key("owner"), owner.as_deref())?;
+                    Layer::Dir { path: c.image_path(&key("path"), &path)?, mode, uid, gid }
+                }
+            });
+        }
+
+        let b = raw.boot;
+        let kernel = c.source("boot.kernel", &b.kernel, debian.as_ref())?;
+        let config_txt = c.source("boot.config_txt", &b.config_txt, debian.as_ref())?;
+        if b.cmdline.contains('\n') || b.cmdline.split_whitespace().any(|a| a.starts_with("root="))
+        {
+            bail!(c.err(
+                "boot.cmdline",
+                "expected one line without root= (the imager adds root=PARTUUID= per slot)"
+            ));
+        }
+        let mut dtbs = Vec::new();
+        for (i, d) in b.dtbs.iter().enumerate() {
+            dtbs.push(c.source(&format!("boot.dtbs[{i}]"), d, debian.as_ref())?);
+        }
+        let mut files = BTreeMap::new();
+        for (name, src) in &b.files {
+            check_fat_name(&c, &format!("boot.files.{name}"), name)?;
+            files.insert(
+                name.clone(),
+                c.source(&format!("boot.files.{name}"), src, debian.as_ref())?,
+            );
+        }
+        let initramfs = match b.initramfs {
+            None => None,
+            Some(RawInitramfs::Prebuilt(s)) => {
+                Some(Initramfs::Prebuilt(c.source("boot.initramfs", &s, debian.as_ref())?))
+            }
+            Some(RawInitramfs::Build(spec)) => {
+                let init = c.source("boot.initramfs.init", &spec.init, debian.as_ref())?;
+                let mut files = BTreeMap::new();
+                for (path, src) in &spec.files {
+                    let key = format!("boot.initramfs.files.\"{path}\"");
+                    let path = c.image_path(&key, path)?;
+                    files.insert(path, c.source(&key, src, debian.as_ref())?);
+                }
+                if let Some(pkg) = &spec.modules_package {
+                    c.pinned("boot.initramfs.modules_package", pkg, debian.as_ref())?;
+                } else if !spec.modules.is_empty() {
+                    bail!(c.err(
+                        "boot.initramfs.modules_package",
+                        "expected the package that holds the listed modules"
+                    ));
+                }
+                Some(Initramfs::Build(InitramfsSpec {
+                    init,
+                    files,
+                    modules_package: spec.modules_package,
+                    modules: spec.modules,
+                }))
+            }
+        };
+
+        let signing_key = raw.signing_key.map(|k| c.host_path("signing_key", &k)).transpose()?;
+
+        Ok(Recipe {
+            file: file.to_path_buf(),
+            dir: dir.clone(),
+            name: raw.name,
+            version,
+            compatible: raw.compatible,
+            security_epoch: raw.security_epoch,
+            signing_key,
+            default_role: raw.default_role,
+            partitions,
+            base,
+            debian,
+            layers,
+            boot: Boot { kernel, config_txt, cmdline: b.cmdline, dtbs, files, initramfs },
+        })
+    }
+
+    /// Names an error about `key` of this recipe.
+    pub fn err(&self, key: &str, what: impl fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}: {key}: {what}", self.file.display())
+    }
+
+    /// `<name>-<version>`, the stem of every output file.
+    pub fn stem(&self) -> String {
+        format!("{}-{}", self.name, self.version)
+    }
+}
+
+fn check_fat_name(c: &Checker<'_>, key: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['/', '\\', ':', '"', '*', '?', '<', '>', '|']) {
+        bail!(c.err(
+            key,
+            format!("expected a plain file name for the FAT boot partition, found {name:?}")
+        ));
+    }
+    Ok(())
+}
+
+/// `overlays/` of the repository: the recipe folder's sibling.
+fn overlays_dir(recipe_dir: &Path) -> PathBuf {
+    recipe_dir.join("..").join("overlays")
+}
+
+/// Formats bytes as MiB for messages.
+pub fn mib(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe folder with the files a minimal recipe references.
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("recipes")).unwrap();
+        std::fs::create_dir_all(dir.path().join("overlays/base/etc")).unwrap();
+        std::fs::write(dir.path().join("recipes/config.txt"), "arm_64bit=1\n").unwrap();
+        std::fs::write(dir.path().join("recipes/kernel"), "kernel").unwrap();
+        dir
+    }
+
+    const GOOD: &str = r#"
+name = "test"
+version = "1.0.0"
+compatible = "metrica-test"
+[partitions]
+config = "16MiB"
+boot_a = "32MiB"
+boot_b = "32MiB"
+root_a = "64MiB"
+root_b = "64MiB"
+provision = "16MiB"
+data = "32MiB"
+[debian]
+architecture = "arm64"
+cache = "../cache"
+packages = { busybox-static = "1:1.35.0-4" }
+[[layers]]
+type = "deb"
+package = "busybox-static"
+[[layers]]
+type = "overlay"
+name = "base"
+[[layers]]
+type = "file"
+source = "config.txt"
+path = "/etc/x.txt"
+mode = "0640"
+owner = "0:4"
+[boot]
+kernel = "kernel"
+config_txt = "config.txt"
+cmdline = "console=ttyAMA0 quiet"
+"#;
+
+    fn parse(dir: &tempfile::TempDir, text: &str) -> Result<Recipe> {
+        Recipe::parse(&dir.path().join("recipes/test.toml"), text)
+    }
+
+    fn err(dir: &tempfile::TempDir, text: &str) -> String {
+        format!("{:#}", parse(dir, text).unwrap_err())
+    }
+
+    #[test]
+    fn good_recipe_parses() {
+        let dir = fixture();
+        let r = parse(&dir, GOOD).unwrap();
+        assert_eq!(r.version.to_string(), "1.0.0");
+        assert_eq!(r.partitions.root, 64 << 20);
+        assert_eq!(r.layers.len(), 3);
+        assert!(matches!(&r.layers[2], Layer::File { mode: 0o640, uid: 0, gid: 4, .. }));
+        assert_eq!(r.stem(), "test-1.0.0");
+    }
+
+    #[test]
+    fn bad_recipes_name_file_key_and_expectation() {
+        let dir = fixture();
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("unknown key", "[partitions]", &["unknown field `colour`"]),
+            ("missing file", "kernel = \"kernel\"", &["boot.kernel", "does not exist"]),
+            ("wrong mode", "mode = \"0640\"", &["layers[2].mode", "expected an octal mode"]),
+            ("unknown layer", "type = \"overlay\"", &["unknown variant `blob`"]),
+            (
+                "root sizes",
+                "root_b = \"64MiB\"",
+                &["partitions.root_b", "same size as partitions.root_a (64 MiB)", "128 MiB"],
+            ),
+            ("bad size", "data = \"32MiB\"", &["partitions.data", "unknown size unit"]),
+            ("bad version", "version = \"1.0.0\"", &["version", "semantic version"]),
+            ("unpinned", "package = \"busybox-static\"", &["layers[0].package", "not pinned"]),
+            (
+                "root in cmdline",
+                "cmdline = \"console=ttyAMA0 quiet\"",
+                &["boot.cmdline", "without root="],
+            ),
+            ("missing overlay", "name = \"base\"", &["layers[1].name", "does not exist"]),
+            ("relative image path", "path = \"/etc/x.txt\"", &["layers[2].path", "absolute path"]),
+        ];
+        let replacements = [
+            ("[partitions]", "colour = \"red\"\n[partitions]"),
+            ("kernel = \"kernel\"", "kernel = \"vmlinuz-missing\""),
+            ("mode = \"0640\"", "mode = \"rwxr-x---\""),
+            ("type = \"overlay\"", "type = \"blob\""),
+            ("root_b = \"64MiB\"", "root_b = \"128MiB\""),
+            ("data = \"32MiB\"", "data = \"32 parsecs\""),
+            ("version = \"1.0.0\"", "version = \"one\""),
+            ("package = \"busybox-static\"", "package = \"nginx\""),
+            ("cmdline = \"console=ttyAMA0 quiet\"", "cmdline = \"console=ttyAMA0 root=/dev/sda2\""),
+            ("name = \"base\"", "name = \"nope\""),
+            ("path = \"/etc/x.txt\"", "path = \"etc/x.txt\""),
+        ];
+        for ((what, anchor, expected), (from, to)) in cases.iter().zip(replacements) {
+            assert_eq!(*anchor, from, "{what}: table out of step");
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD, "{what}: replacement did not apply");
+            let e = err(&dir, &text);
+            assert!(e.contains("recipes/test.toml"), "{what}: no file in {e}");
+            for part in *expected {
+                assert!(e.contains(part), "{what}: {part:?} not in {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_modes_and_owners() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("1000").is_err(), "not whole MiB");
+        assert!(parse_size("0M").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert_eq!(parse_mode("0755"), Ok(0o755));
+        assert_eq!(parse_mode("4755"), Ok(0o4755));
+        assert!(parse_mode("0855").is_err());
+        assert!(parse_mode("").is_err());
+        assert!(parse_mode("077777").is_err());
+        assert_eq!(parse_owner("root"), Ok((0, 0)));
+        assert_eq!(parse_owner("1000:100"), Ok((1000, 100)));
+        assert!(parse_owner("pi").is_err());
+    }
+}
