@@ -213,6 +213,17 @@ impl Tree {
     /// outside those paths are skipped. Returns how many entries were added.
     pub fn add_tar(&mut self, reader: impl Read, only: &[String]) -> Result<usize> {
         let only: Vec<PathBuf> = only.iter().map(|p| image_path(p)).collect::<Result<_>>()?;
+        self.add_tar_filtered(reader, &|path| {
+            only.is_empty() || only.iter().any(|o| path.starts_with(o))
+        })
+    }
+
+    /// Unpacks the entries of a tar stream that `keep` accepts, with their owners and modes.
+    pub fn add_tar_filtered(
+        &mut self,
+        reader: impl Read,
+        keep: &dyn Fn(&Path) -> bool,
+    ) -> Result<usize> {
         let mut archive = tar::Archive::new(reader);
         let mut count = 0;
         for entry in archive.entries().context("reading tar entries")? {
@@ -220,7 +231,7 @@ impl Tree {
             let header = entry.header();
             let raw_path = entry.path().context("tar entry path")?.to_string_lossy().into_owned();
             let path = image_path(&raw_path)?;
-            if !only.is_empty() && !only.iter().any(|o| path.starts_with(o)) {
+            if !keep(&path) {
                 continue;
             }
             let mode = header.mode().context("tar entry mode")? & 0o7777;
