@@ -99,7 +99,7 @@ pub fn build(tree: &Tree, out: &Path, p: &Ext4Params<'_>, progress: &Progress) -
     f.set_len(p.size)?;
     drop(f);
 
-    let mut mkfs = Command::new("mke2fs");
+    let mut mkfs = Command::new(crate::cmd::tool("mke2fs"));
     mkfs.env("MKE2FS_CONFIG", &conf)
         .env("E2FSPROGS_FAKE_TIME", p.epoch.to_string())
         .args(["-q", "-F", "-t", "ext4", "-L", p.label, "-U"])
@@ -120,7 +120,7 @@ pub fn build(tree: &Tree, out: &Path, p: &Ext4Params<'_>, progress: &Progress) -
     std::fs::write(&script_path, script)?;
 
     let bar = progress.bar(commands as u64, &format!("populating {}", p.name));
-    let mut child = Command::new("debugfs")
+    let mut child = Command::new(crate::cmd::tool("debugfs"))
         .env("E2FSPROGS_FAKE_TIME", p.epoch.to_string())
         .arg("-w")
         .arg("-f")

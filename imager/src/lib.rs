@@ -3,6 +3,7 @@
 //! Pure logic (recipe checks, layout math, bmap ranges) sits beside the I/O that uses it;
 //! external tools are only e2fsprogs (`mke2fs`, `debugfs`) and `dpkg-deb`.
 
+pub mod build;
 pub mod bundle;
 pub mod cli;
 pub mod cmd;
@@ -10,7 +11,9 @@ pub mod ext4;
 pub mod fat;
 pub mod image;
 pub mod initramfs;
+pub mod inspect;
 pub mod keys;
+pub mod output;
 pub mod packages;
 pub mod progress;
 pub mod recipe;

@@ -80,6 +80,8 @@ pub enum Layer {
     File { source: Source, path: String, mode: u32, uid: u32, gid: u32 },
     /// A symbolic link.
     Symlink { path: String, target: String },
+    /// Many symbolic links in one folder to one target (e.g. busybox applets).
+    Symlinks { dir: String, target: String, names: Vec<String> },
     /// An empty directory.
     Dir { path: String, mode: u32, uid: u32, gid: u32 },
 }
@@ -198,6 +200,11 @@ enum RawLayer {
     Symlink {
         path: String,
         target: String,
+    },
+    Symlinks {
+        dir: String,
+        target: String,
+        names: Vec<String>,
     },
     Dir {
         path: String,
@@ -527,6 +534,23 @@ impl Recipe {
                         );
                     }
                     Layer::Symlink { path: c.image_path(&key("path"), &path)?, target }
+                }
+                RawLayer::Symlinks { dir, target, names } => {
+                    let dir = c.image_path(&key("dir"), &dir)?;
+                    if target.is_empty() {
+                        bail!(
+                            c.err(&key("target"), "expected a link target, found an empty string")
+                        );
+                    }
+                    if let Some(bad) =
+                        names.iter().find(|n| n.is_empty() || n.contains('/') || *n == "..")
+                    {
+                        bail!(c.err(
+                            &key("names"),
+                            format!("expected plain file names, found {bad:?}")
+                        ));
+                    }
+                    Layer::Symlinks { dir, target, names }
                 }
                 RawLayer::Dir { path, mode, owner } => {
                     let mode = match mode {

@@ -1,0 +1,45 @@
+//! Helpers shared by the end-to-end scenarios in tests/ (each scenario file is a test target of
+//! the crate whose binary it drives, so Cargo builds that binary fresh for it).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crates sit in the repository")
+        .to_path_buf()
+}
+
+/// sha256 of a file, hex.
+pub fn sha256(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hashing");
+    hex::encode(h.finalize())
+}
+
+/// Runs a command and returns its output, failing the test with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Makes the `mini` recipe fixture in `dir` by running tests/fixtures/make-mini.sh, which
+/// builds a tiny local `.deb` (a root-owned, setuid `/bin/busybox` stand-in) into the recipe's
+/// package cache so that no download is needed. Returns the recipe path.
+pub fn mini_recipe(dir: &Path) -> PathBuf {
+    run(Command::new("bash").arg(repo().join("tests/fixtures/make-mini.sh")).arg(dir));
+    dir.join("recipes/mini.toml")
+}
