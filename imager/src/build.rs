@@ -358,15 +358,31 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
         })
         .map_err(|e| recipe.err("partitions.config", format!("{e:#}")))?;
     step.inc(1);
+    // The boot filesystem is slot-independent (bundles carry one boot image for either slot):
+    // it is written once, copied into both boot partitions, and only cmdline.txt then differs.
+    let boot_fat = work.path().join("boot.fat");
+    {
+        let f =
+            std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&boot_fat)?;
+        let len = layout.get("boot_a").len;
+        f.set_len(len)?;
+        let whole = Region { file: &f, start: 0, len };
+        let mut files = boot_files.clone();
+        files.push((
+            "cmdline.txt".into(),
+            updater::cmdline::with_root(&recipe.boot.cmdline, &ids.partuuid("root_a")).into_bytes(),
+        ));
+        fat::format(whole, "boot", ids.volume_id("boot_a"))
+            .and_then(|()| fat::write_files(whole, "boot_a", &files))
+            .map_err(|e| recipe.err("partitions.boot_a", format!("{e:#}")))?;
+    }
+    let boot_file = File::open(&boot_fat)?;
     for slot in Slot::ALL {
         let label = slot.boot().label;
-        fat::format(region(label), label, ids.volume_id(label))
-            .map_err(|e| recipe.err(&format!("partitions.{label}"), format!("{e:#}")))?;
-        let mut files = boot_files.clone();
+        output::copy_sparse(&boot_file, &img, layout.get(label).start)?;
         let cmdline =
             updater::cmdline::with_root(&recipe.boot.cmdline, &ids.partuuid(slot.root().label));
-        files.push(("cmdline.txt".into(), cmdline.into_bytes()));
-        fat::write_files(region(label), label, &files)
+        fat::write_files(region(label), label, &[("cmdline.txt".into(), cmdline.into_bytes())])
             .map_err(|e| recipe.err(&format!("partitions.{label}"), format!("{e:#}")))?;
         step.inc(1);
     }
@@ -423,17 +439,43 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
 
     // 5. Outputs.
     let step = progress.bar(layout.parts.len() as u64, "hashing partitions");
+    let hashes: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = layout
+            .parts
+            .iter()
+            // root_b is a copy of root_a's filesystem image, byte for byte: hash it once.
+            .filter(|p| p.role.label != "root_b")
+            .map(|p| {
+                let (img, step) = (&img, &step);
+                scope.spawn(move || {
+                    let h = output::sha256_range(img, p.start, p.len);
+                    step.inc(1);
+                    h
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("hashing thread")).collect::<Result<_>>()
+    })?;
     let mut parts = Vec::new();
+    let mut next = hashes.into_iter();
+    let mut root_a_hash = String::new();
     for p in &layout.parts {
+        let sha256 = if p.role.label == "root_b" {
+            root_a_hash.clone()
+        } else {
+            next.next().expect("one hash per partition")
+        };
+        if p.role.label == "root_a" {
+            root_a_hash = sha256.clone();
+        }
         parts.push(ManifestPartition {
             number: p.role.number,
             label: p.role.label,
             start: p.start,
             size: p.len,
             partuuid: ids.partuuid(p.role.label).hyphenated().to_string(),
-            sha256: output::sha256_range(&img, p.start, p.len)?,
+            sha256,
         });
-        step.inc(1);
     }
     step.finish();
     drop(img);

@@ -56,17 +56,17 @@ pub fn copy_sparse(src: &File, dst: &File, offset: u64) -> Result<u64> {
 }
 
 /// sha256 of `len` bytes of `file` from `start` (holes read as zeros).
+/// Uses positioned reads, so threads may hash ranges of one file at once.
 pub fn sha256_range(file: &File, start: u64, len: u64) -> Result<String> {
-    let mut f = file;
-    f.seek(SeekFrom::Start(start))?;
+    use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        f.read_exact(&mut buf[..n])?;
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], start + pos)?;
         h.update(&buf[..n]);
-        left -= n as u64;
+        pos += n as u64;
     }
     Ok(hex::encode(h.finalize()))
 }

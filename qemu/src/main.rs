@@ -1,4 +1,3 @@
-fn main() {
-    eprintln!("pi-qemu: not implemented yet");
-    std::process::exit(2);
+fn main() -> std::process::ExitCode {
+    qemu::cli::main()
 }
