@@ -292,7 +292,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     match &recipe.boot.initramfs {
         None => {}
         Some(InitramfsRecipe::Prebuilt(src)) => {
-            boot_files.push((INITRAMFS_NAME.into(), sources.read("boot.initramfs", src)?.0))
+            boot_files.push((INITRAMFS_NAME.into(), sources.read("boot.initramfs", src)?.0));
         }
         Some(InitramfsRecipe::Build(spec)) => {
             let mut ir = Initramfs::new();

@@ -25,6 +25,17 @@ impl CommandExt for Command {
     }
 }
 
+/// Finds a tool on PATH, or in /usr/sbin and /sbin, which are not on an unprivileged user's
+/// PATH on Debian (mke2fs and debugfs live there).
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(std::path::PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| std::path::PathBuf::from(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,15 +49,4 @@ mod tests {
         let out = Command::new("sh").args(["-c", "echo ok"]).run_checked().unwrap();
         assert_eq!(out.stdout, b"ok\n");
     }
-}
-
-/// Finds a tool on PATH, or in /usr/sbin and /sbin, which are not on an unprivileged user's
-/// PATH on Debian (mke2fs and debugfs live there).
-pub fn tool(name: &str) -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].iter().map(std::path::PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| std::path::PathBuf::from(name))
 }

@@ -222,7 +222,7 @@ mod tests {
         // A bmap whose checksum does not match the image is refused by bmaptool.
         let pos = text.find("chksum=\"").unwrap() + 8;
         let flipped = if &text[pos..=pos] == "0" { "1" } else { "0" };
-        let mut tampered = text.clone();
+        let mut tampered = text;
         tampered.replace_range(pos..=pos, flipped);
         std::fs::write(&bmap, tampered).unwrap();
         let out = std::process::Command::new("bmaptool")
