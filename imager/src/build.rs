@@ -40,6 +40,8 @@ pub struct BuildOptions {
     pub epoch: Option<u64>,
     /// zstd level of the `.img.zst`.
     pub zstd_level: i32,
+    /// Skip the OS bundle even when the recipe names a signing key.
+    pub no_bundle: bool,
 }
 
 /// What a build produced.
@@ -499,9 +501,45 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     };
     std::fs::write(&manifest_tmp, serde_json::to_string_pretty(&manifest)? + "\n")?;
 
+    // The OS bundle: the slot-independent boot filesystem and the root filesystem image.
+    let bundle_tmp = work.path().join(format!("{stem}.mfb"));
+    let bundle = match &recipe.signing_key {
+        _ if opts.no_bundle => None,
+        None => {
+            progress.line("no signing_key in the recipe: no bundle written");
+            None
+        }
+        Some(key_path) => {
+            if !key_path.exists() {
+                bail!(recipe.err(
+                    "signing_key",
+                    format!(
+                        "{} does not exist; make a key with `imager keygen --dir DIR --name NAME`",
+                        key_path.display()
+                    )
+                ));
+            }
+            let key = crate::keys::load_signing_key(key_path)
+                .map_err(|e| recipe.err("signing_key", format!("{e:#}")))?;
+            let meta = crate::bundle::BundleMeta {
+                compatible: recipe.compatible.clone(),
+                version: recipe.version.clone(),
+                security_epoch: recipe.security_epoch,
+                created: epoch,
+                zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
+            };
+            let images = [
+                crate::bundle::ImageSource::file(updater::bundle::SlotClass::Boot, &boot_fat)?,
+                crate::bundle::ImageSource::file(updater::bundle::SlotClass::Root, &root_img)?,
+            ];
+            crate::bundle::write_bundle(&bundle_tmp, &meta, &images, &key, progress)?;
+            Some(bundle_tmp)
+        }
+    };
+
     // 6. Into place.
     let mut moved = Vec::new();
-    for tmp in [&img_tmp, &zst_tmp, &bmap_tmp, &manifest_tmp] {
+    for tmp in [&img_tmp, &zst_tmp, &bmap_tmp, &manifest_tmp].into_iter().chain(bundle.as_ref()) {
         let dst = opts.output.join(tmp.file_name().expect("named"));
         std::fs::rename(tmp, &dst)
             .with_context(|| format!("moving {} into place", dst.display()))?;
@@ -518,7 +556,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
         bmap: moved[2].clone(),
         manifest: moved[3].clone(),
         image,
-        bundle: None,
+        bundle: moved.get(4).cloned(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -37,17 +37,50 @@ pub enum Command {
         /// Print the build report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Do not write the OS bundle (.mfb), even when the recipe names a signing key.
+        #[arg(long)]
+        no_bundle: bool,
     },
-    /// Show what an image holds (partitions, autoboot.txt, slots), or read one file from it.
+    /// Show what an image or a bundle holds (partitions, autoboot.txt, slots; manifest and
+    /// signature), or read one file from an image.
     Inspect {
-        /// A disk image made by `imager build`.
+        /// A disk image made by `imager build`, or an OS bundle (.mfb).
         path: PathBuf,
+        /// Check a bundle's signature against this keyring folder (of *.pub.pem files).
+        #[arg(long, value_name = "DIR")]
+        keyring: Option<PathBuf>,
         /// Print one file, as PARTITION:/path (e.g. root_a:/etc/os-release or boot_a:/cmdline.txt).
         #[arg(long, value_name = "PARTITION:/PATH")]
         cat: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Generate an ed25519 signing key: DIR/NAME.key (private, mode 0600) and DIR/NAME.pub.pem.
+    Keygen {
+        /// Folder for the key files (created).
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
+        /// File name stem, e.g. metrica-dev or fleet-2026.
+        #[arg(long)]
+        name: String,
+    },
+    /// Make a signed OS bundle (.mfb) from an image built by `imager build`.
+    Bundle {
+        /// The disk image; its boot_a and root_a partitions go into the bundle.
+        image: PathBuf,
+        /// The private key that signs the bundle.
+        #[arg(long)]
+        key: PathBuf,
+        /// The bundle file to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// The security epoch carried by the bundle (anti-rollback).
+        #[arg(long, default_value_t = 0)]
+        security_epoch: u64,
+        /// `created` time of the manifest (seconds since 1970).
+        #[arg(long, env = "SOURCE_DATE_EPOCH")]
+        source_date_epoch: Option<u64>,
     },
 }
 
@@ -65,16 +98,34 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Build { recipe, output, version, source_date_epoch, zstd_level, json } => {
+        Command::Build {
+            recipe,
+            output,
+            version,
+            source_date_epoch,
+            zstd_level,
+            json,
+            no_bundle,
+        } => {
             let progress = Progress::detect();
             let report = build(
-                &BuildOptions { recipe, output, version, epoch: source_date_epoch, zstd_level },
+                &BuildOptions {
+                    recipe,
+                    output,
+                    version,
+                    epoch: source_date_epoch,
+                    zstd_level,
+                    no_bundle,
+                },
                 &progress,
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
             let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+            if let Some(b) = &report.bundle {
+                eprintln!("  bundle   {}", b.display());
+            }
             eprintln!(
                 "built {}-{} in {:.1} s\n  image    {} ({}, {} mapped)\n  zstd     {} ({})\n  bmap     {}\n  manifest {}",
                 report.name,
@@ -90,7 +141,15 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Inspect { path, cat, json } => {
+        Command::Inspect { path, keyring, cat, json } => {
+            if is_bundle(&path)? {
+                let inspection = crate::bundle::inspect(&path, keyring.as_deref())?;
+                print!("{inspection}");
+                if keyring.is_some() && !inspection.signature.is_valid() {
+                    anyhow::bail!("{}: the signature is not valid for keyring", path.display());
+                }
+                return Ok(());
+            }
             if let Some(spec) = cat {
                 let bytes = crate::inspect::cat(&path, &spec)?;
                 std::io::stdout().write_all(&bytes).context("writing to stdout")?;
@@ -104,7 +163,70 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Keygen { dir, name } => {
+            let pair = crate::keys::generate(&dir, &name)?;
+            println!("key id {}", pair.key_id);
+            println!("private {} (keep it secret; never commit it)", pair.private.display());
+            println!("public  {} (copy it into the keyring of the images)", pair.public.display());
+            Ok(())
+        }
+        Command::Bundle { image, key, output, security_epoch, source_date_epoch } => {
+            let progress = Progress::detect();
+            let release = crate::inspect::inspect_image(&image)?
+                .slots
+                .into_iter()
+                .find(|s| s.slot == updater::layout::Slot::A)
+                .and_then(|s| s.release)
+                .with_context(|| {
+                    format!("{}: root_a has no readable /etc/metrica/release.toml", image.display())
+                })?;
+            let created = match source_date_epoch {
+                Some(e) => e,
+                None => {
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
+                }
+            };
+            let meta = crate::bundle::BundleMeta {
+                compatible: release.compatible,
+                version: release.version,
+                security_epoch,
+                created,
+                zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
+            };
+            let images = [
+                crate::bundle::ImageSource::partition(
+                    updater::bundle::SlotClass::Boot,
+                    &image,
+                    "boot_a",
+                )?,
+                crate::bundle::ImageSource::partition(
+                    updater::bundle::SlotClass::Root,
+                    &image,
+                    "root_a",
+                )?,
+            ];
+            let signing = crate::keys::load_signing_key(&key)?;
+            let summary =
+                crate::bundle::write_bundle(&output, &meta, &images, &signing, &progress)?;
+            eprintln!(
+                "wrote {} ({} bytes, signed by {})",
+                summary.path.display(),
+                summary.size,
+                summary.key_id
+            );
+            Ok(())
+        }
     }
+}
+
+/// A bundle is a tar stream whose first entry is `manifest.toml`; an image starts with an MBR.
+fn is_bundle(path: &std::path::Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 13];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f.read(&mut head)?;
+    Ok(path.extension().is_some_and(|e| e == "mfb")
+        || &head[..n] == updater::bundle::MANIFEST_NAME.as_bytes())
 }
 
 #[cfg(test)]

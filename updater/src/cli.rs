@@ -1,13 +1,48 @@
 //! The `updater` command line. `main.rs` only calls [`main`].
+//!
+//! Every command runs on a host against a disk image exactly as on a device: `--disk` names
+//! the whole disk (block device or image file), `--data-dir` the folder mounted at `/data`.
+//! Console summaries go to stdout; log events are JSON lines on stderr (or `--log-file`).
+//! Exit codes: 0 done, 1 refused or failed (with the reason), 2 usage.
 
-use anyhow::Result;
+use crate::bootinfo::BootInfo;
+use crate::health::{self, Check};
+use crate::layout::Slot;
+use crate::reboot::{Reboot, RebootMode, RecordReboot, SystemReboot};
+use crate::release::{Release, RELEASE_PATH};
+use crate::slot::{self, Device, HealthPlan, Status};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// The clock check's floor when the running release is unknown (2024-01-01).
+const CLOCK_FLOOR: u64 = 1_704_067_200;
 
 #[derive(Debug, Parser)]
 #[command(name = "updater", version, about = "Metrica Fleet OS device updater")]
 pub struct Cli {
+    /// Whole disk holding the slots: a block device or a disk image file. Default: the disk
+    /// that has the partition labelled `config`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// The data folder (the `data` partition's mount point).
+    #[arg(long, global = true, value_name = "PATH", default_value = "/data")]
+    pub data_dir: PathBuf,
+    /// Folder of trusted public keys.
+    #[arg(long, global = true, value_name = "DIR", default_value = "/etc/metrica/keyring")]
+    pub keyring: PathBuf,
+    /// Append JSON log lines to this file instead of stderr.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Never reboot; say what would be done. Implied when --disk is not a block device.
+    #[arg(long, global = true)]
+    pub no_reboot: bool,
+    /// Root under which /proc (boot facts), /sys, /dev and /etc are read.
+    #[arg(long, global = true, value_name = "DIR", default_value = "/", hide = true)]
+    pub sysroot: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,30 +64,633 @@ pub enum Command {
         #[arg(long, default_value = "/dev", hide = true)]
         dev: PathBuf,
     },
+    /// Run at every start: reconcile the state with where the system booted, repair
+    /// autoboot.txt, and in a trial boot run the health checks, then commit or reboot.
+    Boot {
+        /// Seconds a trial boot has to pass its checks before it reboots to the committed slot.
+        #[arg(long, value_name = "SECONDS", default_value_t = health::DEFAULT_DEADLINE.as_secs())]
+        health_deadline: u64,
+        /// Folder of extra check executables (each passes by exiting 0).
+        #[arg(long, value_name = "DIR", default_value = "/etc/metrica/health.d")]
+        health_dir: PathBuf,
+        /// Seconds one extra check may run.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        check_timeout: u64,
+    },
+    /// Install an OS bundle (file, `-` for stdin, or http(s) URL) into the inactive slot.
+    Install {
+        source: String,
+        /// Reboot into the new slot for its trial once it is installed.
+        #[arg(long)]
+        reboot: bool,
+        /// Install a version even though it failed before.
+        #[arg(long)]
+        allow_bad: bool,
+    },
+    /// Reboot into the installed inactive slot for one trial boot (tryboot).
+    Trial,
+    /// Mark a slot good (default: the booted one). In its trial boot this commits it.
+    MarkGood { slot: Option<Slot> },
+    /// Mark a slot bad (default: the booted one): its version is not tried again automatically.
+    MarkBad {
+        slot: Option<Slot>,
+        #[arg(long, default_value = "marked bad by an operator")]
+        reason: String,
+    },
+    /// Show slots, versions, committed and booted slot, trial, last error and recent history.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// How many history entries to show.
+        #[arg(long, default_value_t = 10)]
+        history: usize,
+    },
 }
 
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let log = Log { file: cli.log_file.clone() };
+    match run(&cli, &mut std::io::stdout()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
+            log.event("error", &format!("{e:#}"));
             eprintln!("updater: error: {e:#}");
             ExitCode::from(1)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Locate { partuuid, label, sys_block, dev } => {
-            let (disk, part) = match (partuuid, label) {
-                (Some(u), _) => crate::disk::locate_partuuid(&sys_block, &dev, &u)?,
-                (None, Some(l)) => crate::disk::locate_label(&sys_block, &dev, &l)?,
-                (None, None) => unreachable!("clap requires one"),
-            };
-            println!("{}", crate::disk::partition_node(&disk, part.number).display());
-            Ok(())
+/// JSON-line log events, on stderr or appended to a file.
+#[derive(Debug)]
+struct Log {
+    file: Option<PathBuf>,
+}
+
+impl Log {
+    /// Where JSON lines go: the log file (appended) or stderr.
+    fn writer(&self) -> Box<dyn Write> {
+        if let Some(path) = &self.file {
+            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                return Box::new(f);
+            }
         }
+        Box::new(std::io::stderr())
+    }
+
+    fn event(&self, level: &str, msg: &str) {
+        let line = serde_json::json!({ "time": slot::unix_now(), "level": level, "msg": msg });
+        let line = format!("{line}\n");
+        match &self.file {
+            Some(path) => {
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+            }
+            None => eprint!("{line}"),
+        }
+    }
+}
+
+/// Runs one command, writing what it reports to `out`. `Ok(false)`: it ran but failed.
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
+    let log = Log { file: cli.log_file.clone() };
+    if let Command::Locate { partuuid, label, sys_block, dev } = &cli.command {
+        let (disk, part) = match (partuuid, label) {
+            (Some(u), _) => crate::disk::locate_partuuid(sys_block, dev, u)?,
+            (None, Some(l)) => crate::disk::locate_label(sys_block, dev, l)?,
+            (None, None) => unreachable!("clap requires one"),
+        };
+        writeln!(out, "{}", crate::disk::partition_node(&disk, part.number).display())?;
+        return Ok(true);
+    }
+    let booted = BootInfo::read(&cli.sysroot).map_err(|e| e.to_string());
+    let disk = match &cli.disk {
+        Some(d) => d.clone(),
+        None => default_disk(&cli.sysroot)?,
+    };
+    let device = Device::new(&disk, &cli.data_dir);
+    let rebooter: Box<dyn Reboot> = if cli.no_reboot || !is_block_device(&disk) {
+        Box::new(RecordReboot::default())
+    } else {
+        Box::new(SystemReboot)
+    };
+    let reboot = |mode: RebootMode, out: &mut dyn Write| -> Result<()> {
+        if cli.no_reboot || !is_block_device(&disk) {
+            writeln!(
+                out,
+                "metrica: reboot ({}) not done: --disk is not a block device or --no-reboot",
+                mode.describe()
+            )?;
+            log.event("info", &format!("reboot ({}) skipped", mode.describe()));
+            return Ok(());
+        }
+        log.event("info", &format!("rebooting ({})", mode.describe()));
+        rebooter.reboot(mode)
+    };
+    let now = slot::unix_now();
+    match &cli.command {
+        Command::Locate { .. } => unreachable!("handled above"),
+        Command::Status { json, history } => {
+            let status = device.status(booted, *history);
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+            } else {
+                write!(out, "{}", render_status(&status))?;
+            }
+            Ok(status.state_error.is_none())
+        }
+        Command::Boot { health_deadline, health_dir, check_timeout } => {
+            // Feed the hardware watchdog while the checks run; never stop it (see watchdog.rs).
+            let _watchdog = crate::watchdog::Feeder::open(
+                &cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/')),
+                crate::watchdog::FEED_EVERY,
+                Duration::from_secs(health_deadline.saturating_add(120)),
+            )
+            .unwrap_or_else(|e| {
+                log.event("warning", &format!("watchdog: {e}; not feeding it"));
+                None
+            });
+            let info = booted.map_err(anyhow::Error::msg)?;
+            let may_reboot = !cli.no_reboot && is_block_device(&disk);
+            if info.tryboot && may_reboot {
+                // A trial is never left pending: even a bug that panics reboots plainly, so
+                // the firmware goes back to the committed slot.
+                let default_hook = std::panic::take_hook();
+                std::panic::set_hook(Box::new(move |p| {
+                    default_hook(p);
+                    eprintln!("metrica: updater panicked in a trial boot; rebooting to the committed slot");
+                    let _ = SystemReboot.reboot(RebootMode::Plain);
+                }));
+            }
+            let _lock = match device.lock() {
+                Ok(l) => l,
+                Err(e) if info.tryboot && e.downcast_ref::<slot::LockBusy>().is_none() => {
+                    let summary = format!(
+                        "metrica: booted {info}: error: {e:#}; rebooting to the committed slot"
+                    );
+                    writeln!(out, "{summary}")?;
+                    log.event("error", &summary);
+                    reboot(RebootMode::Plain, out)?;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
+            let running = read_release(&cli.sysroot);
+            let extra = health::extra_checks(health_dir, Duration::from_secs(*check_timeout));
+            let up = health::UpdaterUp { state_dir: cli.data_dir.join("metrica") };
+            let data = health::DataWritable { data_dir: cli.data_dir.clone() };
+            let clock = health::ClockSane {
+                not_before: running.as_ref().map_or(CLOCK_FLOOR, |r| r.build_epoch),
+                now: Box::new(slot::unix_now),
+            };
+            let mut checks: Vec<&dyn Check> = vec![&up, &data, &clock];
+            checks.extend(extra.iter().map(|c| c as &dyn Check));
+            let timer = health::SystemTimer(Instant::now());
+            let plan = HealthPlan {
+                checks,
+                deadline: Duration::from_secs(*health_deadline),
+                timer: &timer,
+            };
+            let report = device.boot(&info, running.as_ref(), &plan, &slot::unix_now);
+            writeln!(out, "{}", report.summary)?;
+            log.event(if report.ok { "info" } else { "error" }, &report.summary);
+            if let Some(mode) = report.reboot {
+                out.flush()?;
+                reboot(mode, out)?;
+            }
+            Ok(report.ok)
+        }
+        Command::Install { source, reboot: then_reboot, allow_bad } => {
+            let _lock = device.lock()?;
+            let keyring = crate::sign::Keyring::load(&cli.keyring)
+                .with_context(|| format!("loading the keyring {}", cli.keyring.display()))?;
+            let b = booted.as_ref().ok();
+            let running = read_release(&cli.sysroot);
+            let s = device.open_state(b.and_then(BootInfo::slot), running.as_ref(), now)?;
+            if let Some(b) = b {
+                if b.tryboot || b.slot() != Some(s.committed) {
+                    bail!(
+                        "booted {b}, not committed slot {}: installs run from the committed slot",
+                        s.committed
+                    );
+                }
+            }
+            let target = s.committed.other();
+            let policy = slot::InstallPolicy {
+                device: &device,
+                facts: device.device_facts(&s, running.as_ref())?,
+                target,
+                allow_bad: *allow_bad,
+                booted: b,
+                now,
+            };
+            let mut req = crate::install::InstallRequest::new(&disk, target, &keyring, &policy);
+            req.resume_file = Some(crate::install::progress_path(&cli.data_dir));
+            let result =
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) && cli.log_file.is_none() {
+                    let mut bar = crate::install::TerminalBar::new(std::io::stderr());
+                    crate::install::install_bundle(
+                        crate::install::Source::parse(source),
+                        &req,
+                        &mut bar,
+                    )
+                } else {
+                    let mut lines = crate::install::JsonLines::new(log.writer());
+                    crate::install::install_bundle(
+                        crate::install::Source::parse(source),
+                        &req,
+                        &mut lines,
+                    )
+                };
+            let images =
+                result.with_context(|| format!("installing {source} into slot {target}"))?;
+            device.finish_install(target, &images.version, slot::unix_now())?;
+            let msg = format!("installed {} into slot {target}", images.version);
+            writeln!(out, "metrica: {msg}")?;
+            log.event("info", &msg);
+            if *then_reboot {
+                device.start_trial(b, slot::unix_now())?;
+                writeln!(
+                    out,
+                    "metrica: trial of slot {target} ({}): rebooting with tryboot",
+                    images.version
+                )?;
+                out.flush()?;
+                reboot(RebootMode::Tryboot, out)?;
+            }
+            Ok(true)
+        }
+        Command::Trial => {
+            let _lock = device.lock()?;
+            let (s, slot) = device.start_trial(booted.as_ref().ok(), now)?;
+            let v = s.slot(slot).version.as_ref().map(|v| format!(" ({v})")).unwrap_or_default();
+            writeln!(out, "metrica: trial of slot {slot}{v}: rebooting with tryboot")?;
+            log.event("info", &format!("trial of slot {slot}{v} requested"));
+            out.flush()?;
+            reboot(RebootMode::Tryboot, out)?;
+            Ok(true)
+        }
+        Command::MarkGood { slot } => {
+            let _lock = device.lock()?;
+            let slot = slot_or_booted(*slot, &booted)?;
+            let (_, msg) = device.mark_good(slot, booted.as_ref().ok(), now)?;
+            writeln!(out, "metrica: {msg}")?;
+            log.event("info", &msg);
+            Ok(true)
+        }
+        Command::MarkBad { slot, reason } => {
+            let _lock = device.lock()?;
+            let slot = slot_or_booted(*slot, &booted)?;
+            let s = device.mark_bad(slot, reason, booted.as_ref().ok(), now)?;
+            let mut msg = format!("slot {slot} marked bad: {reason}");
+            if booted.as_ref().ok().and_then(BootInfo::slot) == Some(slot) {
+                msg.push_str(&format!("; reboot to return to committed slot {}", s.committed));
+            }
+            writeln!(out, "metrica: {msg}")?;
+            log.event("info", &msg);
+            Ok(true)
+        }
+    }
+}
+
+fn slot_or_booted(slot: Option<Slot>, booted: &Result<BootInfo, String>) -> Result<Slot> {
+    match (slot, booted) {
+        (Some(s), _) => Ok(s),
+        (None, Ok(b)) => b.slot().with_context(|| format!("booted {b}, which is not a slot")),
+        (None, Err(e)) => bail!("name the slot (a or b): {e}"),
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+fn default_disk(sysroot: &Path) -> Result<PathBuf> {
+    let (disk, _) = crate::disk::locate_label(
+        &sysroot.join("sys/class/block"),
+        &sysroot.join("dev"),
+        crate::layout::CONFIG.label,
+    )
+    .context("finding the disk (pass --disk)")?;
+    Ok(disk)
+}
+
+fn read_release(sysroot: &Path) -> Option<Release> {
+    let path = sysroot.join(RELEASE_PATH.trim_start_matches('/'));
+    Release::from_toml(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// A unix time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc(t: u64) -> String {
+    let (days, secs) = (t / 86_400, t % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// `updater status` for a person.
+pub fn render_status(st: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "disk:        {}", st.disk.display());
+    match (&st.booted, &st.booted_error) {
+        (Some(b), _) => {
+            let _ = writeln!(o, "booted:      {b}");
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(o, "booted:      unknown ({e})");
+        }
+        _ => {}
+    }
+    match (&st.autoboot, &st.autoboot_error) {
+        (Some(a), _) => {
+            let _ = writeln!(
+                o,
+                "autoboot:    committed slot {}, tryboot slot {}",
+                a.committed, a.tryboot
+            );
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(o, "autoboot:    {e}");
+        }
+        _ => {}
+    }
+    match (&st.state, &st.state_error) {
+        (Some(s), _) => {
+            let _ = writeln!(o, "committed:   slot {}", s.committed);
+            for slot in Slot::ALL {
+                let _ = writeln!(o, "slot {slot}:      {}", s.slot(slot));
+            }
+            match &s.trial {
+                Some(t) => {
+                    let v = t.version.as_ref().map(|v| format!(" ({v})")).unwrap_or_default();
+                    let _ = writeln!(
+                        o,
+                        "trial:       slot {}{v}, {:?} since {}",
+                        t.slot,
+                        t.phase,
+                        utc(t.started)
+                    );
+                }
+                None => {
+                    let _ = writeln!(o, "trial:       none");
+                }
+            }
+            let _ = writeln!(o, "epoch:       {}", s.security_epoch);
+            let c = &s.counters;
+            let _ = writeln!(
+                o,
+                "counters:    installs {}, commits {}, rollbacks {}, health failures {}, repairs {}",
+                c.installs, c.commits, c.rollbacks, c.health_failures, c.repairs
+            );
+            if !s.bad_versions.is_empty() {
+                let bad: Vec<String> = s.bad_versions.iter().map(|v| v.to_string()).collect();
+                let _ = writeln!(o, "bad:         {}", bad.join(", "));
+            }
+            if let Some(e) = &s.last_error {
+                let _ = writeln!(o, "last error:  {e}");
+            }
+            if let Some(r) = &s.recovered {
+                let _ = writeln!(o, "recovered:   {} at {}", r.reason, utc(r.at));
+            }
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(o, "state:       error: {e}");
+        }
+        (None, None) => {
+            let _ = writeln!(o, "state:       none yet (created by `updater boot`)");
+        }
+    }
+    if !st.history.is_empty() {
+        let _ = writeln!(o, "history:");
+        for h in &st.history {
+            let mut line = format!("  {} {}", utc(h.time), h.event);
+            if let Some(s) = &h.slot {
+                line.push_str(&format!(" slot {s}"));
+            }
+            if let Some(v) = &h.version {
+                line.push_str(&format!(" {v}"));
+            }
+            if let Some(r) = &h.reason {
+                line.push_str(&format!(": {r}"));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::disk_committed;
+
+    struct Host {
+        _dir: tempfile::TempDir,
+        args: Vec<String>,
+        sysroot: PathBuf,
+    }
+
+    /// A disk image committing A, an empty data folder, and a fake root whose kernel command
+    /// line says where the system booted.
+    fn host(cmdline: &str) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("card.img");
+        disk_committed(&disk, Slot::A);
+        let sysroot = dir.path().join("root");
+        std::fs::create_dir_all(sysroot.join("proc")).unwrap();
+        std::fs::write(sysroot.join("proc/cmdline"), cmdline).unwrap();
+        let args = vec![
+            "updater".to_string(),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--sysroot".into(),
+            sysroot.display().to_string(),
+            "--log-file".into(),
+            dir.path().join("log.jsonl").display().to_string(),
+        ];
+        Host { _dir: dir, args, sysroot }
+    }
+
+    fn cmd(h: &Host, extra: &[&str]) -> (Result<bool>, String) {
+        let mut args = h.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut out = Vec::new();
+        let r = run(&Cli::try_parse_from(args).unwrap(), &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn status_of_a_fresh_image_on_a_host() {
+        let h = host("quiet");
+        let (r, out) = cmd(&h, &["status"]);
+        assert!(r.unwrap());
+        assert!(out.contains("booted:      unknown (cannot tell where the system booted"), "{out}");
+        assert!(out.contains("autoboot:    committed slot a, tryboot slot b"), "{out}");
+        assert!(out.contains("state:       none yet"), "{out}");
+    }
+
+    #[test]
+    fn boot_then_status_json() {
+        let h = host("console=ttyAMA0 metrica.boot_partition=2 metrica.tryboot=0");
+        std::fs::create_dir_all(h.sysroot.join("etc/metrica")).unwrap();
+        std::fs::write(
+            h.sysroot.join("etc/metrica/release.toml"),
+            "name = \"m\"\nversion = \"1.0.0\"\ncompatible = \"c\"\nbuild_epoch = 1\n",
+        )
+        .unwrap();
+        let (r, out) = cmd(&h, &["boot"]);
+        assert!(r.unwrap());
+        assert_eq!(out, "metrica: booted slot a: slot a (1.0.0) ok\n");
+        let (r, out) = cmd(&h, &["status", "--json"]);
+        assert!(r.unwrap());
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["state"]["committed"], "a");
+        assert_eq!(j["state"]["slots"]["a"]["state"], "good");
+        assert_eq!(j["state"]["slots"]["a"]["version"], "1.0.0");
+        assert_eq!(j["booted"]["partition"], 2);
+        assert_eq!(j["history"][0]["event"], "init");
+        let (_, text) = cmd(&h, &["status"]);
+        assert!(text.contains("slot a:      good 1.0.0"), "{text}");
+        assert!(text.contains(" init slot a 1.0.0: state created"), "{text}");
+    }
+
+    #[test]
+    fn refusals_are_errors_with_the_reason() {
+        let h = host("metrica.boot_partition=2");
+        let (r, _) = cmd(&h, &["trial"]);
+        assert!(r.unwrap_err().to_string().contains("slot b holds no installed system"));
+        let (r, _) = cmd(&h, &["mark-bad", "a"]);
+        assert!(r.unwrap_err().to_string().contains("slot a is the committed slot"));
+        let (r, _) = cmd(&h, &["install", "v2.mfb"]);
+        assert!(r.unwrap_err().to_string().contains("loading the keyring"));
+        let (r, out) = cmd(&h, &["mark-good"]);
+        assert!(r.unwrap());
+        assert_eq!(out, "metrica: slot a marked good\n");
+    }
+
+    #[test]
+    fn a_trial_on_an_image_file_does_not_reboot_the_host() {
+        let h = host("metrica.boot_partition=2");
+        let dev = Device::new(&h.args[2], &h.args[4]);
+        dev.begin_install(&"2.0.0".parse().unwrap(), 0, false, None, 1).unwrap();
+        dev.finish_install(Slot::B, &"2.0.0".parse().unwrap(), 2).unwrap();
+        let (r, out) = cmd(&h, &["trial"]);
+        assert!(r.unwrap());
+        assert!(
+            out.starts_with("metrica: trial of slot b (2.0.0): rebooting with tryboot\n"),
+            "{out}"
+        );
+        assert!(out.contains("reboot (tryboot) not done"), "{out}");
+        let log = std::fs::read_to_string(&h.args[8]).unwrap();
+        assert!(log.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        assert!(log.contains("reboot (tryboot) skipped"), "{log}");
+    }
+
+    /// The whole cycle on an image file, as on a device: install a signed bundle into B with
+    /// `--reboot`, boot B with the tryboot flag, commit; the firmware model then boots B.
+    #[test]
+    fn install_trial_and_commit_on_an_image_file() {
+        use crate::bundle::{testkit, SlotClass};
+        use crate::testutil::{
+            build_disk_with_roots, ext4_root, fat_boot_image, firmware_boots, release,
+        };
+        let h = host("metrica.boot_partition=2 metrica.tryboot=0");
+        let disk = PathBuf::from(&h.args[2]);
+        let root_a = ext4_root(&release("1.0.0"));
+        build_disk_with_roots(
+            &disk,
+            Some(&crate::autoboot::Autoboot::committed(Slot::A).render()),
+            &[Some(root_a.clone()), None],
+        );
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let keyring = h.sysroot.join("keyring");
+        std::fs::create_dir_all(&keyring).unwrap();
+        std::fs::write(
+            keyring.join("test.pub.pem"),
+            crate::sign::public_key_to_pem(&key.verifying_key()),
+        )
+        .unwrap();
+        let meta = testkit::TestMeta {
+            compatible: "metrica-test".into(),
+            version: "2.0.0".parse().unwrap(),
+            security_epoch: 1,
+        };
+        let (boot, root) = (fat_boot_image(), ext4_root(&release("2.0.0")));
+        let bundle = testkit::make_bundle(
+            &meta,
+            &[(SlotClass::Boot, &boot), (SlotClass::Root, &root)],
+            Some(&key),
+        );
+        let bundle_path = h.sysroot.join("v2.mfb");
+        std::fs::write(&bundle_path, bundle).unwrap();
+        let k = keyring.display().to_string();
+        let b = bundle_path.display().to_string();
+
+        let (r, out) = cmd(&h, &["--keyring", &k, "install", &b, "--reboot"]);
+        assert!(r.unwrap(), "{out}");
+        assert!(out.contains("metrica: installed 2.0.0 into slot b\n"), "{out}");
+        assert!(out.contains("reboot (tryboot) not done"), "{out}");
+        assert_eq!(firmware_boots(&disk, true).0, Slot::B);
+        assert_eq!(crate::testutil::root_bytes(&disk, Slot::A)[..root_a.len()], root_a[..]);
+
+        // The same version again is refused: not newer, and a trial is pending.
+        let (r, _) = cmd(&h, &["--keyring", &k, "install", &b]);
+        assert!(r.is_err());
+
+        // The trial boot: the firmware booted B with the tryboot flag.
+        std::fs::write(
+            h.sysroot.join("proc/cmdline"),
+            "metrica.boot_partition=3 metrica.tryboot=1",
+        )
+        .unwrap();
+        let none = h.sysroot.join("no-checks").display().to_string();
+        let (r, out) = cmd(&h, &["boot", "--health-dir", &none]);
+        assert!(r.unwrap(), "{out}");
+        assert_eq!(
+            out.lines().next().unwrap(),
+            "metrica: booted slot b (trial): checks passed in 0 s; committed slot b (2.0.0)"
+        );
+        assert_eq!(firmware_boots(&disk, false).0, Slot::B);
+        std::fs::write(h.sysroot.join("proc/cmdline"), "metrica.boot_partition=3").unwrap();
+        let (_, out) = cmd(&h, &["status"]);
+        assert!(out.contains("slot b:      good 2.0.0"), "{out}");
+        assert!(out.contains("epoch:       1"), "{out}");
+        let (r, _) = cmd(&h, &["--keyring", &k, "install", &b]);
+        assert!(format!("{:#}", r.unwrap_err()).contains("not newer"));
+    }
+
+    #[test]
+    fn usage_errors_exit_2_and_locate_still_parses() {
+        let e = Cli::try_parse_from(["updater", "frobnicate"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = Cli::try_parse_from(["updater", "mark-bad", "c"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let c = Cli::try_parse_from(["updater", "locate", "--label", "data"]).unwrap();
+        assert!(matches!(c.command, Command::Locate { label: Some(_), .. }));
+        let u = "0fc63daf-8483-4772-8e79-3d69d8477de4";
+        assert!(Cli::try_parse_from(["updater", "locate", "--partuuid", u]).is_ok());
+    }
+
+    #[test]
+    fn utc_formats_unix_times() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(1_704_067_200), "2024-01-01T00:00:00Z");
+        assert_eq!(utc(1_795_000_061), "2026-11-18T11:07:41Z");
     }
 }

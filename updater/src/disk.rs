@@ -55,6 +55,25 @@ pub fn find_label(disk: &Path, label: &str) -> Result<Partition> {
         .with_context(|| format!("{} has no partition labelled {label:?}", disk.display()))
 }
 
+/// Opens a disk (block device or image file) for reading, or reading and writing.
+pub fn open_disk(disk: &Path, write: bool) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(disk)
+        .with_context(|| format!("opening {}", disk.display()))
+}
+
+/// A partition of an open disk as a bounded `Read + Write + Seek` stream (offset 0 is the
+/// partition's first byte), e.g. for `fatfs` on an unmounted FAT partition.
+pub fn partition_stream(
+    file: std::fs::File,
+    part: &Partition,
+) -> Result<fscommon::StreamSlice<std::fs::File>> {
+    fscommon::StreamSlice::new(file, part.start, part.start + part.len)
+        .with_context(|| format!("opening partition {}", part.label))
+}
+
 /// The device node of partition `number` of the block device `disk`
 /// (`/dev/vda` -> `/dev/vda2`, `/dev/mmcblk0` -> `/dev/mmcblk0p2`).
 pub fn partition_node(disk: &Path, number: u32) -> PathBuf {
@@ -117,6 +136,42 @@ fn locate(
         }
     }
     bail!("not found")
+}
+
+/// One partition of a disk as ext4-view storage.
+struct PartitionReader {
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+}
+
+impl ext4_view::Ext4Read for PartitionReader {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        use std::os::unix::fs::FileExt;
+        if start_byte.saturating_add(dst.len() as u64) > self.len {
+            return Err("read past the end of the partition".into());
+        }
+        self.file.read_exact_at(dst, self.start + start_byte)?;
+        Ok(())
+    }
+}
+
+/// Reads `/etc/metrica/release.toml` from the ext4 root filesystem in partition `part` of
+/// `disk`, without mounting it.
+pub fn read_release(disk: &Path, part: &Partition) -> Result<crate::release::Release> {
+    let file = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let reader = PartitionReader { file, start: part.start, len: part.len };
+    let fs = ext4_view::Ext4::load(Box::new(reader))
+        .map_err(|e| anyhow::anyhow!("{}: not an ext4 file system: {e}", part.label))?;
+    let text = fs.read_to_string(crate::release::RELEASE_PATH).map_err(|e| {
+        anyhow::anyhow!("{}: reading {}: {e}", part.label, crate::release::RELEASE_PATH)
+    })?;
+    crate::release::Release::from_toml(&text)
+        .with_context(|| format!("{}: parsing {}", part.label, crate::release::RELEASE_PATH))
 }
 
 #[cfg(test)]

@@ -8,12 +8,17 @@ pub mod bundle;
 pub mod cli;
 pub mod cmdline;
 pub mod disk;
+pub mod failpoint;
 pub mod health;
 pub mod history;
 pub mod http;
 pub mod install;
 pub mod layout;
+pub mod reboot;
 pub mod release;
 pub mod sign;
 pub mod slot;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testutil;
+pub mod watchdog;

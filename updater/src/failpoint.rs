@@ -1,0 +1,143 @@
+//! Named failpoints of the slot code (commit, state writes): where tests cut the power.
+//!
+//! Every write step of a commit and of a state write calls [`hit`] (or [`torn`] for the one
+//! write whose bytes may land partially). A test arms one name with [`arm`]; when the code
+//! reaches it, the step returns [`PowerCut`] and nothing after it runs, which is what a power
+//! cut does to the process. What is on the (file-backed) disk at that moment is what a reboot
+//! finds.
+//!
+//! The arming is per thread, so tests that cut power run in parallel with tests that do not,
+//! and production code, which never arms anything, only pays a thread-local lookup.
+//! [`record`] lists the names a run passes through, so a test can loop over all of them.
+
+use std::cell::RefCell;
+use thiserror::Error;
+
+/// The simulated power cut. Code that meets it stops; tests find it with `downcast_ref`.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("power cut at failpoint {0}")]
+pub struct PowerCut(pub String);
+
+#[derive(Debug, Default)]
+struct Armed {
+    name: Option<String>,
+    /// Hits of `name` to let pass before the cut.
+    skip: usize,
+    /// For a torn write: how many bytes land before the cut.
+    torn_len: Option<usize>,
+    recording: Option<Vec<String>>,
+}
+
+thread_local! {
+    static ARMED: RefCell<Armed> = RefCell::new(Armed::default());
+}
+
+/// Arms `name` on this thread: the next time it is hit, the power is cut there. For a write
+/// failpoint, `torn_len` is how many bytes of that write land first.
+pub fn arm(name: &str, torn_len: Option<usize>) {
+    arm_after(name, 0, torn_len);
+}
+
+/// Like [`arm`], but lets the first `skip` hits of `name` pass (for a step that runs more
+/// than once, such as the state writes of one command).
+pub fn arm_after(name: &str, skip: usize, torn_len: Option<usize>) {
+    ARMED.with(|a| {
+        let mut a = a.borrow_mut();
+        a.name = Some(name.to_string());
+        a.skip = skip;
+        a.torn_len = torn_len;
+    });
+}
+
+/// Disarms this thread's failpoint and stops any recording.
+pub fn disarm() {
+    ARMED.with(|a| *a.borrow_mut() = Armed::default());
+}
+
+/// Starts recording the names hit on this thread.
+pub fn record() {
+    ARMED.with(|a| a.borrow_mut().recording = Some(Vec::new()));
+}
+
+/// The names hit since [`record`], in order; stops recording.
+pub fn recorded() -> Vec<String> {
+    ARMED.with(|a| a.borrow_mut().recording.take().unwrap_or_default())
+}
+
+fn note(name: &str) -> bool {
+    ARMED.with(|a| {
+        let mut a = a.borrow_mut();
+        if let Some(r) = a.recording.as_mut() {
+            r.push(name.to_string());
+        }
+        if a.name.as_deref() == Some(name) {
+            if a.skip > 0 {
+                a.skip -= 1;
+                return false;
+            }
+            a.name = None;
+            true
+        } else {
+            false
+        }
+    })
+}
+
+/// A step boundary: cuts the power here when `name` is armed.
+pub fn hit(name: &str) -> Result<(), PowerCut> {
+    if note(name) {
+        return Err(PowerCut(name.to_string()));
+    }
+    Ok(())
+}
+
+/// A write of `len` bytes: when `name` is armed, returns how many bytes land before the cut
+/// (all of them when the test gave no length). The caller writes that prefix, then returns
+/// [`PowerCut`].
+pub fn torn(name: &str, len: usize) -> Option<usize> {
+    if note(name) {
+        let k = ARMED.with(|a| a.borrow().torn_len).unwrap_or(len);
+        return Some(k.min(len));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_armed_failpoint_cuts_once_and_others_pass() {
+        arm("x", None);
+        assert_eq!(hit("y"), Ok(()));
+        assert_eq!(hit("x"), Err(PowerCut("x".into())));
+        assert_eq!(hit("x"), Ok(()));
+        arm("w", Some(7));
+        assert_eq!(torn("v", 512), None);
+        assert_eq!(torn("w", 512), Some(7));
+        arm("w", Some(900));
+        assert_eq!(torn("w", 512), Some(512));
+        arm_after("s", 2, None);
+        assert_eq!((hit("s"), hit("s")), (Ok(()), Ok(())));
+        assert!(hit("s").is_err());
+        disarm();
+    }
+
+    #[test]
+    fn recording_lists_the_names_in_order() {
+        record();
+        hit("a").unwrap();
+        assert_eq!(torn("b", 3), None);
+        hit("c").unwrap();
+        assert_eq!(recorded(), ["a", "b", "c"]);
+        assert!(recorded().is_empty());
+    }
+
+    #[test]
+    fn arming_is_per_thread() {
+        arm("z", None);
+        let other = std::thread::spawn(|| hit("z")).join().unwrap();
+        assert_eq!(other, Ok(()));
+        assert!(hit("z").is_err());
+    }
+}
