@@ -47,7 +47,7 @@ fn prepare(dir: &Path, level: i32) -> Result<()> {
     let summary = write_bundle(
         &dir.join("root.mfb"),
         &meta,
-        &[src.clone()],
+        std::slice::from_ref(&src),
         &key,
         &imager::progress::Progress::quiet(),
     )?;
