@@ -14,7 +14,7 @@ use crate::output;
 use crate::packages::{self, Package};
 use crate::progress::Progress;
 use crate::recipe::{Base, Initramfs as InitramfsRecipe, Layer, Recipe, Source};
-use crate::rootfs::{Kind, Tree};
+use crate::rootfs::{Kind, Node, Tree};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -204,44 +204,25 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
             Layer::File { source, path, mode, uid, gid } => match source {
                 Source::Host(host) => root.add_host_file(path, host, *mode, *uid, *gid)?,
                 other => {
+                    // The recipe refuses deb: sources here, so this reads root:/path.
                     let sources = Sources { recipe: &recipe, root: &root, debs: BTreeMap::new() };
-                    if matches!(other, Source::Deb { .. }) {
-                        bail!(recipe.err(&key("source"), "deb: sources are not supported in file layers; use a deb layer with paths"));
-                    }
                     let (bytes, _) = sources.read(&key("source"), other)?;
                     root.add_bytes(path, &bytes, *mode, *uid, *gid)?;
                 }
             },
             Layer::Symlink { path, target } => {
-                root.insert(
-                    crate::rootfs::image_path(path)?,
-                    crate::rootfs::Node {
-                        kind: Kind::Symlink(target.clone()),
-                        mode: 0o777,
-                        uid: 0,
-                        gid: 0,
-                    },
-                )?;
+                root.insert(crate::rootfs::image_path(path)?, Node::symlink(target))?;
             }
             Layer::Symlinks { dir, target, names } => {
                 for name in names {
-                    let path = crate::rootfs::image_path(&format!("{dir}/{name}"))?;
                     root.insert(
-                        path,
-                        crate::rootfs::Node {
-                            kind: Kind::Symlink(target.clone()),
-                            mode: 0o777,
-                            uid: 0,
-                            gid: 0,
-                        },
+                        crate::rootfs::image_path(&format!("{dir}/{name}"))?,
+                        Node::symlink(target),
                     )?;
                 }
             }
             Layer::Dir { path, mode, uid, gid } => {
-                root.insert(
-                    crate::rootfs::image_path(path)?,
-                    crate::rootfs::Node { kind: Kind::Dir, mode: *mode, uid: *uid, gid: *gid },
-                )?;
+                root.insert(crate::rootfs::image_path(path)?, Node::dir(*mode, *uid, *gid))?;
             }
         }
         step.inc(1);

@@ -522,6 +522,9 @@ impl Recipe {
                 }
                 RawLayer::File { source, path, mode, owner } => {
                     let source = c.source(&key("source"), &source, debian.as_ref())?;
+                    if matches!(source, Source::Deb { .. }) {
+                        bail!(c.err(&key("source"), "expected a host path or root:/path; for a file of a package use a deb layer with paths"));
+                    }
                     let path = c.image_path(&key("path"), &path)?;
                     let mode = c.mode(&key("mode"), &mode)?;
                     let (uid, gid) = c.owner(&key("owner"), owner.as_deref())?;
@@ -759,6 +762,7 @@ cmdline = "console=ttyAMA0 quiet"
             ),
             ("missing overlay", "name = \"base\"", &["layers[1].name", "does not exist"]),
             ("relative image path", "path = \"/etc/x.txt\"", &["layers[2].path", "absolute path"]),
+            ("deb file source", "source = \"config.txt\"", &["layers[2].source", "use a deb layer"]),
         ];
         let replacements = [
             ("[partitions]", "colour = \"red\"\n[partitions]"),
@@ -772,6 +776,7 @@ cmdline = "console=ttyAMA0 quiet"
             ("cmdline = \"console=ttyAMA0 quiet\"", "cmdline = \"console=ttyAMA0 root=/dev/sda2\""),
             ("name = \"base\"", "name = \"nope\""),
             ("path = \"/etc/x.txt\"", "path = \"etc/x.txt\""),
+            ("source = \"config.txt\"", "source = \"deb:busybox-static:/bin/busybox\""),
         ];
         for ((what, anchor, expected), (from, to)) in cases.iter().zip(replacements) {
             assert_eq!(*anchor, from, "{what}: table out of step");

@@ -33,6 +33,18 @@ pub struct Node {
     pub gid: u32,
 }
 
+impl Node {
+    /// A symbolic link owned by root.
+    pub fn symlink(target: &str) -> Node {
+        Node { kind: Kind::Symlink(target.to_string()), mode: 0o777, uid: 0, gid: 0 }
+    }
+
+    /// A folder.
+    pub fn dir(mode: u32, uid: u32, gid: u32) -> Node {
+        Node { kind: Kind::Dir, mode, uid, gid }
+    }
+}
+
 /// The assembled tree. Paths are absolute; iteration is in component order, so a directory
 /// always comes before what it holds.
 #[derive(Debug)]
