@@ -24,11 +24,9 @@ WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/metrica-bench.XXXXXX)}
 mkdir -p "$WORK"
 [ "${BENCH_KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 
-# The release profile optimizes for size; sha2's SHA-NI/ARMv8 code needs opt-level 3 to inline
-# its intrinsics (about 4x faster). Same overrides as proposed for the workspace's profile.
-cargo build --quiet --release -p imager --example bench_install \
-  --config 'profile.release.package.sha2.opt-level=3' \
-  --config 'profile.release.package.zstd-sys.opt-level=3'
+# The workspace's release profile is opt-level 3 (docs/design.md): sha2's SHA-NI/ARMv8 code
+# needs it to inline its intrinsics.
+cargo build --quiet --release -p imager --example bench_install
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/bench_install
 
 echo "root image: ext4 of $SIZE from $SRC" >&2
