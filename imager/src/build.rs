@@ -232,6 +232,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
         version: recipe.version.clone(),
         compatible: recipe.compatible.clone(),
         build_epoch: epoch,
+        security_epoch: recipe.security_epoch,
     };
     root.add_bytes(RELEASE_PATH, release.to_toml().as_bytes(), 0o644, 0, 0)?;
     root.add_bytes("/etc/os-release", os_release(&release).as_bytes(), 0o644, 0, 0)?;

@@ -75,9 +75,10 @@ pub enum Command {
         /// The bundle file to write.
         #[arg(long, short)]
         output: PathBuf,
-        /// The security epoch carried by the bundle (anti-rollback).
-        #[arg(long, default_value_t = 0)]
-        security_epoch: u64,
+        /// The security epoch carried by the bundle (anti-rollback); default: the one the
+        /// image's release file records.
+        #[arg(long)]
+        security_epoch: Option<u64>,
         /// `created` time of the manifest (seconds since 1970).
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
@@ -189,7 +190,7 @@ fn run(cli: Cli) -> Result<()> {
             let meta = crate::bundle::BundleMeta {
                 compatible: release.compatible,
                 version: release.version,
-                security_epoch,
+                security_epoch: security_epoch.unwrap_or(release.security_epoch),
                 created,
                 zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
             };

@@ -762,7 +762,11 @@ cmdline = "console=ttyAMA0 quiet"
             ),
             ("missing overlay", "name = \"base\"", &["layers[1].name", "does not exist"]),
             ("relative image path", "path = \"/etc/x.txt\"", &["layers[2].path", "absolute path"]),
-            ("deb file source", "source = \"config.txt\"", &["layers[2].source", "use a deb layer"]),
+            (
+                "deb file source",
+                "source = \"config.txt\"",
+                &["layers[2].source", "use a deb layer"],
+            ),
         ];
         let replacements = [
             ("[partitions]", "colour = \"red\"\n[partitions]"),

@@ -152,6 +152,14 @@ pub struct ScenarioArgs {
     /// Seed of the random power cuts.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The imager binary (makes the fault bundles, reads disks after a run). Default: beside
+    /// pi-qemu, else in PATH.
+    #[arg(long, env = "METRICA_IMAGER", value_name = "PATH")]
+    pub imager: Option<PathBuf>,
+    /// The key that signs the fault bundles (the images' keyring must trust it).
+    /// Default: keys/dev.key.
+    #[arg(long, env = "METRICA_SIGNING_KEY", value_name = "PATH")]
+    pub signing_key: Option<PathBuf>,
     #[command(flatten)]
     pub machine: MachineArgs,
 }
@@ -321,6 +329,8 @@ fn scenarios(args: &ScenarioArgs) -> Result<ExitCode> {
         keep_logs: args.machine.keep_logs,
         healthy_pattern: args.healthy_pattern.clone(),
         seed: args.seed,
+        imager: args.imager.clone(),
+        signing_key: args.signing_key.clone(),
     };
     let started = Instant::now();
     let mut reports = Vec::new();

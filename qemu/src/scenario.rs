@@ -4,7 +4,11 @@
 //! is registered without a body and fails with "not implemented": never a silent pass.
 
 use crate::cut::{CutPlan, Delay, Rng};
-use crate::harness::{self, Action, BootRecord, Director, Echo, Options, RunEnd, Timeouts};
+use crate::flows::{
+    bad_init, bad_kernel, first_boot, hang, power_cut_commit, power_cut_install, unhealthy,
+    update_commit,
+};
+use crate::harness::{self, BootRecord, Director, Echo, Options, RunEnd, Timeouts};
 use crate::machine::MachineConfig;
 use anyhow::{bail, Context as _, Result};
 use std::fs::File;
@@ -12,8 +16,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The console line the updater prints once its health checks pass. Provisional: the updater
-/// defines the real line; `--healthy-pattern` overrides it.
+/// The console line of a healthy device: the QEMU image's `/sbin/init` prints it when
+/// `updater boot` exits 0 (and `metrica-updater: unhealthy (exit N)` otherwise);
+/// `--healthy-pattern` overrides it.
 pub const DEFAULT_HEALTHY_PATTERN: &str = "metrica-updater: healthy";
 
 /// What every scenario gets.
@@ -30,6 +35,10 @@ pub struct Context {
     pub keep_logs: bool,
     pub healthy_pattern: String,
     pub seed: Option<u64>,
+    /// The `imager` binary (`None`: found beside pi-qemu or in PATH).
+    pub imager: Option<PathBuf>,
+    /// The key that signs the fault bundles (`None`: keys/dev.key).
+    pub signing_key: Option<PathBuf>,
 }
 
 /// The images and bundles found in the image folder, oldest version first.
@@ -67,6 +76,28 @@ impl ImageSet {
             ),
         }
     }
+
+    /// The second oldest image (v2).
+    pub fn v2(&self) -> Result<&Path> {
+        match self.images.get(1) {
+            Some(p) => Ok(p),
+            None => bail!(
+                "the image folder needs two versions (v1 and v2: imager build recipes/qemu.toml \
+                 -o DIR, then again with --version 2.0.0); found {}",
+                self.images.len()
+            ),
+        }
+    }
+
+    /// The signed bundle of v2 (the v2 image's name with `.mfb`).
+    pub fn v2_bundle(&self) -> Result<PathBuf> {
+        let b = self.v2()?.with_extension("mfb");
+        if self.bundles.contains(&b) {
+            Ok(b)
+        } else {
+            bail!("no bundle {} beside the v2 image", b.display())
+        }
+    }
 }
 
 /// Sort key: text with every digit run compared as a number.
@@ -102,8 +133,23 @@ pub struct ScenarioReport {
     pub logs: Vec<PathBuf>,
 }
 
-/// A scenario body: returns the boots it saw and its logs, or an error saying what failed.
-pub type Body = fn(&Context, &Path, &mut Vec<PathBuf>) -> Result<Vec<BootRecord>>;
+/// A scenario body: returns the boots it saw (and adds kept logs), or an error saying what
+/// failed.
+pub type Body = fn(&Context, &Path, &mut Vec<PathBuf>) -> Result<Done>;
+
+/// What a passing scenario body returns.
+#[derive(Debug, Clone, Default)]
+pub struct Done {
+    pub boots: Vec<BootRecord>,
+    /// Shown after "passed" (for example what the power cuts hit).
+    pub note: String,
+}
+
+impl From<Vec<BootRecord>> for Done {
+    fn from(boots: Vec<BootRecord>) -> Done {
+        Done { boots, note: String::new() }
+    }
+}
 
 /// One registered scenario.
 #[derive(Debug, Clone, Copy)]
@@ -124,37 +170,37 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "update-commit",
         summary: "A -> B: install v2 from a second disk, tryboot into B, health checks pass, commit; next plain boot is B",
-        body: None,
+        body: Some(update_commit),
     },
     Scenario {
         name: "bad-kernel",
         summary: "B's kernel panics: the trial ends, the device is back on A, the rollback is recorded",
-        body: None,
+        body: Some(bad_kernel),
     },
     Scenario {
         name: "bad-init",
         summary: "B's init fails: kernel panic, back on A, the rollback is recorded",
-        body: None,
+        body: Some(bad_init),
     },
     Scenario {
         name: "hang",
         summary: "B's userspace hangs and stops feeding the watchdog: watchdog reset, back on A",
-        body: None,
+        body: Some(hang),
     },
     Scenario {
         name: "unhealthy",
         summary: "B's health checks fail: the updater reboots out of the trial by itself, back on A",
-        body: None,
+        body: Some(unhealthy),
     },
     Scenario {
         name: "power-cut-install",
         summary: "SIGKILL at random moments during an install (--cuts N): a good slot boots, a new install succeeds",
-        body: None,
+        body: Some(power_cut_install),
     },
     Scenario {
         name: "power-cut-commit",
         summary: "SIGKILL at random moments during a commit (--cuts N): a good slot boots, a new install succeeds",
-        body: None,
+        body: Some(power_cut_commit),
     },
 ];
 
@@ -175,7 +221,8 @@ pub fn run(scenario: &Scenario, ctx: &Context) -> ScenarioReport {
                 .with_context(|| format!("creating {}", dir.display()))
                 .and_then(|()| body(ctx, &dir, &mut logs));
             match result {
-                Ok(boots) => (true, "passed".to_string(), boots),
+                Ok(Done { boots, note }) if note.is_empty() => (true, "passed".to_string(), boots),
+                Ok(Done { boots, note }) => (true, format!("passed: {note}"), boots),
                 Err(e) => (false, format!("{e:#}"), Vec::new()),
             }
         }
@@ -297,49 +344,17 @@ pub fn cut_series(
     Ok(boots)
 }
 
-/// Stops the run once the updater reports healthy; fails on a boot that ends before that.
-struct UntilHealthy<'a> {
-    pattern: &'a str,
-}
-
-impl Director for UntilHealthy<'_> {
-    fn on_line(&mut self, boot: &BootRecord, line: &str) -> Action {
-        if line.contains(self.pattern) {
-            Action::Stop(format!("healthy on partition {} ({})", boot.partition, boot.label))
-        } else {
-            Action::Continue
-        }
-    }
-}
-
-fn first_boot(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Result<Vec<BootRecord>> {
-    let disk = dir.join("disk.img");
-    sparse_copy(ctx.images.v1()?, &disk)?;
-    let options = options(ctx, &disk, dir, "run");
-    let report = harness::run(&options, &mut UntilHealthy { pattern: &ctx.healthy_pattern })?;
-    logs.extend(report.log_dir.clone());
-    let boots = report.boots.clone();
-    match &report.end {
-        RunEnd::Stopped(_) => {}
-        other => bail!(
-            "expected {:?} on the console, run ended with {other:?} (log {})",
-            ctx.healthy_pattern,
-            report.console_log.display()
-        ),
-    }
-    let first = boots.first().context("no boot recorded")?;
-    if boots.len() != 1 || first.partition != 2 || first.tryboot {
-        bail!(
-            "expected one boot on partition 2 without tryboot, got {:?}",
-            boots.iter().map(|b| (b.partition, b.tryboot, b.reset.clone())).collect::<Vec<_>>()
-        );
-    }
-    Ok(boots)
-}
-
 /// Prints one line per scenario and the total time; returns whether all passed.
 pub fn summarize(reports: &[ScenarioReport], total: Duration) -> bool {
-    eprintln!("pi-qemu: scenario results");
+    // Written to the stderr handle, not with eprintln!, so that the test harness's output
+    // capture does not hide the summary when the scenarios run under `cargo test`.
+    let mut err = std::io::stderr();
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(err, $($arg)*);
+        }};
+    }
+    say!("pi-qemu: scenario results");
     for r in reports {
         let status = if r.passed {
             "PASS"
@@ -348,14 +363,11 @@ pub fn summarize(reports: &[ScenarioReport], total: Duration) -> bool {
         } else {
             "FAIL"
         };
-        eprintln!(
-            "  {status} {:<18} {:>6.1} s  {}",
-            r.name,
-            r.elapsed_ms as f64 / 1000.0,
-            r.detail
-        );
-        for b in &r.boots {
-            eprintln!(
+        say!("  {status} {:<18} {:>6.1} s  {}", r.name, r.elapsed_ms as f64 / 1000.0, r.detail);
+        // Long runs (the power-cut series) show their first boots only when they passed.
+        let shown = if r.passed && r.boots.len() > 6 { 3 } else { r.boots.len() };
+        for b in &r.boots[..shown] {
+            say!(
                 "       boot {}: partition {} ({}) tryboot={} via {} -> {} in {:.1} s{}",
                 b.index,
                 b.partition,
@@ -370,17 +382,60 @@ pub fn summarize(reports: &[ScenarioReport], total: Duration) -> bool {
                 ))
             );
         }
+        if shown < r.boots.len() {
+            say!("       ... and {} more boots", r.boots.len() - shown);
+        }
         for log in r.logs.iter().filter(|_| !r.passed) {
-            eprintln!("       log: {}", log.display());
+            say!("       log: {}", log.display());
         }
     }
     let passed = reports.iter().filter(|r| r.passed).count();
-    eprintln!(
-        "pi-qemu: {passed} of {} scenarios passed in {:.1} s",
+    if let Some(t) = HealthyTimes::of(reports) {
+        say!("pi-qemu: {t}");
+    }
+    say!(
+        "pi-qemu: {passed} of {} scenarios passed in {:.1} s (the whole suite)",
         reports.len(),
         total.as_secs_f64()
     );
     passed == reports.len()
+}
+
+/// Boot-to-healthy times: QEMU's start to the healthy marker, over every boot that got there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthyTimes {
+    pub boots: usize,
+    pub min_ms: u64,
+    pub median_ms: u64,
+    pub max_ms: u64,
+}
+
+impl HealthyTimes {
+    pub fn of(reports: &[ScenarioReport]) -> Option<HealthyTimes> {
+        let mut ms: Vec<u64> =
+            reports.iter().flat_map(|r| r.boots.iter().filter_map(|b| b.ready_ms)).collect();
+        ms.sort_unstable();
+        Some(HealthyTimes {
+            boots: ms.len(),
+            min_ms: *ms.first()?,
+            median_ms: ms[ms.len() / 2],
+            max_ms: *ms.last()?,
+        })
+    }
+}
+
+impl std::fmt::Display for HealthyTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |ms: u64| ms as f64 / 1000.0;
+        write!(
+            f,
+            "boot to healthy (qemu start to the healthy marker, TCG): median {:.1} s, min {:.1} s, max {:.1} s over {} boots",
+            s(self.median_ms),
+            s(self.min_ms),
+            s(self.max_ms),
+            self.boots
+        )
+    }
 }
 
 #[cfg(test)]
@@ -408,15 +463,35 @@ mod tests {
             keep_logs: false,
             healthy_pattern: DEFAULT_HEALTHY_PATTERN.into(),
             seed: Some(1),
+            imager: None,
+            signing_key: None,
         }
     }
 
     #[test]
     fn unimplemented_scenarios_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let r = run(find("hang").unwrap(), &ctx(dir.path()));
+        let todo = Scenario { name: "todo", summary: "", body: None };
+        let r = run(&todo, &ctx(dir.path()));
         assert!(!r.passed);
         assert_eq!(r.detail, "not implemented yet");
+    }
+
+    #[test]
+    fn every_registered_scenario_has_a_body() {
+        assert!(SCENARIOS.iter().all(|s| s.body.is_some()));
+    }
+
+    #[test]
+    fn scenarios_without_v2_fail_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("out");
+        std::fs::create_dir(&images).unwrap();
+        File::create(images.join("qemu-1.0.0.img")).unwrap();
+        let ctx = Context { images: ImageSet::find(&images).unwrap(), ..ctx(dir.path()) };
+        let r = run(find("update-commit").unwrap(), &ctx);
+        assert!(!r.passed);
+        assert!(r.detail.contains("needs two versions"), "{}", r.detail);
     }
 
     #[test]

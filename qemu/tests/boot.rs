@@ -259,37 +259,6 @@ fn a_halt_ends_the_run() {
 }
 
 #[test]
-fn first_boot_scenario_runs_against_an_image_folder() {
-    let Some(fixture) = fixture() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("out");
-    std::fs::create_dir(&images).unwrap();
-    disk(&fixture, dir.path(), "poweroff");
-    std::fs::rename(dir.path().join("disk.img"), images.join("qemu-1.0.0.img")).unwrap();
-    let ctx = scenario::Context {
-        images: scenario::ImageSet::find(&images).unwrap(),
-        work_dir: dir.path().join("work"),
-        cuts: 10,
-        qemu: qemu::machine::DEFAULT_QEMU.into(),
-        memory_mib: 512,
-        timeouts: harness::Timeouts::default(),
-        echo: Echo::Notes,
-        keep_logs: false,
-        healthy_pattern: READY.into(),
-        seed: Some(1),
-    };
-    let report = scenario::run(scenario::find("first-boot").unwrap(), &ctx);
-    assert!(report.passed, "{}", report.detail);
-    assert_eq!(report.boots.len(), 1);
-    assert!(report.boots[0].ready_ms.is_some());
-    // The same scenario with a line that never comes fails with the reason.
-    let ctx = scenario::Context { healthy_pattern: "never printed".into(), ..ctx };
-    let report = scenario::run(scenario::find("first-boot").unwrap(), &ctx);
-    assert!(!report.passed);
-    assert!(report.detail.contains("run ended with PowerOff"), "{}", report.detail);
-}
-
-#[test]
 fn cli_boot_prints_a_json_report() {
     let Some(fixture) = fixture() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -349,6 +318,8 @@ fn a_series_of_power_cuts_on_fresh_copies() {
         keep_logs: false,
         healthy_pattern: READY.into(),
         seed: Some(5),
+        imager: None,
+        signing_key: None,
     };
     let series = scenario::CutSeries {
         runs: 3,

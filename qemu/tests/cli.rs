@@ -61,7 +61,7 @@ fn scenario_list_and_unknown_names() {
 }
 
 #[test]
-fn unimplemented_scenarios_fail_loudly() {
+fn scenarios_without_images_fail_loudly() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     let o = pi_qemu(&[
@@ -74,7 +74,8 @@ fn unimplemented_scenarios_fail_loudly() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(err.contains("TODO hang"), "{err}");
-    assert!(err.contains("not implemented yet"), "{err}");
+    assert!(err.contains("FAIL hang"), "{err}");
+    assert!(err.contains("no *.img in the image folder"), "{err}");
     assert!(err.contains("0 of 1 scenarios passed"), "{err}");
+    assert!(err.contains("work folder kept"), "{err}");
 }

@@ -387,18 +387,7 @@ fn read_release(sysroot: &Path) -> Option<Release> {
 
 /// A unix time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc(t: u64) -> String {
-    let (days, secs) = (t / 86_400, t % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    crate::bundle::datetime_from_unix(t).to_string()
 }
 
 /// `updater status` for a person.
@@ -495,6 +484,22 @@ pub fn render_status(st: &Status) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// docs/cli-updater.md is generated from the clap definitions; run with UPDATE_DOCS=1 to refresh it.
+    #[test]
+    fn cli_docs_are_current() {
+        let generated = clap_markdown::help_markdown::<Cli>();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli-updater.md");
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/cli-updater.md is stale: run UPDATE_DOCS=1 cargo test -p updater cli_docs"
+        );
+    }
+
     use super::*;
     use crate::testutil::disk_committed;
 

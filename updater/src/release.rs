@@ -16,6 +16,10 @@ pub struct Release {
     pub compatible: String,
     /// `SOURCE_DATE_EPOCH` of the build.
     pub build_epoch: u64,
+    /// Anti-rollback epoch of the build (the recipe's `security_epoch`): a device whose
+    /// committed slot holds this release refuses bundles below it.
+    #[serde(default)]
+    pub security_epoch: u64,
 }
 
 impl Release {
@@ -39,8 +43,12 @@ mod tests {
             version: "1.2.3".parse().unwrap(),
             compatible: "metrica-qemu-arm64".into(),
             build_epoch: 1_700_000_000,
+            security_epoch: 2,
         };
         assert_eq!(Release::from_toml(&r.to_toml()).unwrap(), r);
         assert!(Release::from_toml("name = 1").is_err());
+        // Release files written before security_epoch existed read as epoch 0.
+        let old = "name = \"x\"\nversion = \"1.0.0\"\ncompatible = \"c\"\nbuild_epoch = 1\n";
+        assert_eq!(Release::from_toml(old).unwrap().security_epoch, 0);
     }
 }

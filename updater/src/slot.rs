@@ -403,16 +403,20 @@ impl Device {
                 }
             },
         };
-        let version = self
+        let release = self
             .slot_release(committed)
-            .or_else(|| running.filter(|_| booted == Some(committed)).cloned())
-            .map(|r| r.version);
-        let mut s = State::new(committed, version);
+            .or_else(|| running.filter(|_| booted == Some(committed)).cloned());
+        let mut s = State::new(committed, release.as_ref().map(|r| r.version.clone()));
+        if let Some(r) = &release {
+            // The committed build's epoch is the floor from the first boot on.
+            s.security_epoch = r.security_epoch;
+            s.slots.get_mut(committed).security_epoch = Some(r.security_epoch);
+        }
         if let Some(r) = self.slot_release(committed.other()) {
             *s.slots.get_mut(committed.other()) = state::SlotInfo {
                 state: state::SlotState::Installed,
                 version: Some(r.version),
-                security_epoch: None,
+                security_epoch: Some(r.security_epoch),
             };
         }
         Ok((s, from))
@@ -894,6 +898,7 @@ mod tests {
             version: v(version),
             compatible: "metrica-test".into(),
             build_epoch: 1,
+            security_epoch: 0,
         }
     }
 

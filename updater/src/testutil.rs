@@ -182,5 +182,6 @@ pub fn release(version: &str) -> crate::release::Release {
         version: version.parse().unwrap(),
         compatible: "metrica-test".into(),
         build_epoch: 1,
+        security_epoch: 0,
     }
 }

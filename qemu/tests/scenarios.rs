@@ -1,0 +1,73 @@
+//! The A/B scenarios of issue 5 against the real images: `pi-qemu scenario all`, in process.
+//!
+//! Runs only with `METRICA_QEMU_TESTS=1` and `METRICA_IMAGE_DIR` naming the folder where
+//! `imager build recipes/qemu.toml` put v1 and v2 (CI: out/qemu); `METRICA_QEMU_CUTS` sets the
+//! number of power cuts per power-cut scenario (default 10). Without `METRICA_QEMU_TESTS=1` the
+//! test says it was skipped; with it, a missing image folder is a failure, never a skip.
+//! The `imager` binary is found beside this test binary (target/debug/imager, built by
+//! `cargo test --workspace` or `cargo build --workspace`) or through `METRICA_IMAGER`.
+
+use qemu::harness::{Echo, Timeouts};
+use qemu::scenario::{self, Context, ImageSet, DEFAULT_HEALTHY_PATTERN, SCENARIOS};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[test]
+fn every_scenario_passes_against_the_built_images() {
+    if std::env::var("METRICA_QEMU_TESTS").as_deref() != Ok("1") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "qemu scenario tests SKIPPED: set METRICA_QEMU_TESTS=1 and METRICA_IMAGE_DIR=out/qemu to run them"
+        );
+        return;
+    }
+    let image_dir = std::env::var_os("METRICA_IMAGE_DIR").map(PathBuf::from).expect(
+        "METRICA_QEMU_TESTS=1 needs METRICA_IMAGE_DIR: the folder with the v1 and v2 images \
+         built from recipes/qemu.toml (e.g. out/qemu)",
+    );
+    let cuts = std::env::var("METRICA_QEMU_CUTS")
+        .ok()
+        .map_or(10, |c| c.parse().expect("METRICA_QEMU_CUTS must be a number"));
+    let work = tempfile::Builder::new().prefix("pi-qemu-scenarios-").tempdir().unwrap();
+    let ctx = Context {
+        images: ImageSet::find(&image_dir).unwrap(),
+        work_dir: work.path().to_path_buf(),
+        cuts,
+        qemu: std::env::var_os("METRICA_QEMU")
+            .map_or_else(|| qemu::machine::DEFAULT_QEMU.into(), PathBuf::from),
+        memory_mib: 512,
+        timeouts: Timeouts::default(),
+        echo: Echo::Notes,
+        keep_logs: false,
+        healthy_pattern: DEFAULT_HEALTHY_PATTERN.into(),
+        seed: None,
+        imager: std::env::var_os("METRICA_IMAGER").map(PathBuf::from),
+        signing_key: std::env::var_os("METRICA_SIGNING_KEY").map(PathBuf::from),
+    };
+    let started = Instant::now();
+    let reports: Vec<_> = SCENARIOS.iter().map(|s| scenario::run(s, &ctx)).collect();
+    let all_passed = scenario::summarize(&reports, started.elapsed());
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| format!("{}: {} (logs {:?})", r.name, r.detail, r.logs))
+        .collect();
+    if !all_passed {
+        // Keep the work folder (disk copies, console logs) for the person reading the failure.
+        let kept = work.keep();
+        panic!("scenarios failed (work folder {}):\n{}", kept.display(), failed.join("\n"));
+    }
+    // Real outcomes, not only "no error": every scenario booted, and the boots add up.
+    for r in &reports {
+        assert!(!r.boots.is_empty(), "{} passed without a boot", r.name);
+    }
+    let times = scenario::HealthyTimes::of(&reports).expect("no boot reached the healthy marker");
+    assert!(times.boots >= 10, "{times}");
+    let cuts_seen = reports
+        .iter()
+        .flat_map(|r| &r.boots)
+        .filter(|b| b.reset.as_deref() == Some("power cut"))
+        .count();
+    assert_eq!(cuts_seen, 2 * cuts, "each power-cut scenario cuts --cuts times");
+}
