@@ -500,6 +500,18 @@ fn install_from(
         targets.push(part);
     }
     let partuuids: Vec<Uuid> = targets.iter().map(|p| p.partuuid).collect();
+    // The resume record for "image `image` is written up to chunk `next_chunk`".
+    let position =
+        |image: usize, index_offset: u64, next_chunk: usize, written: u64| ResumeRecord {
+            format: RESUME_FORMAT,
+            manifest_sha256: vm.sha256.clone(),
+            slot: req.target,
+            partuuids: partuuids.clone(),
+            image,
+            index_offset,
+            next_chunk,
+            written,
+        };
 
     // 3. Resume record: only for this very bundle, slot and partitions.
     let resume = req.resume_file.as_deref().and_then(load_resume).filter(|r| {
@@ -596,17 +608,7 @@ fn install_from(
                 since_checkpoint = 0;
                 sync(&disk, &part.label)?;
                 if let Some(path) = &req.resume_file {
-                    let rec = ResumeRecord {
-                        format: RESUME_FORMAT,
-                        manifest_sha256: vm.sha256.clone(),
-                        slot: req.target,
-                        partuuids: partuuids.clone(),
-                        image: i,
-                        index_offset: layout.index_offset,
-                        next_chunk: k + 1,
-                        written: done,
-                    };
-                    save_resume(path, &rec)?;
+                    save_resume(path, &position(i, layout.index_offset, k + 1, done))?;
                 }
             }
             Ok(())
@@ -630,17 +632,7 @@ fn install_from(
             .event(&ProgressEvent::ImageVerified { image: img.slot_class, sha256: actual.clone() });
         offset = layout.end_offset;
         if let Some(path) = &req.resume_file {
-            let rec = ResumeRecord {
-                format: RESUME_FORMAT,
-                manifest_sha256: vm.sha256.clone(),
-                slot: req.target,
-                partuuids: partuuids.clone(),
-                image: i + 1,
-                index_offset: offset,
-                next_chunk: 0,
-                written: 0,
-            };
-            save_resume(path, &rec)?;
+            save_resume(path, &position(i + 1, offset, 0, 0))?;
         }
         installed.push(InstalledImage {
             slot_class: img.slot_class,
