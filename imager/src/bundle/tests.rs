@@ -9,19 +9,7 @@ use updater::layout::Slot;
 
 /// Compressible data that still cuts into many content-defined chunks.
 fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let run = ((x % 48) as usize + 1).min(len - out.len());
-        out.extend(std::iter::repeat_n(b'a' + (x >> 8) as u8 % 26, run));
-        if out.len() < len {
-            out.push((x >> 16) as u8);
-        }
-    }
-    out
+    updater::bundle::testkit::test_image(len, seed)
 }
 
 fn meta() -> BundleMeta {
