@@ -257,16 +257,7 @@ mod tests {
         tree.add_bytes("/bin/busybox", &[7u8; 10_000], 0o4755, 0, 0).unwrap();
         tree.add_bytes("/etc/shadow", b"root:*:1::::::\n", 0o640, 0, 42).unwrap();
         tree.add_bytes("/home/pi/notes", b"mine", 0o600, 1000, 1000).unwrap();
-        tree.insert(
-            "/bin/sh".into(),
-            crate::rootfs::Node {
-                kind: Kind::Symlink("busybox".into()),
-                mode: 0o777,
-                uid: 0,
-                gid: 0,
-            },
-        )
-        .unwrap();
+        tree.insert("/bin/sh".into(), crate::rootfs::Node::symlink("busybox")).unwrap();
         tree.insert(
             "/bin/ash".into(),
             crate::rootfs::Node {
@@ -277,11 +268,7 @@ mod tests {
             },
         )
         .unwrap();
-        tree.insert(
-            "/tmp".into(),
-            crate::rootfs::Node { kind: Kind::Dir, mode: 0o1777, uid: 0, gid: 0 },
-        )
-        .unwrap();
+        tree.insert("/tmp".into(), crate::rootfs::Node::dir(0o1777, 0, 0)).unwrap();
         tree
     }
 
