@@ -5,40 +5,14 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use updater::autoboot::Autoboot;
 use updater::disk::{read_partitions, Partition};
 use updater::layout::{FsKind, PartitionRole, Slot};
 use updater::release::{Release, RELEASE_PATH};
 
-/// An ext4 filesystem inside a partition of a disk image, for ext4-view.
-struct PartReader {
-    file: File,
-    start: u64,
-    len: u64,
-}
-
-impl ext4_view::Ext4Read for PartReader {
-    fn read(
-        &mut self,
-        start_byte: u64,
-        dst: &mut [u8],
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if start_byte + dst.len() as u64 > self.len {
-            return Err("read past the end of the partition".into());
-        }
-        self.file.read_exact_at(dst, self.start + start_byte)?;
-        Ok(())
-    }
-}
-
-/// Opens the ext4 filesystem of a partition.
-pub fn open_ext4(image: &Path, part: &Partition) -> Result<ext4_view::Ext4> {
-    let file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    ext4_view::Ext4::load(Box::new(PartReader { file, start: part.start, len: part.len }))
-        .with_context(|| format!("reading the ext4 filesystem of {}", part.label))
-}
+/// Opens the ext4 filesystem of a partition (the updater's reader, so both read disks alike).
+pub use updater::disk::open_ext4;
 
 /// Summary of one partition.
 #[derive(Debug, Serialize)]

@@ -160,13 +160,19 @@ impl ext4_view::Ext4Read for PartitionReader {
     }
 }
 
+/// Opens the ext4 filesystem in partition `part` of `disk` (a block device or an image file)
+/// for reading, without mounting it.
+pub fn open_ext4(disk: &Path, part: &Partition) -> Result<ext4_view::Ext4> {
+    let file = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let reader = PartitionReader { file, start: part.start, len: part.len };
+    ext4_view::Ext4::load(Box::new(reader))
+        .map_err(|e| anyhow::anyhow!("{}: not an ext4 file system: {e}", part.label))
+}
+
 /// Reads `/etc/metrica/release.toml` from the ext4 root filesystem in partition `part` of
 /// `disk`, without mounting it.
 pub fn read_release(disk: &Path, part: &Partition) -> Result<crate::release::Release> {
-    let file = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
-    let reader = PartitionReader { file, start: part.start, len: part.len };
-    let fs = ext4_view::Ext4::load(Box::new(reader))
-        .map_err(|e| anyhow::anyhow!("{}: not an ext4 file system: {e}", part.label))?;
+    let fs = open_ext4(disk, part)?;
     let text = fs.read_to_string(crate::release::RELEASE_PATH).map_err(|e| {
         anyhow::anyhow!("{}: reading {}: {e}", part.label, crate::release::RELEASE_PATH)
     })?;
