@@ -18,6 +18,8 @@
 use crate::autoboot::{Autoboot, AUTOBOOT_SIZE};
 use crate::bootinfo::BootInfo;
 use crate::bundle::Manifest;
+use crate::daemon::connectivity::Connectivity;
+use crate::daemon::record::{record_path, DaemonRecord};
 use crate::disk::{self, Partition};
 use crate::failpoint;
 use crate::health::{self, Check, Timer, Verdict};
@@ -796,7 +798,7 @@ impl Device {
     }
 
     /// Everything `updater status` shows. Reads only; never repairs.
-    pub fn status(&self, booted: Result<BootInfo, String>, history: usize) -> Status {
+    pub fn status(&self, booted: Result<BootInfo, String>, history_len: usize) -> Status {
         let (autoboot, autoboot_error) = match read_autoboot(&self.disk) {
             Ok(OnDisk::Valid(a)) => {
                 (Some(AutobootStatus { committed: a.committed, tryboot: a.tryboot }), None)
@@ -812,6 +814,20 @@ impl Device {
             Ok(b) => (Some(b), None),
             Err(e) => (None, Some(e)),
         };
+        let (daemon, daemon_error) = match DaemonRecord::load(&record_path(&self.data_dir)) {
+            Ok(d) => (d, None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        let now = unix_now();
+        let drift = drift(state.as_ref(), autoboot.as_ref(), booted.as_ref());
+        let history = self.history();
+        let last_update_success = history
+            .tail(history.max_entries)
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .find(|e| e.event == "commit")
+            .map(|e| e.time);
         Status {
             disk: self.disk.clone(),
             data_dir: self.data_dir.clone(),
@@ -821,9 +837,55 @@ impl Device {
             autoboot_error,
             state,
             state_error,
-            history: self.history().tail(history).unwrap_or_default(),
+            history: history.tail(history_len).unwrap_or_default(),
+            connectivity: daemon.as_ref().map(|d| d.connectivity_at(now)),
+            daemon,
+            daemon_error,
+            disk_free_bytes: disk_free_bytes(&self.data_dir),
+            safe_mode: self.data_dir.join("metrica").join(SAFE_MODE_MARKER).exists(),
+            drift,
+            last_update_success,
         }
     }
+}
+
+/// The file whose presence means the device runs its safe-mode stack (written by whatever
+/// starts safe mode; DESIGN.md section 8).
+pub const SAFE_MODE_MARKER: &str = "safe-mode";
+
+/// Free bytes for unprivileged writers on the filesystem holding `dir`.
+pub fn disk_free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Where the disk disagrees with the state: `autoboot.txt` names another committed slot, or
+/// the system runs a slot other than the committed one with no trial pending.
+pub fn drift(
+    state: Option<&State>,
+    autoboot: Option<&AutobootStatus>,
+    booted: Option<&BootInfo>,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    let Some(s) = state else { return found };
+    if let Some(a) = autoboot {
+        if a.committed != s.committed {
+            found.push(format!(
+                "autoboot.txt commits slot {}, the state slot {}",
+                a.committed, s.committed
+            ));
+        }
+    }
+    if let Some(slot) = booted.and_then(BootInfo::slot) {
+        let in_trial = s.trial.as_ref().is_some_and(|t| t.slot == slot);
+        if slot != s.committed && !in_trial {
+            found.push(format!(
+                "running slot {slot}, but slot {} is committed and no trial is pending",
+                s.committed
+            ));
+        }
+    }
+    found
 }
 
 /// The install policy of the `install` command: the pure manifest check against the device's
@@ -874,6 +936,20 @@ pub struct Status {
     pub state: Option<State>,
     pub state_error: Option<String>,
     pub history: Vec<Entry>,
+    /// The daemon's record (channel, decision, last contact, last error, counters); `None`
+    /// until `updater run` has polled once.
+    pub daemon: Option<DaemonRecord>,
+    pub daemon_error: Option<String>,
+    /// Connectivity now, from the daemon's last contact (`None` without a record).
+    pub connectivity: Option<Connectivity>,
+    /// Free bytes on the data partition (`None` when it cannot be read).
+    pub disk_free_bytes: Option<u64>,
+    /// The safe-mode marker `/data/metrica/safe-mode` exists.
+    pub safe_mode: bool,
+    /// Where the disk disagrees with the state (empty: no drift).
+    pub drift: Vec<String>,
+    /// Unix time of the last commit in the history.
+    pub last_update_success: Option<u64>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,847 @@
+//! `updater run`: the daemon that follows a channel and installs what the rollout says.
+//!
+//! One poll ([`Daemon::poll`]) is: fetch the channel document from the mirrors in order
+//! ([`fetch`], conditional GETs), verify it and ask the rollout what to do ([`Planner`]; a new
+//! document that fails its checks is not cached and the last good one stays in force), log
+//! the decision, and when it says install: check free space on `/data` and the target
+//! partitions, install the bundle into the inactive slot, then reboot for the trial (unless
+//! `--no-reboot`). Connectivity ([`connectivity`]) follows from the last contact and is logged
+//! when it changes. What the daemon knows is kept in [`record`] (`/data/metrica/daemon.json`).
+//!
+//! [`run`] is the loop: a poll, then a wait of the interval with ±20 % jitter, cut short by
+//! `updater check-now` (a `POST /check-now` to the local endpoints, [`crate::serve`]) or ended
+//! by SIGTERM/SIGINT. Each poll that may change the state holds the updater's lock (flock,
+//! released by the kernel if the process dies), so it never runs beside `updater install`.
+
+pub mod connectivity;
+pub mod fetch;
+pub mod log;
+pub mod record;
+#[cfg(test)]
+mod tests;
+
+use crate::bootinfo::BootInfo;
+use crate::history::Entry;
+use crate::layout::Slot;
+use crate::reboot::{Reboot, RebootMode};
+use crate::release::Release;
+use crate::slot::{Device, LockBusy};
+use crate::state::{SlotState, State};
+use connectivity::Connectivity;
+use fetch::{ChannelFetcher, Document, Fetched, Validators};
+use log::Log;
+use record::{Attempt, ChannelRecord, DaemonRecord, DecisionRecord, NamedError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default poll interval (DESIGN.md section 6).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+/// Polls are spread by this fraction of the interval either way.
+pub const JITTER: f64 = 0.2;
+/// Default local address of the endpoints.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9731";
+/// Default floor of free space on `/data` below which no install starts (500 MiB).
+pub const DEFAULT_MIN_FREE: u64 = 500 << 20;
+
+/// What the daemon needs to know, from `updater run`'s flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Base URLs of the published folder, tried in order.
+    pub mirrors: Vec<String>,
+    pub channel: String,
+    pub interval: Duration,
+    pub listen: String,
+    /// No install starts with less free space than this on the data partition.
+    pub min_free_bytes: u64,
+    /// Deadline of one HTTP request, whole response included.
+    pub request_deadline: Duration,
+    /// Install, but never reboot for the trial.
+    pub no_reboot: bool,
+    pub device_id: String,
+    pub segment: String,
+}
+
+/// What the channel document says, once verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelView {
+    pub sequence: u64,
+    pub expires: Option<u64>,
+    pub target_version: Option<semver::Version>,
+}
+
+/// What the rollout decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Install this version from the first of these URLs that works (absolute, or relative
+    /// to the channel document's URL). `pinned`: a pin or version lock forces it (it may be
+    /// older than the committed version).
+    Install {
+        version: semver::Version,
+        urls: Vec<String>,
+        pinned: bool,
+        code: String,
+        reason: String,
+    },
+    /// Keep running what the device has; `code` is the rollout's stable name of the reason.
+    Stay { code: String, reason: String },
+}
+
+/// A verified document and the decision taken from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub channel: ChannelView,
+    pub decision: Decision,
+}
+
+/// A document refused by the channel checks: `kind` names the check (`signature`,
+/// `replay`, `expired`, `malformed`, ...), `message` says what was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelProblem {
+    pub kind: String,
+    pub message: String,
+}
+
+/// Everything the rollout decides from, besides the document.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub state: &'a State,
+    /// The release of the running (committed) system.
+    pub running: Option<&'a Release>,
+    pub last_attempt: Option<&'a Attempt>,
+    /// Unix time of the last failed install attempt.
+    pub last_failure: Option<u64>,
+    /// Versions whose install failed for good on this device (besides the state's bad ones).
+    pub failed_versions: &'a std::collections::BTreeSet<String>,
+    pub device_id: &'a str,
+    pub segment: &'a str,
+}
+
+/// Verifies a channel document and decides (the channel and rollout modules).
+pub trait Planner {
+    fn plan(&self, doc: &Document, input: &PlanInput<'_>, now: u64)
+        -> Result<Plan, ChannelProblem>;
+}
+
+/// Why an install did not happen or failed; `kind` is stable for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallFailure {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// Installs a bundle into a slot (the real one streams it with [`crate::install`]).
+pub trait Installer {
+    /// Checks that the bundle fits (`partition_too_small`) and installs it into `target`,
+    /// recording the install in the state. Returns the installed version.
+    fn install(
+        &self,
+        url: &str,
+        target: Slot,
+        pinned: Option<&semver::Version>,
+        device: &Device,
+        now: u64,
+    ) -> Result<semver::Version, InstallFailure>;
+}
+
+/// The last good channel document on disk: `<data>/metrica/channel/`.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CacheMeta {
+    channel: String,
+    validators: Validators,
+    verified_at: u64,
+    has_sig: bool,
+}
+
+impl Cache {
+    pub fn new(data_dir: &Path) -> Cache {
+        Cache { dir: data_dir.join("metrica").join("channel") }
+    }
+
+    /// The cached document of `channel` and its validators; `None` when there is none (or it
+    /// cannot be read: a cache is never trusted without the channel checks anyway).
+    pub fn load(&self, channel: &str) -> Option<(Document, Validators)> {
+        let meta: CacheMeta =
+            serde_json::from_slice(&std::fs::read(self.dir.join("cache.json")).ok()?).ok()?;
+        if meta.channel != channel {
+            return None;
+        }
+        let toml = std::fs::read(self.dir.join("channel.toml")).ok()?;
+        let sig = if meta.has_sig {
+            Some(std::fs::read(self.dir.join("channel.toml.sig")).ok()?)
+        } else {
+            None
+        };
+        Some((Document { toml, sig }, meta.validators))
+    }
+
+    /// Stores a verified document: the files first, then the metadata that points at them.
+    pub fn save(
+        &self,
+        channel: &str,
+        doc: &Document,
+        validators: &Validators,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        crate::state::write_atomic(&self.dir.join("channel.toml"), &doc.toml, "channel")?;
+        if let Some(sig) = &doc.sig {
+            crate::state::write_atomic(&self.dir.join("channel.toml.sig"), sig, "channel")?;
+        }
+        let meta = CacheMeta {
+            channel: channel.to_string(),
+            validators: validators.clone(),
+            verified_at: now,
+            has_sig: doc.sig.is_some(),
+        };
+        crate::state::write_atomic(
+            &self.dir.join("cache.json"),
+            &serde_json::to_vec(&meta)?,
+            "channel",
+        )
+    }
+}
+
+/// The interval spread by ±`JITTER` with `random` (any u64).
+pub fn jittered(interval: Duration, random: u64) -> Duration {
+    let unit = (random >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    interval.mul_f64(1.0 - JITTER + 2.0 * JITTER * unit)
+}
+
+/// A small pseudo-random sequence for jitter (splitmix64); not for secrets.
+#[derive(Debug, Clone)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn seeded() -> Jitter {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Jitter(t ^ (u64::from(std::process::id()) << 32))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The daemon's parts. [`Daemon::poll`] does one poll; [`run`] loops.
+pub struct Daemon {
+    pub config: Config,
+    pub device: Device,
+    pub booted: Option<BootInfo>,
+    pub running: Option<Release>,
+    pub fetcher: ChannelFetcher,
+    pub planner: Box<dyn Planner>,
+    pub installer: Box<dyn Installer>,
+    pub rebooter: Box<dyn Reboot>,
+    pub log: Log,
+    pub cache: Cache,
+    pub record: DaemonRecord,
+}
+
+/// What one poll did, for callers and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// Another updater command held the lock; nothing decided.
+    Busy,
+    /// No good document (none ever, or the cached one is refused now).
+    NoChannel,
+    Stayed {
+        reason: String,
+    },
+    /// An install was wanted but not started or failed.
+    InstallFailed(InstallFailure),
+    /// Installed; `trial`: the tryboot reboot was requested.
+    Installed {
+        version: semver::Version,
+        trial: bool,
+    },
+    Error(String),
+}
+
+impl Daemon {
+    /// Loads (or starts) the daemon record and fills in this process's facts.
+    pub fn open_record(device: &Device, config: &Config, now: u64) -> DaemonRecord {
+        let path = record::record_path(&device.data_dir);
+        let mut r =
+            DaemonRecord::load(&path).ok().flatten().unwrap_or_else(|| DaemonRecord::new(now));
+        r.started = now;
+        r.pid = std::process::id();
+        r.listen = config.listen.clone();
+        if r.channel.name != config.channel {
+            r.channel = ChannelRecord::default();
+        }
+        r.channel.name = config.channel.clone();
+        r.channel.mirrors = config.mirrors.clone();
+        r
+    }
+
+    fn save_record(&self) {
+        let path = record::record_path(&self.device.data_dir);
+        if let Err(e) = self.record.save(&path) {
+            self.log.error("record_save_failed", &format!("{e:#}"), serde_json::json!({}));
+        }
+    }
+
+    fn error(&mut self, now: u64, kind: &str, message: String) {
+        self.log.error(kind, &message, serde_json::json!({}));
+        let e = NamedError { time: now, kind: kind.to_string(), message };
+        self.record.poll_errors.push(e.clone());
+        self.record.last_error = Some(e);
+    }
+
+    fn history(&self, entry: &Entry) {
+        if let Err(e) = self.device.history().append(entry) {
+            self.log.error("history_append_failed", &format!("{e:#}"), serde_json::json!({}));
+        }
+    }
+
+    /// One poll. Never fails: every problem is a named error in the log and the record.
+    pub fn poll(&mut self, now: u64) -> PollOutcome {
+        let outcome = self.poll_inner(now);
+        self.record.next_poll = None;
+        self.save_record();
+        outcome
+    }
+
+    fn poll_inner(&mut self, now: u64) -> PollOutcome {
+        self.record.poll_errors.clear();
+        self.record.last_poll = Some(now);
+        self.record.counters.polls += 1;
+        let channel = self.config.channel.clone();
+        let cached = self.cache.load(&channel);
+        let poll = self.fetcher.poll(cached.as_ref().map(|(_, v)| v));
+        for e in &poll.failed {
+            *self.record.counters.fetch_errors.entry(e.kind().to_string()).or_default() += 1;
+            self.log.warn(
+                "channel_fetch_failed",
+                &e.to_string(),
+                serde_json::json!({ "kind": e.kind() }),
+            );
+        }
+        let mut fresh = None;
+        match poll.result {
+            Ok(Fetched::NotModified { mirror }) => {
+                self.record.last_contact = Some(now);
+                self.record.counters.not_modified += 1;
+                self.log.debug("channel_not_modified", &mirror, serde_json::json!({}));
+            }
+            Ok(Fetched::New { mirror, document, validators }) => {
+                self.record.last_contact = Some(now);
+                self.record.counters.new_documents += 1;
+                self.log.info(
+                    "channel_fetched",
+                    &format!("new channel document from {mirror}"),
+                    serde_json::json!({ "bytes": document.toml.len() }),
+                );
+                fresh = Some((mirror, document, validators));
+            }
+            Err(all) => {
+                self.error(now, "channel_unreachable", all.to_string());
+            }
+        }
+        let c = self.record.connectivity_at(now);
+        if c != self.record.connectivity {
+            let msg = format!("connectivity {} -> {c}", self.record.connectivity);
+            let level = if c == Connectivity::Online { "info" } else { "warning" };
+            self.log.event(
+                level,
+                "connectivity_changed",
+                &msg,
+                serde_json::json!({ "state": c.name() }),
+            );
+            self.history(&Entry::new(now, "connectivity").reason(msg));
+            self.record.connectivity = c;
+        }
+
+        let _lock = match self.device.lock() {
+            Ok(l) => l,
+            Err(e) if e.downcast_ref::<LockBusy>().is_some() => {
+                self.log.info(
+                    "poll_skipped",
+                    &format!("{e}; deciding next time"),
+                    serde_json::json!({}),
+                );
+                return PollOutcome::Busy;
+            }
+            Err(e) => {
+                self.error(now, "lock", format!("{e:#}"));
+                return PollOutcome::Error(format!("{e:#}"));
+            }
+        };
+        let state = match self.device.open_state(
+            self.booted.as_ref().and_then(BootInfo::slot),
+            self.running.as_ref(),
+            now,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                self.error(now, "state", msg.clone());
+                return PollOutcome::Error(msg);
+            }
+        };
+
+        let mut plan = None;
+        if let Some((mirror, doc, validators)) = fresh {
+            match self.plan(&doc, &state, now) {
+                Ok(p) => {
+                    if let Err(e) = self.cache.save(&channel, &doc, &validators, now) {
+                        self.error(now, "cache", format!("caching the channel document: {e:#}"));
+                    }
+                    if let Err(e) = self.note_sequence(&state, p.channel.sequence) {
+                        self.error(now, "state", format!("recording the channel sequence: {e:#}"));
+                    }
+                    self.record.channel.mirror = Some(mirror);
+                    self.record.channel.verified_at = Some(now);
+                    plan = Some(p);
+                }
+                Err(problem) => {
+                    *self
+                        .record
+                        .counters
+                        .channel_errors
+                        .entry(problem.kind.clone())
+                        .or_default() += 1;
+                    let msg = format!(
+                        "channel document from {mirror} refused ({}): {}; keeping the last good one",
+                        problem.kind, problem.message
+                    );
+                    self.error(now, &format!("channel_{}", problem.kind), msg);
+                }
+            }
+        }
+        if plan.is_none() {
+            if let Some((doc, _)) = &cached {
+                match self.plan(doc, &state, now) {
+                    Ok(p) => plan = Some(p),
+                    Err(problem) => {
+                        let msg = format!(
+                            "cached channel document not acted on ({}): {}",
+                            problem.kind, problem.message
+                        );
+                        self.error(now, &format!("channel_{}", problem.kind), msg);
+                    }
+                }
+            }
+        }
+        let Some(plan) = plan else {
+            let why = "no good channel document: running what is installed";
+            self.decide(now, "stay", "no_channel", None, why);
+            return PollOutcome::NoChannel;
+        };
+        self.record.channel.sequence = Some(plan.channel.sequence);
+        self.record.channel.expires = plan.channel.expires;
+        self.record.channel.target_version =
+            plan.channel.target_version.as_ref().map(ToString::to_string);
+        match plan.decision {
+            Decision::Stay { code, reason } => {
+                self.decide(now, "stay", &code, None, &reason);
+                PollOutcome::Stayed { reason }
+            }
+            Decision::Install { version, urls, pinned, code, reason } => {
+                self.decide(now, "install", &code, Some(&version), &reason);
+                let mirror =
+                    self.record.channel.mirror.clone().unwrap_or_else(|| {
+                        self.config.mirrors.first().cloned().unwrap_or_default()
+                    });
+                let doc_url = self.fetcher.url(&mirror);
+                let urls: Vec<String> = urls.iter().map(|u| resolve(&doc_url, u)).collect();
+                self.install(now, &state, &version, &urls, pinned)
+            }
+        }
+    }
+
+    fn plan(&self, doc: &Document, state: &State, now: u64) -> Result<Plan, ChannelProblem> {
+        let input = PlanInput {
+            state,
+            running: self.running.as_ref(),
+            last_attempt: self.record.last_attempt.as_ref(),
+            last_failure: self.record.last_failure,
+            failed_versions: &self.record.failed_versions,
+            device_id: &self.config.device_id,
+            segment: &self.config.segment,
+        };
+        self.planner.plan(doc, &input, now)
+    }
+
+    /// Records the highest sequence seen in the state (replay protection survives restarts
+    /// and a lost cache).
+    fn note_sequence(&self, state: &State, sequence: u64) -> anyhow::Result<()> {
+        if state.channel_sequence.is_some_and(|s| s >= sequence) {
+            return Ok(());
+        }
+        let mut next = state.clone();
+        next.channel_sequence = Some(sequence);
+        crate::state::save(&self.device.state_path(), &next)
+    }
+
+    /// Logs every decision; appends it to the history when it differs from the last one.
+    fn decide(
+        &mut self,
+        now: u64,
+        outcome: &str,
+        code: &str,
+        version: Option<&semver::Version>,
+        reason: &str,
+    ) {
+        let d = DecisionRecord {
+            time: now,
+            outcome: outcome.to_string(),
+            code: code.to_string(),
+            version: version.map(ToString::to_string),
+            reason: reason.to_string(),
+        };
+        self.log.info(
+            "decision",
+            &format!("{outcome}{}: {reason}", version.map(|v| format!(" {v}")).unwrap_or_default()),
+            serde_json::json!({ "outcome": outcome, "code": code, "version": d.version }),
+        );
+        let changed = self.record.decision.as_ref().is_none_or(|last| {
+            (&last.outcome, &last.version, &last.reason) != (&d.outcome, &d.version, &d.reason)
+        });
+        if changed {
+            self.history(
+                &Entry::new(now, "decision")
+                    .version(version)
+                    .reason(format!("{outcome}: {reason}")),
+            );
+        }
+        self.record.decision = Some(d);
+    }
+
+    fn refuse(&mut self, now: u64, kind: &'static str, message: String) -> PollOutcome {
+        self.error(now, kind, message.clone());
+        self.history(&Entry::new(now, "refused").reason(format!("{kind}: {message}")));
+        PollOutcome::InstallFailed(InstallFailure { kind, message })
+    }
+
+    fn install(
+        &mut self,
+        now: u64,
+        state: &State,
+        version: &semver::Version,
+        urls: &[String],
+        pinned: bool,
+    ) -> PollOutcome {
+        if let Some(b) = &self.booted {
+            if b.tryboot || b.slot() != Some(state.committed) {
+                return self.refuse(
+                    now,
+                    "not_committed_slot",
+                    format!(
+                        "booted {b}, not the committed slot {}: installs wait",
+                        state.committed
+                    ),
+                );
+            }
+        }
+        if let Some(t) = &state.trial {
+            return self.refuse(
+                now,
+                "trial_pending",
+                format!("a trial of slot {} is pending", t.slot),
+            );
+        }
+        let target = state.committed.other();
+        let inactive = state.slot(target);
+        let already =
+            inactive.state == SlotState::Installed && inactive.version.as_ref() == Some(version);
+        if !already {
+            match crate::slot::disk_free_bytes(&self.device.data_dir) {
+                Some(free) if free < self.config.min_free_bytes => {
+                    return self.refuse(
+                        now,
+                        "disk_low",
+                        format!(
+                            "{} has {free} bytes free, below the floor of {} bytes: not installing {version}",
+                            self.device.data_dir.display(),
+                            self.config.min_free_bytes
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    return self.refuse(
+                        now,
+                        "disk_low",
+                        format!("cannot read the free space of {}", self.device.data_dir.display()),
+                    )
+                }
+            }
+            let pin = pinned.then_some(version);
+            let mut result =
+                Err(InstallFailure { kind: "download", message: "no bundle URL".into() });
+            for url in urls {
+                self.log.info(
+                    "install_started",
+                    &format!("installing {version} from {url} into slot {target}"),
+                    serde_json::json!({ "version": version.to_string(), "slot": target.to_string() }),
+                );
+                result = self.installer.install(url, target, pin, &self.device, now);
+                match &result {
+                    Err(f) if f.kind == "download" => {
+                        self.log.warn("install_source_failed", &f.message, serde_json::json!({}));
+                    }
+                    _ => break,
+                }
+            }
+            self.record.last_attempt =
+                Some(Attempt { time: now, version: version.to_string(), ok: result.is_ok() });
+            match result {
+                Ok(v) => {
+                    self.record.counters.installs_ok += 1;
+                    self.log.info(
+                        "install_done",
+                        &format!("installed {v} into slot {target}"),
+                        serde_json::json!({ "version": v.to_string() }),
+                    );
+                }
+                Err(f) => {
+                    self.record.counters.installs_failed += 1;
+                    self.record.last_failure = Some(now);
+                    if !TRANSIENT.contains(&f.kind) {
+                        // Never retried automatically (the rollout reads this list).
+                        self.record.failed_versions.insert(version.to_string());
+                    }
+                    self.error(now, f.kind, f.message.clone());
+                    self.history(
+                        &Entry::new(now, "install-failed")
+                            .slot(target)
+                            .version(Some(version))
+                            .reason(format!("{}: {}", f.kind, f.message)),
+                    );
+                    return PollOutcome::InstallFailed(f);
+                }
+            }
+        }
+        if self.config.no_reboot {
+            self.log.info(
+                "trial_skipped",
+                &format!("slot {target} holds {version}; no trial reboot (--no-reboot): run `updater trial`"),
+                serde_json::json!({}),
+            );
+            return PollOutcome::Installed { version: version.clone(), trial: false };
+        }
+        match self.device.start_trial(self.booted.as_ref(), now) {
+            Ok(_) => {}
+            Err(e) => {
+                let f = InstallFailure { kind: "trial", message: format!("{e:#}") };
+                self.error(now, f.kind, f.message.clone());
+                return PollOutcome::InstallFailed(f);
+            }
+        }
+        self.save_record();
+        self.log.info(
+            "trial_reboot",
+            &format!("rebooting into slot {target} ({version}) for its trial"),
+            serde_json::json!({}),
+        );
+        if let Err(e) = self.rebooter.reboot(RebootMode::Tryboot) {
+            let f = InstallFailure { kind: "reboot", message: format!("{e:#}") };
+            self.error(now, f.kind, f.message.clone());
+            return PollOutcome::InstallFailed(f);
+        }
+        PollOutcome::Installed { version: version.clone(), trial: true }
+    }
+}
+
+/// Install failure kinds that may pass by themselves (the version is retried after the
+/// throttle); any other failure puts the version on the never-again list.
+pub const TRANSIENT: [&str; 5] = ["download", "disk", "disk_low", "state", "install"];
+
+/// A bundle URL from the channel: absolute, or relative to the document's URL.
+pub fn resolve(document_url: &str, url: &str) -> String {
+    if url.contains("://") {
+        return url.to_string();
+    }
+    let dir = &document_url[..document_url.rfind('/').map_or(0, |i| i + 1)];
+    let mut parts: Vec<&str> = dir.trim_end_matches('/').split('/').collect();
+    for seg in url.split('/') {
+        match seg {
+            ".." if parts.len() > 3 => {
+                parts.pop();
+            }
+            "." | ".." | "" => {}
+            s => parts.push(s),
+        }
+    }
+    parts.join("/")
+}
+
+/// The real installer: reads the bundle's signed manifest first (nothing written) to check
+/// that every image fits its target partition, then streams the bundle into the inactive
+/// slot with [`crate::install::install_bundle`] under the device's install policy.
+pub struct BundleInstaller {
+    pub keyring: crate::sign::Keyring,
+    pub running: Option<Release>,
+    pub booted: Option<BootInfo>,
+    /// Where install progress lines go (the daemon's log file, or stderr).
+    pub log_file: Option<PathBuf>,
+}
+
+impl BundleInstaller {
+    fn progress(&self) -> Box<dyn std::io::Write> {
+        if let Some(path) = &self.log_file {
+            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                return Box::new(f);
+            }
+        }
+        Box::new(std::io::stderr())
+    }
+}
+
+impl Installer for BundleInstaller {
+    fn install(
+        &self,
+        url: &str,
+        target: Slot,
+        pinned: Option<&semver::Version>,
+        device: &Device,
+        now: u64,
+    ) -> Result<semver::Version, InstallFailure> {
+        use crate::install::{self, Source};
+        let fail = |kind: &'static str, e: &dyn std::fmt::Display| InstallFailure {
+            kind,
+            message: format!("{url}: {e}"),
+        };
+        let vm = install::read_manifest(Source::parse(url), &self.keyring)
+            .map_err(|e| fail("bundle", &e))?;
+        for img in &vm.manifest.images {
+            let role = img.slot_class.partition(target);
+            let p = crate::disk::find_label(&device.disk, role.label)
+                .map_err(|e| fail("disk", &format!("{e:#}")))?;
+            if img.size > p.len {
+                return Err(fail(
+                    "partition_too_small",
+                    &format!(
+                        "{} image of {} is {} bytes, partition {} holds {} bytes",
+                        img.slot_class.as_str(),
+                        vm.manifest.version,
+                        img.size,
+                        role.label,
+                        p.len
+                    ),
+                ));
+            }
+        }
+        let s = device
+            .open_state(self.booted.as_ref().and_then(BootInfo::slot), self.running.as_ref(), now)
+            .map_err(|e| fail("state", &format!("{e:#}")))?;
+        let mut facts = device
+            .device_facts(&s, self.running.as_ref())
+            .map_err(|e| fail("state", &format!("{e:#}")))?;
+        facts.pinned_version = pinned.cloned();
+        let policy = crate::slot::InstallPolicy {
+            device,
+            facts,
+            target,
+            allow_bad: false,
+            booted: self.booted.as_ref(),
+            now,
+        };
+        let mut req = install::InstallRequest::new(&device.disk, target, &self.keyring, &policy);
+        req.resume_file = Some(install::progress_path(&device.data_dir));
+        let mut progress = install::JsonLines::new(self.progress());
+        let images =
+            install::install_bundle(Source::parse(url), &req, &mut progress).map_err(|e| {
+                let kind = match &e {
+                    install::InstallError::Refused(_) => "refused",
+                    install::InstallError::DoesNotFit { .. } => "partition_too_small",
+                    install::InstallError::Bundle(crate::bundle::BundleError::Fetch(_)) => {
+                        "download"
+                    }
+                    install::InstallError::Bundle(_) => "bundle",
+                    _ => "install",
+                };
+                fail(kind, &e)
+            })?;
+        device
+            .finish_install(target, &images.version, now)
+            .map_err(|e| fail("state", &format!("{e:#}")))?;
+        Ok(images.version)
+    }
+}
+
+/// Runs the loop until SIGTERM or SIGINT: a poll, then a jittered wait that `check-now` cuts
+/// short. The endpoints serve from `listen` meanwhile.
+pub fn run(mut daemon: Daemon, history: usize) -> anyhow::Result<()> {
+    use crate::serve::{Server, Wake};
+    use nix::sys::signal::{SigSet, Signal};
+    use std::sync::mpsc::{self, RecvTimeoutError};
+
+    // Blocked here before any thread starts, so every thread inherits the mask and only the
+    // waiting thread below receives these signals.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(|e| anyhow::anyhow!("blocking SIGTERM: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    let stop_tx = tx.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            let _ = stop_tx.send(Wake::Stop);
+            let _ = sig;
+        }
+    })?;
+    let ctx = crate::serve::Context {
+        device: daemon.device.clone(),
+        booted: daemon.booted.ok_or_else(|| "unknown".to_string()),
+        min_free_bytes: daemon.config.min_free_bytes,
+        history,
+    };
+    let mut server = Server::start(&daemon.config.listen, ctx, tx)?;
+    daemon.record.listen = server.addr.to_string();
+    daemon.log.info(
+        "started",
+        &format!(
+            "following channel {} from {} mirror(s) every {} s ± {} %; endpoints on {}",
+            daemon.config.channel,
+            daemon.config.mirrors.len(),
+            daemon.config.interval.as_secs(),
+            (JITTER * 100.0) as u32,
+            server.addr
+        ),
+        serde_json::json!({ "pid": std::process::id() }),
+    );
+    let mut jitter = Jitter::seeded();
+    loop {
+        daemon.poll(crate::slot::unix_now());
+        let wait = jittered(daemon.config.interval, jitter.next_u64());
+        daemon.record.next_poll = Some(crate::slot::unix_now() + wait.as_secs());
+        daemon.save_record();
+        // A check-now sent during a long poll is already served by it.
+        let mut stop = false;
+        while let Ok(w) = rx.try_recv() {
+            stop |= w == Wake::Stop;
+        }
+        if stop {
+            break;
+        }
+        match rx.recv_timeout(wait) {
+            Ok(Wake::CheckNow) => {
+                daemon.log.info("check_now", "poll requested", serde_json::json!({}));
+            }
+            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+    server.stop();
+    daemon.record.next_poll = None;
+    daemon.save_record();
+    daemon.log.info("stopped", "SIGTERM or SIGINT: stopped cleanly", serde_json::json!({}));
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! The daemon's polls against a loopback file server, with a test planner (a tiny document
+//! format whose checks name the same kinds as the channel module's) and a test installer
+//! that records the install in the state as the real one does.
+
+use super::fetch::testserver::{FileServer, Mode};
+use super::*;
+use crate::testutil::disk_committed;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+const T0: u64 = 1_800_000_000;
+
+/// `sequence = N`, `expires = T`, `version = "x"`, `url = "..."`; the signature must be `ok`.
+struct TestPlanner;
+
+impl Planner for TestPlanner {
+    fn plan(
+        &self,
+        doc: &Document,
+        input: &PlanInput<'_>,
+        now: u64,
+    ) -> Result<Plan, ChannelProblem> {
+        let problem = |kind: &str, message: String| ChannelProblem { kind: kind.into(), message };
+        if doc.sig.as_deref() != Some(b"ok") {
+            return Err(problem("signature", "signature does not verify".into()));
+        }
+        let t: toml::Table = std::str::from_utf8(&doc.toml)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| problem("malformed", "not TOML".into()))?;
+        let sequence = t["sequence"].as_integer().unwrap() as u64;
+        if input.state.channel_sequence.is_some_and(|s| sequence < s) {
+            return Err(problem("replay", format!("sequence {sequence} below the last seen")));
+        }
+        let expires = t["expires"].as_integer().unwrap() as u64;
+        if now > expires {
+            return Err(problem("expired", format!("expired at {expires}")));
+        }
+        let version: semver::Version = t["version"].as_str().unwrap().parse().unwrap();
+        let committed = input.state.slot(input.state.committed).version.clone();
+        let decision = if committed.as_ref().is_some_and(|c| *c >= version) {
+            Decision::Stay {
+                code: "up_to_date".into(),
+                reason: format!("running {version} already"),
+            }
+        } else {
+            Decision::Install {
+                version: version.clone(),
+                urls: vec![t["url"].as_str().unwrap().into()],
+                pinned: false,
+                code: "rollout".into(),
+                reason: "selected by the rollout".into(),
+            }
+        };
+        Ok(Plan {
+            channel: ChannelView {
+                sequence,
+                expires: Some(expires),
+                target_version: Some(version),
+            },
+            decision,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Calls(RefCell<Vec<String>>);
+
+struct TestInstaller(Rc<Calls>);
+
+impl Installer for TestInstaller {
+    fn install(
+        &self,
+        url: &str,
+        target: Slot,
+        _pinned: Option<&semver::Version>,
+        device: &Device,
+        now: u64,
+    ) -> Result<semver::Version, InstallFailure> {
+        self.0 .0.borrow_mut().push(url.to_string());
+        let version: semver::Version =
+            url.rsplit('-').next().unwrap().trim_end_matches(".mfb").parse().unwrap();
+        device.begin_install(&version, 0, false, None, now).unwrap();
+        device.finish_install(target, &version, now).unwrap();
+        Ok(version)
+    }
+}
+
+struct TestReboot(Rc<Calls>);
+
+impl Reboot for TestReboot {
+    fn reboot(&self, mode: RebootMode) -> anyhow::Result<()> {
+        self.0 .0.borrow_mut().push(mode.describe().to_string());
+        Ok(())
+    }
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+    installs: Rc<Calls>,
+    reboots: Rc<Calls>,
+}
+
+fn doc(sequence: u64, version: &str) -> String {
+    format!("sequence = {sequence}\nexpires = {}\nversion = \"{version}\"\nurl = \"../bundles/os-{version}.mfb\"\n", T0 + 30 * 86400)
+}
+
+fn publish(s: &FileServer, body: &str, sig: &str) {
+    s.put("/channels/stable.toml", body.as_bytes());
+    s.put("/channels/stable.toml.sig", sig.as_bytes());
+}
+
+fn rig(mirrors: &[&str], no_reboot: bool) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("card.img");
+    disk_committed(&disk, Slot::A);
+    let device = Device::new(&disk, dir.path().join("data"));
+    let config = Config {
+        mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+        channel: "stable".into(),
+        interval: DEFAULT_INTERVAL,
+        listen: "127.0.0.1:0".into(),
+        min_free_bytes: 0,
+        request_deadline: Duration::from_millis(1500),
+        no_reboot,
+        device_id: "dev-1".into(),
+        segment: "general".into(),
+    };
+    let installs = Rc::new(Calls::default());
+    let reboots = Rc::new(Calls::default());
+    let running = Release {
+        name: "m".into(),
+        version: "1.0.0".parse().unwrap(),
+        compatible: "c".into(),
+        build_epoch: 1,
+        security_epoch: 0,
+    };
+    let daemon = Daemon {
+        fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
+        record: Daemon::open_record(&device, &config, T0),
+        cache: Cache::new(&device.data_dir),
+        log: Log::new(Some(dir.path().join("log.jsonl")), "dev-1"),
+        booted: None,
+        running: Some(running),
+        planner: Box::new(TestPlanner),
+        installer: Box::new(TestInstaller(installs.clone())),
+        rebooter: Box::new(TestReboot(reboots.clone())),
+        device,
+        config,
+    };
+    Rig { dir, daemon, installs, reboots }
+}
+
+impl Rig {
+    fn log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("log.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+    fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.log().into_iter().filter(|l| l["event"] == event).collect()
+    }
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(self.daemon.device.status(Err("test".into()), 50)).unwrap()
+    }
+    fn history(&self, event: &str) -> Vec<Entry> {
+        let h = self.daemon.device.history();
+        h.tail(1000).unwrap().into_iter().filter(|e| e.event == event).collect()
+    }
+    fn committed_version(&self) -> String {
+        let s = self.daemon.device.status(Err("test".into()), 0).state.unwrap();
+        s.slot(s.committed).version.as_ref().unwrap().to_string()
+    }
+}
+
+fn seed_state(r: &Rig) {
+    let d = &r.daemon.device;
+    d.open_state(Some(Slot::A), r.daemon.running.as_ref(), T0).unwrap();
+}
+
+#[test]
+fn installs_what_the_rollout_says_then_reboots_for_the_trial() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "2.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    let out = r.daemon.poll(T0);
+    assert_eq!(out, PollOutcome::Installed { version: "2.0.0".parse().unwrap(), trial: true });
+    assert_eq!(*r.installs.0.borrow(), [format!("{}/bundles/os-2.0.0.mfb", s.base)]);
+    assert_eq!(*r.reboots.0.borrow(), ["tryboot"]);
+    let st = r.status();
+    assert_eq!(st["state"]["trial"]["slot"], "b");
+    assert_eq!(st["state"]["channel_sequence"], 1);
+    assert_eq!(st["daemon"]["channel"]["sequence"], 1);
+    assert_eq!(st["daemon"]["decision"]["outcome"], "install");
+    assert_eq!(st["connectivity"], "online");
+    assert_eq!(
+        r.history("decision")[0].reason.as_deref(),
+        Some("install: selected by the rollout")
+    );
+    // The document is cached for the next poll and for restarts.
+    assert!(r.daemon.cache.load("stable").is_some());
+}
+
+#[test]
+fn no_reboot_installs_once_and_leaves_the_trial_to_the_operator() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "2.0.0"), "ok");
+    let mut r = rig(&[&s.base], true);
+    seed_state(&r);
+    assert_eq!(
+        r.daemon.poll(T0),
+        PollOutcome::Installed { version: "2.0.0".parse().unwrap(), trial: false }
+    );
+    assert_eq!(
+        r.daemon.poll(T0 + 300),
+        PollOutcome::Installed { version: "2.0.0".parse().unwrap(), trial: false }
+    );
+    assert_eq!(r.installs.0.borrow().len(), 1, "slot b already holds 2.0.0: not installed twice");
+    assert!(r.reboots.0.borrow().is_empty());
+    assert_eq!(r.events("trial_skipped").len(), 2);
+}
+
+#[test]
+fn an_unchanged_channel_is_a_conditional_get_and_every_decision_is_logged() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    for i in 0..3 {
+        let out = r.daemon.poll(T0 + i * 300);
+        assert_eq!(out, PollOutcome::Stayed { reason: "running 1.0.0 already".into() });
+    }
+    assert_eq!(s.requests(), 4, "document + signature once, then one 304 per poll");
+    assert_eq!(s.shared.not_modified.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(r.events("decision").len(), 3, "every decision is logged");
+    assert_eq!(r.history("decision").len(), 1, "the history gets a decision when it changes");
+    assert_eq!(r.status()["daemon"]["counters"]["not_modified"], 2);
+}
+
+#[test]
+fn bad_documents_are_named_errors_and_the_last_good_one_stays() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(5, "1.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    r.daemon.poll(T0);
+    for (body, sig, kind) in [
+        (doc(6, "9.0.0"), "forged", "channel_signature"),
+        (doc(4, "9.0.0"), "ok", "channel_replay"),
+        ("sequence = [".to_string(), "ok", "channel_malformed"),
+    ] {
+        publish(&s, &body, sig);
+        let out = r.daemon.poll(T0 + 300);
+        assert_eq!(out, PollOutcome::Stayed { reason: "running 1.0.0 already".into() }, "{kind}");
+        let st = r.status();
+        assert_eq!(st["daemon"]["last_error"]["kind"], kind);
+        assert!(st["daemon"]["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("keeping the last good one"));
+        assert_eq!(st["daemon"]["channel"]["sequence"], 5, "{kind}");
+        assert!(r.installs.0.borrow().is_empty());
+        assert_eq!(r.events(kind).len(), 1, "{kind}");
+    }
+    assert_eq!(r.committed_version(), "1.0.0");
+}
+
+#[test]
+fn an_expired_cached_document_is_not_acted_on() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    r.daemon.poll(T0);
+    publish(&s, &doc(2, "2.0.0"), "ok");
+    s.set_mode(Mode::Status(500));
+    let out = r.daemon.poll(T0 + 31 * 86400);
+    assert_eq!(out, PollOutcome::NoChannel);
+    let st = r.status();
+    assert_eq!(st["daemon"]["last_error"]["kind"], "channel_expired");
+    let kinds: Vec<&str> = st["daemon"]["poll_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["channel_unreachable", "channel_expired"]);
+    assert_eq!(
+        st["daemon"]["decision"]["reason"],
+        "no good channel document: running what is installed"
+    );
+    assert!(r.installs.0.borrow().is_empty());
+}
+
+/// The bad network answers of the issue, one after the other; each is a named error in the
+/// log and in the status, and the device keeps what it runs.
+#[test]
+fn html_500_slow_loris_and_a_down_mirror_with_failover() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    r.daemon.poll(T0);
+    for (mode, kind) in
+        [(Mode::Html, "not_toml"), (Mode::Status(500), "http_5xx"), (Mode::SlowLoris, "timeout")]
+    {
+        s.set_mode(mode.clone());
+        let out = r.daemon.poll(T0 + 300);
+        assert_eq!(out, PollOutcome::Stayed { reason: "running 1.0.0 already".into() }, "{mode:?}");
+        let st = r.status();
+        assert_eq!(st["daemon"]["last_error"]["kind"], "channel_unreachable", "{mode:?}");
+        assert_eq!(st["daemon"]["counters"]["fetch_errors"][kind], 1, "{mode:?}");
+        let logged = r.events("channel_fetch_failed");
+        assert_eq!(logged.last().unwrap()["kind"], kind);
+    }
+    s.set_mode(Mode::Normal);
+    // A mirror that is down before a good one: failover, and the poll is clean.
+    let mut r2 = rig(&["http://127.0.0.1:1", &s.base], false);
+    seed_state(&r2);
+    let out = r2.daemon.poll(T0);
+    assert_eq!(out, PollOutcome::Stayed { reason: "running 1.0.0 already".into() });
+    let st = r2.status();
+    assert_eq!(st["daemon"]["counters"]["fetch_errors"]["unreachable"], 1);
+    assert_eq!(st["daemon"]["channel"]["mirror"], s.base.as_str());
+    assert_eq!(st["daemon"]["last_contact"], T0);
+    assert_eq!(r.committed_version(), "1.0.0");
+}
+
+#[test]
+fn long_without_network_goes_degraded_then_airgapped_and_back() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    r.daemon.poll(T0);
+    s.set_mode(Mode::Status(503));
+    let mut seen = Vec::new();
+    for h in [1, 5, 6, 12, 23, 24, 48] {
+        r.daemon.poll(T0 + h * 3600);
+        seen.push(r.status()["daemon"]["connectivity"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        seen,
+        ["online", "online", "degraded", "degraded", "degraded", "airgapped", "airgapped"]
+    );
+    s.set_mode(Mode::Normal);
+    r.daemon.poll(T0 + 49 * 3600);
+    assert_eq!(r.status()["daemon"]["connectivity"], "online");
+    let changes: Vec<String> = r
+        .events("connectivity_changed")
+        .iter()
+        .map(|e| e["msg"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "connectivity online -> degraded",
+            "connectivity degraded -> airgapped",
+            "connectivity airgapped -> online"
+        ]
+    );
+    assert_eq!(r.history("connectivity").len(), 3);
+    // Through it all the cached channel kept deciding, and nothing was installed.
+    assert_eq!(r.events("decision").len(), 9);
+    assert_eq!(r.committed_version(), "1.0.0");
+}
+
+#[test]
+fn low_disk_refuses_the_install() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "2.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    r.daemon.config.min_free_bytes = u64::MAX;
+    let out = r.daemon.poll(T0);
+    let PollOutcome::InstallFailed(f) = out else { panic!("{out:?}") };
+    assert_eq!(f.kind, "disk_low");
+    assert!(f.message.contains("below the floor of"), "{}", f.message);
+    assert!(r.installs.0.borrow().is_empty());
+    assert_eq!(r.status()["daemon"]["last_error"]["kind"], "disk_low");
+    assert_eq!(r.history("refused").len(), 1);
+}
+
+#[test]
+fn a_held_lock_skips_the_decision() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "2.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    let held = r.daemon.device.lock().unwrap();
+    assert_eq!(r.daemon.poll(T0), PollOutcome::Busy);
+    drop(held);
+    assert!(matches!(r.daemon.poll(T0 + 1), PollOutcome::Installed { .. }));
+}
+
+#[test]
+fn jitter_stays_within_twenty_percent() {
+    let mut j = Jitter(1);
+    let (mut lo, mut hi) = (u64::MAX, 0);
+    for _ in 0..10_000 {
+        let d = jittered(Duration::from_secs(300), j.next_u64()).as_secs();
+        lo = lo.min(d);
+        hi = hi.max(d);
+    }
+    assert!(lo >= 240 && hi < 360, "{lo}..{hi}");
+    assert!(lo < 245 && hi > 355, "spread over the whole range: {lo}..{hi}");
+    assert_eq!(jittered(Duration::from_secs(300), 0), Duration::from_secs(240));
+}
+
+#[test]
+fn bundle_urls_resolve_against_the_mirror() {
+    let doc = "http://m/fleet/channels/stable.toml";
+    assert_eq!(resolve(doc, "../bundles/a.mfb"), "http://m/fleet/bundles/a.mfb");
+    assert_eq!(resolve(doc, "x.mfb"), "http://m/fleet/channels/x.mfb");
+    assert_eq!(resolve("http://m/channels/s.toml", "../../../a.mfb"), "http://m/a.mfb");
+    assert_eq!(resolve(doc, "https://cdn/a.mfb"), "https://cdn/a.mfb");
+}

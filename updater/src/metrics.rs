@@ -1,0 +1,311 @@
+//! `/metrics`: the device's status in the Prometheus text format (version 0.0.4).
+//!
+//! Pure: [`render`] turns a [`Status`] (the same value `/status` and `updater status --json`
+//! show) into text. Metric names follow DESIGN.md section 9; docs/daemon.md lists them all.
+
+use crate::daemon::connectivity::Connectivity;
+use crate::daemon::fetch::FetchError;
+use crate::layout::Slot;
+use crate::slot::Status;
+use std::fmt::Write;
+
+/// The content type of the text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders the metrics. `agent_up`: whether the daemon is running (1 from the daemon itself).
+pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
+    let mut o = Out(String::new());
+    o.one("metrica_agent_up", "gauge", "1 while the updater daemon runs.", u8::from(agent_up));
+    let state = st.state.as_ref();
+    let daemon = st.daemon.as_ref();
+    o.one(
+        "metrica_update_last_success_timestamp",
+        "gauge",
+        "Unix time of the last committed OS update (0: none recorded).",
+        st.last_update_success.unwrap_or(0),
+    );
+    o.family(
+        "metrica_update_total",
+        "counter",
+        "OS updates by result: success = committed after its trial; failure = install failed \
+         or trial rolled back.",
+    );
+    let commits = state.map_or(0, |s| s.counters.commits);
+    let rollbacks = state.map_or(0, |s| s.counters.rollbacks);
+    let install_failures = daemon.map_or(0, |d| d.counters.installs_failed);
+    o.sample("metrica_update_total", &[("result", "success")], commits);
+    o.sample("metrica_update_total", &[("result", "failure")], install_failures + rollbacks);
+    o.one(
+        "metrica_rollback_total",
+        "counter",
+        "Trials that failed and returned to the committed slot.",
+        rollbacks,
+    );
+    o.family(
+        "metrica_slot_info",
+        "gauge",
+        "One series per slot: its version and state (good, installed, installing, bad, empty); \
+         committed says whether it boots by default.",
+    );
+    if let Some(s) = state {
+        for slot in Slot::ALL {
+            let info = s.slot(slot);
+            let version = info.version.as_ref().map(ToString::to_string).unwrap_or_default();
+            let committed = if s.committed == slot { "true" } else { "false" };
+            o.sample(
+                "metrica_slot_info",
+                &[
+                    ("slot", &slot.to_string()),
+                    ("version", &version),
+                    ("state", info.state.name()),
+                    ("committed", committed),
+                ],
+                1,
+            );
+        }
+    }
+    o.one(
+        "metrica_safe_mode",
+        "gauge",
+        "1 while the device runs its safe-mode stack instead of its role.",
+        u8::from(st.safe_mode),
+    );
+    if let Some(free) = st.disk_free_bytes {
+        o.family("metrica_disk_free_bytes", "gauge", "Free bytes on the data partition.");
+        o.sample("metrica_disk_free_bytes", &[("mount", &st.data_dir.display().to_string())], free);
+    }
+    o.one(
+        "metrica_config_drift_detected",
+        "gauge",
+        "1 when the disk disagrees with the updater's state (autoboot.txt, booted slot).",
+        u8::from(!st.drift.is_empty()),
+    );
+    o.one(
+        "metrica_last_contact_timestamp",
+        "gauge",
+        "Unix time a mirror last answered with the channel (0: never).",
+        daemon.and_then(|d| d.last_contact).unwrap_or(0),
+    );
+    o.family(
+        "metrica_connectivity",
+        "gauge",
+        "1 for the current connectivity state: online, degraded (6 h without contact), \
+         airgapped (24 h).",
+    );
+    let current = daemon.map(|d| d.connectivity_at(now));
+    for c in Connectivity::ALL {
+        o.sample("metrica_connectivity", &[("state", c.name())], u8::from(current == Some(c)));
+    }
+    let channel = daemon.map(|d| &d.channel);
+    if let Some(seq) = channel.and_then(|c| c.sequence) {
+        o.one(
+            "metrica_channel_sequence",
+            "gauge",
+            "Sequence number of the last good channel document.",
+            seq,
+        );
+    }
+    if let Some(exp) = channel.and_then(|c| c.expires) {
+        o.one(
+            "metrica_channel_expires_timestamp",
+            "gauge",
+            "Unix time the last good channel document expires.",
+            exp,
+        );
+    }
+    if let Some(c) = channel.filter(|c| c.target_version.is_some()) {
+        o.family(
+            "metrica_channel_target_info",
+            "gauge",
+            "The channel followed and the OS version it targets.",
+        );
+        let target = c.target_version.clone().unwrap_or_default();
+        o.sample("metrica_channel_target_info", &[("channel", &c.name), ("version", &target)], 1);
+    }
+    let pending = daemon.and_then(|d| d.decision.as_ref()).is_some_and(|d| d.outcome == "install");
+    o.one(
+        "metrica_update_pending",
+        "gauge",
+        "1 when the rollout says this device should install a version it does not run yet.",
+        u8::from(pending),
+    );
+    o.family(
+        "metrica_channel_fetch_errors_total",
+        "counter",
+        "Channel fetches that failed, per mirror tried, by kind.",
+    );
+    for kind in FetchError::KINDS {
+        let n = daemon.and_then(|d| d.counters.fetch_errors.get(kind).copied()).unwrap_or(0);
+        o.sample("metrica_channel_fetch_errors_total", &[("kind", kind)], n);
+    }
+    if let Some(d) = daemon {
+        o.family(
+            "metrica_channel_errors_total",
+            "counter",
+            "Channel documents refused by the channel checks, by kind.",
+        );
+        for (kind, n) in &d.counters.channel_errors {
+            o.sample("metrica_channel_errors_total", &[("kind", kind)], n);
+        }
+        o.family("metrica_channel_polls_total", "counter", "Channel polls by result.");
+        let failed =
+            d.counters.polls.saturating_sub(d.counters.not_modified + d.counters.new_documents);
+        o.sample("metrica_channel_polls_total", &[("result", "new")], d.counters.new_documents);
+        o.sample(
+            "metrica_channel_polls_total",
+            &[("result", "not_modified")],
+            d.counters.not_modified,
+        );
+        o.sample("metrica_channel_polls_total", &[("result", "failed")], failed);
+    }
+    o.0
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::daemon::record::DaemonRecord;
+    use crate::state::State;
+
+    fn status() -> Status {
+        let mut s = State::new(Slot::A, Some("1.0.0".parse().unwrap()));
+        s.counters.commits = 2;
+        s.counters.rollbacks = 1;
+        let mut d = DaemonRecord::new(1000);
+        d.last_contact = Some(2000);
+        d.channel.name = "stable".into();
+        d.channel.sequence = Some(7);
+        d.channel.target_version = Some("2.0.0".into());
+        d.counters.installs_failed = 3;
+        d.counters.fetch_errors.insert("timeout".into(), 4);
+        Status {
+            disk: "/dev/mmcblk0".into(),
+            data_dir: "/data".into(),
+            booted: None,
+            booted_error: None,
+            autoboot: None,
+            autoboot_error: None,
+            state: Some(s),
+            state_error: None,
+            history: vec![],
+            daemon: Some(d),
+            daemon_error: None,
+            connectivity: None,
+            disk_free_bytes: Some(123),
+            safe_mode: false,
+            drift: vec!["x".into()],
+            last_update_success: Some(1500),
+        }
+    }
+
+    #[test]
+    fn renders_the_design_metrics() {
+        let text = render(&status(), true, 2000 + 7 * 3600);
+        for line in [
+            "metrica_agent_up 1",
+            "metrica_update_last_success_timestamp 1500",
+            "metrica_update_total{result=\"success\"} 2",
+            "metrica_update_total{result=\"failure\"} 4",
+            "metrica_rollback_total 1",
+            "metrica_slot_info{slot=\"a\",version=\"1.0.0\",state=\"good\",committed=\"true\"} 1",
+            "metrica_slot_info{slot=\"b\",version=\"\",state=\"empty\",committed=\"false\"} 1",
+            "metrica_safe_mode 0",
+            "metrica_disk_free_bytes{mount=\"/data\"} 123",
+            "metrica_config_drift_detected 1",
+            "metrica_last_contact_timestamp 2000",
+            "metrica_connectivity{state=\"degraded\"} 1",
+            "metrica_connectivity{state=\"online\"} 0",
+            "metrica_channel_sequence 7",
+            "metrica_channel_target_info{channel=\"stable\",version=\"2.0.0\"} 1",
+            "metrica_channel_fetch_errors_total{kind=\"timeout\"} 4",
+            "metrica_channel_fetch_errors_total{kind=\"not_toml\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// The path of an external checker, or `None` (with a message) when it is missing and
+    /// this is not CI. In CI (`CI=true`) a missing tool fails the test.
+    pub(crate) fn tool(name: &str) -> Option<std::path::PathBuf> {
+        let found = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())
+        });
+        if found.is_none() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{name} is missing: .ci/setup installs it (Debian package prometheus or prometheus-alertmanager)"
+            );
+            eprintln!("skipped: {name} is not installed (apt-get install prometheus prometheus-alertmanager)");
+        }
+        found
+    }
+
+    /// The real `promtool check metrics` (Debian package `prometheus`). In CI (`CI=true`) a
+    /// missing promtool fails; elsewhere the test says it skipped.
+    #[test]
+    fn promtool_accepts_the_output() {
+        let Some(promtool) = tool("promtool") else { return };
+        let mut bare = status();
+        bare.daemon = None;
+        bare.state = None;
+        bare.disk_free_bytes = None;
+        for (what, st) in [("full", status()), ("bare", bare)] {
+            let text = render(&st, true, 5000);
+            let mut child = std::process::Command::new(&promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics ({what}): {}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
