@@ -97,7 +97,46 @@ pub enum Command {
         #[arg(long, default_value = "marked bad by an operator")]
         reason: String,
     },
-    /// Show slots, versions, committed and booted slot, trial, last error and recent history.
+    /// Run the daemon: poll the channel, install what the rollout says, reboot for the
+    /// trial; serve /health, /metrics, /status and /check-now on --listen. Stops on SIGTERM.
+    Run {
+        /// Base URL of a published folder (holding channels/ and bundles/); repeat the flag
+        /// for mirrors, tried in order.
+        #[arg(long = "mirror", value_name = "URL", required = true)]
+        mirrors: Vec<String>,
+        /// The channel to follow (channels/<CHANNEL>.toml).
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// Seconds between polls; each wait is spread by ±20 %.
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::daemon::DEFAULT_INTERVAL.as_secs())]
+        interval: u64,
+        /// Local address of the endpoints.
+        #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_LISTEN)]
+        listen: String,
+        /// No install starts with less free space than this on the data partition (MiB).
+        #[arg(long, value_name = "MIB", default_value_t = crate::daemon::DEFAULT_MIN_FREE >> 20)]
+        min_free_mib: u64,
+        /// Deadline of one channel request, whole response included (seconds).
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        request_timeout: u64,
+        /// The device's id for the rollout. Default: /etc/machine-id.
+        #[arg(long, value_name = "ID")]
+        device_id: Option<String>,
+        /// The device's rollout segment: canary, early or general.
+        #[arg(long, default_value = "general")]
+        segment: String,
+        /// How many history entries /status shows.
+        #[arg(long, default_value_t = 10)]
+        history: usize,
+    },
+    /// Ask the running daemon to poll its channel now (POST /check-now on its --listen).
+    CheckNow {
+        /// The daemon's --listen address.
+        #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_LISTEN)]
+        listen: String,
+    },
+    /// Show slots, versions, committed and booted slot, trial, channel, connectivity, last
+    /// error and recent history (`--json`: the same JSON as the daemon's /status).
     Status {
         #[arg(long)]
         json: bool,
@@ -167,6 +206,11 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
         writeln!(out, "{}", crate::disk::partition_node(&disk, part.number).display())?;
         return Ok(true);
     }
+    if let Command::CheckNow { listen } = &cli.command {
+        crate::serve::check_now(listen)?;
+        writeln!(out, "metrica: the daemon at {listen} polls its channel now")?;
+        return Ok(true);
+    }
     let booted = BootInfo::read(&cli.sysroot).map_err(|e| e.to_string());
     let disk = match &cli.disk {
         Some(d) => d.clone(),
@@ -193,7 +237,62 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
     };
     let now = slot::unix_now();
     match &cli.command {
-        Command::Locate { .. } => unreachable!("handled above"),
+        Command::Locate { .. } | Command::CheckNow { .. } => unreachable!("handled above"),
+        Command::Run {
+            mirrors,
+            channel,
+            interval,
+            listen,
+            min_free_mib,
+            request_timeout,
+            device_id,
+            segment,
+            history,
+        } => {
+            let device_id = match device_id {
+                Some(id) => id.clone(),
+                None => machine_id(&cli.sysroot)?,
+            };
+            let config = crate::daemon::Config {
+                mirrors: mirrors.clone(),
+                channel: channel.clone(),
+                interval: Duration::from_secs(*interval),
+                listen: listen.clone(),
+                min_free_bytes: min_free_mib << 20,
+                request_deadline: Duration::from_secs(*request_timeout),
+                no_reboot: cli.no_reboot || !is_block_device(&disk),
+                device_id: device_id.clone(),
+                segment: segment.clone(),
+            };
+            let keyring = crate::sign::Keyring::load(&cli.keyring)
+                .with_context(|| format!("loading the keyring {}", cli.keyring.display()))?;
+            let booted = booted.ok();
+            let running = read_release(&cli.sysroot);
+            let daemon = crate::daemon::Daemon {
+                fetcher: crate::daemon::fetch::ChannelFetcher::new(
+                    mirrors.clone(),
+                    channel,
+                    config.request_deadline,
+                ),
+                record: crate::daemon::Daemon::open_record(&device, &config, now),
+                cache: crate::daemon::Cache::new(&cli.data_dir),
+                log: crate::daemon::log::Log::new(cli.log_file.clone(), &device_id),
+                planner: crate::daemon::channel_planner(&keyring, &cli.sysroot),
+                installer: Box::new(crate::daemon::BundleInstaller {
+                    keyring,
+                    running: running.clone(),
+                    booted,
+                    log_file: cli.log_file.clone(),
+                }),
+                rebooter,
+                booted,
+                running,
+                device,
+                config,
+            };
+            crate::daemon::run(daemon, *history)?;
+            Ok(true)
+        }
         Command::Status { json, history } => {
             let status = device.status(booted, *history);
             if *json {
@@ -380,6 +479,18 @@ fn default_disk(sysroot: &Path) -> Result<PathBuf> {
     Ok(disk)
 }
 
+/// The device id: `/etc/machine-id` under the sysroot.
+fn machine_id(sysroot: &Path) -> Result<String> {
+    let path = sysroot.join("etc/machine-id");
+    let id = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (or pass --device-id)", path.display()))?;
+    let id = id.trim();
+    if id.is_empty() {
+        bail!("{} is empty (pass --device-id)", path.display());
+    }
+    Ok(id.to_string())
+}
+
 fn read_release(sysroot: &Path) -> Option<Release> {
     let path = sysroot.join(RELEASE_PATH.trim_start_matches('/'));
     Release::from_toml(&std::fs::read_to_string(path).ok()?).ok()
@@ -462,6 +573,46 @@ pub fn render_status(st: &Status) -> String {
         (None, None) => {
             let _ = writeln!(o, "state:       none yet (created by `updater boot`)");
         }
+    }
+    match (&st.daemon, &st.daemon_error) {
+        (Some(d), _) => {
+            let c = &d.channel;
+            let seq = c.sequence.map(|s| format!(", sequence {s}")).unwrap_or_default();
+            let target =
+                c.target_version.as_ref().map(|v| format!(", target {v}")).unwrap_or_default();
+            let _ = writeln!(o, "channel:     {}{seq}{target}", c.name);
+            let contact = d.last_contact.map_or("never".to_string(), utc);
+            let conn = st.connectivity.map(|c| c.to_string()).unwrap_or_default();
+            let _ = writeln!(o, "network:     {conn} (last contact {contact})");
+            if let Some(dec) = &d.decision {
+                let v = dec.version.as_ref().map(|v| format!(" {v}")).unwrap_or_default();
+                let _ = writeln!(
+                    o,
+                    "decision:    {}{v}: {} (at {})",
+                    dec.outcome,
+                    dec.reason,
+                    utc(dec.time)
+                );
+            }
+            if let Some(e) = &d.last_error {
+                let _ = writeln!(o, "daemon error: {}: {} (at {})", e.kind, e.message, utc(e.time));
+            }
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(o, "daemon:      error: {e}");
+        }
+        (None, None) => {
+            let _ = writeln!(o, "daemon:      has not run yet (`updater run`)");
+        }
+    }
+    if let Some(free) = st.disk_free_bytes {
+        let _ = writeln!(o, "data free:   {} MiB", free >> 20);
+    }
+    for d in &st.drift {
+        let _ = writeln!(o, "drift:       {d}");
+    }
+    if st.safe_mode {
+        let _ = writeln!(o, "safe mode:   on");
     }
     if !st.history.is_empty() {
         let _ = writeln!(o, "history:");

@@ -776,6 +776,22 @@ impl Installer for BundleInstaller {
     }
 }
 
+/// The planner of `updater run`: verifies channel documents against `keyring` and asks the
+/// rollout. Until the channel and rollout modules are in this build, every document is
+/// refused with the named error `unsupported` (the device keeps running what it has).
+pub fn channel_planner(_keyring: &crate::sign::Keyring, _sysroot: &Path) -> Box<dyn Planner> {
+    struct Unsupported;
+    impl Planner for Unsupported {
+        fn plan(&self, _: &Document, _: &PlanInput<'_>, _: u64) -> Result<Plan, ChannelProblem> {
+            Err(ChannelProblem {
+                kind: "unsupported".into(),
+                message: "this updater build has no channel verification yet".into(),
+            })
+        }
+    }
+    Box::new(Unsupported)
+}
+
 /// Runs the loop until SIGTERM or SIGINT: a poll, then a jittered wait that `check-now` cuts
 /// short. The endpoints serve from `listen` meanwhile.
 pub fn run(mut daemon: Daemon, history: usize) -> anyhow::Result<()> {
