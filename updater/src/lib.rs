@@ -5,6 +5,7 @@
 pub mod autoboot;
 pub mod bootinfo;
 pub mod bundle;
+pub mod channel;
 pub mod cli;
 pub mod cmdline;
 pub mod disk;
@@ -16,6 +17,7 @@ pub mod install;
 pub mod layout;
 pub mod reboot;
 pub mod release;
+pub mod rollout;
 pub mod sign;
 pub mod slot;
 pub mod state;
