@@ -5,6 +5,7 @@
 pub mod autoboot;
 pub mod bootinfo;
 pub mod bundle;
+pub mod channel;
 pub mod cli;
 pub mod cmdline;
 pub mod daemon;
@@ -18,6 +19,7 @@ pub mod layout;
 pub mod metrics;
 pub mod reboot;
 pub mod release;
+pub mod rollout;
 pub mod serve;
 pub mod sign;
 pub mod slot;

@@ -165,9 +165,11 @@ pub struct State {
     /// Versions that failed a trial or were marked bad: never tried again automatically.
     #[serde(default)]
     pub bad_versions: BTreeSet<Version>,
-    /// Highest channel `sequence` seen (replay protection; used by the channel work).
+    /// Highest `sequence` seen per channel name (replay protection, `channel::verify`).
+    /// Kept per channel so that a device moved to another channel accepts that channel's own
+    /// numbering; recorded only after a document passed every check.
     #[serde(default)]
-    pub channel_sequence: Option<u64>,
+    pub channel_sequences: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub last_error: Option<String>,
     #[serde(default)]
@@ -188,10 +190,21 @@ impl State {
             trial: None,
             counters: Counters::default(),
             bad_versions: BTreeSet::new(),
-            channel_sequence: None,
+            channel_sequences: std::collections::BTreeMap::new(),
             last_error: None,
             recovered: None,
         }
+    }
+
+    /// The highest sequence of channel `name` seen so far.
+    pub fn channel_sequence(&self, name: &str) -> Option<u64> {
+        self.channel_sequences.get(name).copied()
+    }
+
+    /// Records the sequence of a verified document of channel `name` (never lowers it).
+    pub fn record_channel_sequence(&mut self, name: &str, sequence: u64) {
+        let seen = self.channel_sequences.entry(name.to_string()).or_insert(sequence);
+        *seen = (*seen).max(sequence);
     }
 
     pub fn slot(&self, slot: Slot) -> &SlotInfo {
@@ -679,6 +692,25 @@ mod tests {
     fn trial_booted_b() -> State {
         let s = step(&installed_b(), Event::TrialStarted { slot: Slot::B, at: 100 });
         step(&s, Event::Booted { slot: Slot::B, tryboot: true })
+    }
+
+    #[test]
+    fn channel_sequences_are_kept_per_channel_and_never_lowered() {
+        let mut s = fresh();
+        assert_eq!(s.channel_sequence("stable"), None);
+        s.record_channel_sequence("stable", 7);
+        s.record_channel_sequence("stable", 5);
+        s.record_channel_sequence("beta", 2);
+        assert_eq!((s.channel_sequence("stable"), s.channel_sequence("beta")), (Some(7), Some(2)));
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
+        // A file written before the field existed (with the old single field) still reads.
+        let mut old: serde_json::Value = serde_json::to_value(fresh()).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("channel_sequences");
+        obj.insert("channel_sequence".into(), serde_json::Value::Null);
+        let back: State = serde_json::from_value(old).unwrap();
+        assert!(back.channel_sequences.is_empty());
     }
 
     #[test]

@@ -481,11 +481,12 @@ impl Daemon {
     /// Records the highest sequence seen in the state (replay protection survives restarts
     /// and a lost cache).
     fn note_sequence(&self, state: &State, sequence: u64) -> anyhow::Result<()> {
-        if state.channel_sequence.is_some_and(|s| s >= sequence) {
+        let name = &self.fetcher.channel;
+        if state.channel_sequence(name).is_some_and(|s| s >= sequence) {
             return Ok(());
         }
         let mut next = state.clone();
-        next.channel_sequence = Some(sequence);
+        next.record_channel_sequence(name, sequence);
         crate::state::save(&self.device.state_path(), &next)
     }
 

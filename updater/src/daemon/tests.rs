@@ -29,7 +29,7 @@ impl Planner for TestPlanner {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| problem("malformed", "not TOML".into()))?;
         let sequence = t["sequence"].as_integer().unwrap() as u64;
-        if input.state.channel_sequence.is_some_and(|s| sequence < s) {
+        if input.state.channel_sequence("stable").is_some_and(|s| sequence < s) {
             return Err(problem("replay", format!("sequence {sequence} below the last seen")));
         }
         let expires = t["expires"].as_integer().unwrap() as u64;
@@ -193,7 +193,7 @@ fn installs_what_the_rollout_says_then_reboots_for_the_trial() {
     assert_eq!(*r.reboots.0.borrow(), ["tryboot"]);
     let st = r.status();
     assert_eq!(st["state"]["trial"]["slot"], "b");
-    assert_eq!(st["state"]["channel_sequence"], 1);
+    assert_eq!(st["state"]["channel_sequences"]["stable"], 1);
     assert_eq!(st["daemon"]["channel"]["sequence"], 1);
     assert_eq!(st["daemon"]["decision"]["outcome"], "install");
     assert_eq!(st["connectivity"], "online");
