@@ -277,7 +277,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
                 record: crate::daemon::Daemon::open_record(&device, &config, now),
                 cache: crate::daemon::Cache::new(&cli.data_dir),
                 log: crate::daemon::log::Log::new(cli.log_file.clone(), &device_id),
-                planner: crate::daemon::channel_planner(&keyring, &cli.sysroot),
+                planner: Box::new(crate::daemon::ChannelPlanner {
+                    keyring: keyring.clone(),
+                    overrides: crate::rollout::Overrides::default(),
+                }),
                 installer: Box::new(crate::daemon::BundleInstaller {
                     keyring,
                     running: running.clone(),

@@ -193,11 +193,15 @@ impl ChannelFetcher {
         check_text(&url, &content_type, &toml)?;
         let sig = if self.detached_signature {
             let sig_url = format!("{url}.sig");
-            let resp = self.call(&sig_url, self.agent.get(&sig_url))?;
-            if resp.status() != 200 {
-                return Err(FetchError::Status { url: sig_url, status: resp.status() });
+            match self.call(&sig_url, self.agent.get(&sig_url)) {
+                // No signature published: the channel checks refuse it as unsigned.
+                Err(FetchError::Status { status: 404, .. }) => None,
+                Err(e) => return Err(e),
+                Ok(resp) if resp.status() != 200 => {
+                    return Err(FetchError::Status { url: sig_url, status: resp.status() })
+                }
+                Ok(resp) => Some(self.body(&sig_url, resp)?),
             }
-            Some(self.body(&sig_url, resp)?)
         } else {
             None
         };
@@ -528,15 +532,17 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_signature_and_a_missing_channel_are_4xx() {
+    fn a_missing_signature_is_none_and_a_missing_channel_is_4xx() {
         let s = FileServer::start(Mode::Normal);
         s.put("/channels/stable.toml", DOC);
-        let err = fetcher(&[&s.base]).poll(None).result.unwrap_err();
-        assert_eq!(err.0[0].kind(), "http_4xx");
-        assert!(err.0[0].to_string().ends_with("/channels/stable.toml.sig: HTTP 404"), "{err}");
+        let Ok(Fetched::New { document, .. }) = fetcher(&[&s.base]).poll(None).result else {
+            panic!("a document without a signature is still a document")
+        };
+        assert_eq!(document.sig, None);
         let mut f = fetcher(&[&s.base]);
         f.channel = "beta".into();
         let err = f.poll(None).result.unwrap_err();
+        assert_eq!(err.0[0].kind(), "http_4xx");
         assert!(err.0[0].to_string().ends_with("/channels/beta.toml: HTTP 404"), "{err}");
     }
 

@@ -113,6 +113,10 @@ pub struct PlanInput<'a> {
     pub last_failure: Option<u64>,
     /// Versions whose install failed for good on this device (besides the state's bad ones).
     pub failed_versions: &'a std::collections::BTreeSet<String>,
+    /// The channel followed (the replay check is per channel).
+    pub channel: &'a str,
+    /// The device's `compatible`, from the running (committed) release.
+    pub compatible: Option<&'a str>,
     pub device_id: &'a str,
     pub segment: &'a str,
 }
@@ -459,7 +463,8 @@ impl Daemon {
                         self.config.mirrors.first().cloned().unwrap_or_default()
                     });
                 let doc_url = self.fetcher.url(&mirror);
-                let urls: Vec<String> = urls.iter().map(|u| resolve(&doc_url, u)).collect();
+                let urls: Vec<String> =
+                    urls.iter().map(|u| crate::channel::resolve_url(&doc_url, u)).collect();
                 self.install(now, &state, &version, &urls, pinned)
             }
         }
@@ -472,6 +477,8 @@ impl Daemon {
             last_attempt: self.record.last_attempt.as_ref(),
             last_failure: self.record.last_failure,
             failed_versions: &self.record.failed_versions,
+            channel: &self.fetcher.channel,
+            compatible: self.running.as_ref().map(|r| r.compatible.as_str()),
             device_id: &self.config.device_id,
             segment: &self.config.segment,
         };
@@ -664,25 +671,6 @@ impl Daemon {
 /// throttle); any other failure puts the version on the never-again list.
 pub const TRANSIENT: [&str; 5] = ["download", "disk", "disk_low", "state", "install"];
 
-/// A bundle URL from the channel: absolute, or relative to the document's URL.
-pub fn resolve(document_url: &str, url: &str) -> String {
-    if url.contains("://") {
-        return url.to_string();
-    }
-    let dir = &document_url[..document_url.rfind('/').map_or(0, |i| i + 1)];
-    let mut parts: Vec<&str> = dir.trim_end_matches('/').split('/').collect();
-    for seg in url.split('/') {
-        match seg {
-            ".." if parts.len() > 3 => {
-                parts.pop();
-            }
-            "." | ".." | "" => {}
-            s => parts.push(s),
-        }
-    }
-    parts.join("/")
-}
-
 /// The real installer: reads the bundle's signed manifest first (nothing written) to check
 /// that every image fits its target partition, then streams the bundle into the inactive
 /// slot with [`crate::install::install_bundle`] under the device's install policy.
@@ -777,20 +765,75 @@ impl Installer for BundleInstaller {
     }
 }
 
-/// The planner of `updater run`: verifies channel documents against `keyring` and asks the
-/// rollout. Until the channel and rollout modules are in this build, every document is
-/// refused with the named error `unsupported` (the device keeps running what it has).
-pub fn channel_planner(_keyring: &crate::sign::Keyring, _sysroot: &Path) -> Box<dyn Planner> {
-    struct Unsupported;
-    impl Planner for Unsupported {
-        fn plan(&self, _: &Document, _: &PlanInput<'_>, _: u64) -> Result<Plan, ChannelProblem> {
-            Err(ChannelProblem {
-                kind: "unsupported".into(),
-                message: "this updater build has no channel verification yet".into(),
-            })
-        }
+/// The planner of `updater run`: [`crate::channel::verify`] (signature against the keyring,
+/// schema, channel name, replay, clock, expiry), then [`crate::rollout::decide`] with the
+/// device's facts, its overrides and its throttle history.
+pub struct ChannelPlanner {
+    pub keyring: crate::sign::Keyring,
+    pub overrides: crate::rollout::Overrides,
+}
+
+impl Planner for ChannelPlanner {
+    fn plan(
+        &self,
+        doc: &Document,
+        input: &PlanInput<'_>,
+        now: u64,
+    ) -> Result<Plan, ChannelProblem> {
+        use crate::{channel, rollout};
+        let expect = channel::Expect {
+            keyring: &self.keyring,
+            name: input.channel,
+            last_sequence: input.state.channel_sequence(input.channel),
+            now,
+        };
+        let verified = channel::verify(&doc.toml, doc.sig.as_deref(), &expect)
+            .map_err(|e| ChannelProblem { kind: e.code().to_string(), message: e.to_string() })?;
+        let ch = &verified.channel;
+        let view = ChannelView {
+            sequence: ch.sequence,
+            expires: Some(ch.expires.0),
+            target_version: Some(ch.os.version.clone()),
+        };
+        let segment: channel::Segment = input
+            .segment
+            .parse()
+            .map_err(|e: String| ChannelProblem { kind: "device".into(), message: e })?;
+        let compatible = input.compatible.ok_or_else(|| ChannelProblem {
+            kind: "device".into(),
+            message: "cannot tell this device's compatible (no release file)".into(),
+        })?;
+        let s = input.state;
+        let facts = rollout::DeviceFacts {
+            device_id: input.device_id.to_string(),
+            segment,
+            compatible: compatible.to_string(),
+            committed_version: s.slot(s.committed).version.clone(),
+            security_epoch: s.security_epoch,
+        };
+        let mut failed = s.bad_versions.clone();
+        failed.extend(input.failed_versions.iter().filter_map(|v| v.parse().ok()));
+        let history = rollout::AttemptHistory {
+            last_attempt: input.last_attempt.map(|a| a.time),
+            last_failure: input.last_failure,
+            failed_versions: failed,
+        };
+        let d = rollout::decide(ch, &facts, &self.overrides, &history, now);
+        let code = d.code().to_string();
+        let decision = match d {
+            rollout::Decision::Install { version, urls, reason, .. } => Decision::Install {
+                pinned: !matches!(reason, rollout::InstallReason::Rollout { .. }),
+                reason: reason.to_string(),
+                version,
+                urls,
+                code,
+            },
+            rollout::Decision::Stay { reason } => {
+                Decision::Stay { code, reason: reason.to_string() }
+            }
+        };
+        Ok(Plan { channel: view, decision })
     }
-    Box::new(Unsupported)
 }
 
 /// Runs the loop until SIGTERM or SIGINT: a poll, then a jittered wait that `check-now` cuts

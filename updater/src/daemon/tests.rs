@@ -112,6 +112,10 @@ fn publish(s: &FileServer, body: &str, sig: &str) {
 }
 
 fn rig(mirrors: &[&str], no_reboot: bool) -> Rig {
+    rig_with(mirrors, no_reboot, Box::new(TestPlanner), "c")
+}
+
+fn rig_with(mirrors: &[&str], no_reboot: bool, planner: Box<dyn Planner>, compatible: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("card.img");
     disk_committed(&disk, Slot::A);
@@ -132,7 +136,7 @@ fn rig(mirrors: &[&str], no_reboot: bool) -> Rig {
     let running = Release {
         name: "m".into(),
         version: "1.0.0".parse().unwrap(),
-        compatible: "c".into(),
+        compatible: compatible.into(),
         build_epoch: 1,
         security_epoch: 0,
     };
@@ -143,7 +147,7 @@ fn rig(mirrors: &[&str], no_reboot: bool) -> Rig {
         log: Log::new(Some(dir.path().join("log.jsonl")), "dev-1"),
         booted: None,
         running: Some(running),
-        planner: Box::new(TestPlanner),
+        planner,
         installer: Box::new(TestInstaller(installs.clone())),
         rebooter: Box::new(TestReboot(reboots.clone())),
         device,
@@ -411,11 +415,133 @@ fn jitter_stays_within_twenty_percent() {
     assert_eq!(jittered(Duration::from_secs(300), 0), Duration::from_secs(240));
 }
 
-#[test]
-fn bundle_urls_resolve_against_the_mirror() {
-    let doc = "http://m/fleet/channels/stable.toml";
-    assert_eq!(resolve(doc, "../bundles/a.mfb"), "http://m/fleet/bundles/a.mfb");
-    assert_eq!(resolve(doc, "x.mfb"), "http://m/fleet/channels/x.mfb");
-    assert_eq!(resolve("http://m/channels/s.toml", "../../../a.mfb"), "http://m/a.mfb");
-    assert_eq!(resolve(doc, "https://cdn/a.mfb"), "https://cdn/a.mfb");
+/// The real channel checks and rollout (`ChannelPlanner`) on signed documents.
+mod signed {
+    use super::*;
+    use crate::channel::tests::{sample, T0 as CT0};
+    use crate::channel::Channel;
+    use crate::sign::tests::test_key;
+
+    fn planner() -> Box<dyn Planner> {
+        Box::new(ChannelPlanner {
+            keyring: crate::sign::Keyring::from_keys([test_key(1).verifying_key()]),
+            overrides: crate::rollout::Overrides::default(),
+        })
+    }
+
+    fn put(s: &FileServer, ch: &Channel, key: u8) {
+        let (doc, sig) = ch.sign(&test_key(key));
+        s.put("/channels/stable.toml", &doc);
+        s.put("/channels/stable.toml.sig", &sig);
+    }
+
+    fn everyone() -> Channel {
+        let mut ch = sample();
+        ch.os.rollout.percent = 100;
+        ch
+    }
+
+    fn signed_rig(s: &FileServer) -> Rig {
+        let r = rig_with(&[&s.base], false, planner(), "metrica-rpi4-arm64");
+        seed_state(&r);
+        r
+    }
+
+    #[test]
+    fn a_full_rollout_installs_from_the_url_relative_to_the_document() {
+        let s = FileServer::start(Mode::Normal);
+        put(&s, &everyone(), 1);
+        let mut r = signed_rig(&s);
+        let out = r.daemon.poll(CT0 + 60);
+        assert_eq!(out, PollOutcome::Installed { version: "2.0.0".parse().unwrap(), trial: true });
+        assert_eq!(*r.installs.0.borrow(), [format!("{}/bundles/pi-2.0.0.mfb", s.base)]);
+        let st = r.status();
+        assert_eq!(st["daemon"]["decision"]["code"], "rollout");
+        assert_eq!(st["state"]["channel_sequences"]["stable"], 7);
+    }
+
+    #[test]
+    fn paused_and_not_selected_are_logged_stays_with_their_codes() {
+        let s = FileServer::start(Mode::Normal);
+        let mut ch = everyone();
+        ch.paused = true;
+        put(&s, &ch, 1);
+        let mut r = signed_rig(&s);
+        assert!(matches!(r.daemon.poll(CT0 + 60), PollOutcome::Stayed { .. }));
+        assert_eq!(r.status()["daemon"]["decision"]["code"], "paused");
+        ch.paused = false;
+        ch.sequence = 8;
+        ch.os.rollout.percent = 0;
+        put(&s, &ch, 1);
+        assert!(matches!(r.daemon.poll(CT0 + 120), PollOutcome::Stayed { .. }));
+        let st = r.status();
+        assert_eq!(st["daemon"]["decision"]["code"], "not_selected");
+        let logged: Vec<String> =
+            r.events("decision").iter().map(|e| e["code"].as_str().unwrap().to_string()).collect();
+        assert_eq!(logged, ["paused", "not_selected"]);
+        let hist: Vec<String> =
+            r.history("decision").iter().map(|e| e.reason.clone().unwrap()).collect();
+        assert!(hist[0].starts_with("stay: "), "{hist:?}");
+        assert_eq!(hist.len(), 2);
+        assert!(r.installs.0.borrow().is_empty());
+    }
+
+    /// Unsigned, wrongly signed, replayed, expired and malformed documents: each a named error
+    /// in the log and the status; the last good document stays and nothing is installed.
+    #[test]
+    fn bad_channels_keep_the_last_good_one() {
+        let s = FileServer::start(Mode::Normal);
+        let mut good = sample(); // 10 %: this device is not selected, so it stays
+        good.os.rollout.percent = 0;
+        put(&s, &good, 1);
+        let mut r = signed_rig(&s);
+        assert!(matches!(r.daemon.poll(CT0 + 60), PollOutcome::Stayed { .. }));
+        let mut newer = everyone();
+        newer.sequence = 9;
+        let mut older = everyone();
+        older.sequence = 6;
+        let mut stale = everyone();
+        stale.sequence = 10;
+        stale.expires = crate::channel::Timestamp(CT0 + 100);
+        let cases: Vec<(Box<dyn Fn(&FileServer)>, &str)> = vec![
+            (
+                Box::new(|s: &FileServer| {
+                    put(s, &newer, 1);
+                    s.put("/channels/stable.toml.sig", b"");
+                }),
+                "channel_malformed_signature",
+            ),
+            (Box::new(|s: &FileServer| put(s, &newer, 2)), "channel_unknown_key"),
+            (Box::new(|s: &FileServer| put(s, &older, 1)), "channel_replayed"),
+            (Box::new(|s: &FileServer| put(s, &stale, 1)), "channel_expired"),
+            (
+                Box::new(|s: &FileServer| {
+                    s.put("/channels/stable.toml", b"format = 1\nname = [\n");
+                    s.put(
+                        "/channels/stable.toml.sig",
+                        &crate::sign::SignatureFile::sign(&test_key(1), b"format = 1\nname = [\n")
+                            .to_bytes(),
+                    );
+                }),
+                "channel_malformed",
+            ),
+        ];
+        for (publish, kind) in cases {
+            publish(&s);
+            let out = r.daemon.poll(CT0 + 600);
+            assert!(matches!(out, PollOutcome::Stayed { .. }), "{kind}: {out:?}");
+            let st = r.status();
+            assert_eq!(st["daemon"]["last_error"]["kind"], kind, "{st:#}");
+            assert_eq!(st["daemon"]["channel"]["sequence"], 7, "{kind}");
+            assert_eq!(r.events(kind).len(), 1, "{kind}");
+        }
+        // Unsigned: no .sig on the server at all.
+        s.shared.files.lock().unwrap().remove("/channels/stable.toml.sig");
+        put(&s, &newer, 1);
+        s.shared.files.lock().unwrap().remove("/channels/stable.toml.sig");
+        r.daemon.poll(CT0 + 700);
+        assert_eq!(r.status()["daemon"]["last_error"]["kind"], "channel_unsigned");
+        assert!(r.installs.0.borrow().is_empty());
+        assert_eq!(r.committed_version(), "1.0.0");
+    }
 }
