@@ -435,6 +435,8 @@ mod signed {
         s.put("/channels/stable.toml.sig", &sig);
     }
 
+    type Publish<'a> = Box<dyn Fn(&FileServer) + 'a>;
+
     fn everyone() -> Channel {
         let mut ch = sample();
         ch.os.rollout.percent = 100;
@@ -503,7 +505,7 @@ mod signed {
         let mut stale = everyone();
         stale.sequence = 10;
         stale.expires = crate::channel::Timestamp(CT0 + 100);
-        let cases: Vec<(Box<dyn Fn(&FileServer)>, &str)> = vec![
+        let cases: Vec<(Publish<'_>, &str)> = vec![
             (
                 Box::new(|s: &FileServer| {
                     put(s, &newer, 1);
