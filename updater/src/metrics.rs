@@ -209,6 +209,7 @@ pub(crate) mod tests {
         d.last_contact = Some(2000);
         d.channel.name = "stable".into();
         d.channel.sequence = Some(7);
+        d.channel.expires = Some(9_000);
         d.channel.target_version = Some("2.0.0".into());
         d.counters.installs_failed = 3;
         d.counters.fetch_errors.insert("timeout".into(), 4);
@@ -306,6 +307,79 @@ pub(crate) mod tests {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+    }
+
+    fn overlord() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlord")
+    }
+
+    fn check(tool: &std::path::Path, args: &[&str]) {
+        let out =
+            std::process::Command::new(tool).args(args).current_dir(overlord()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{} {}: {}{}",
+            tool.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// overlord/: `promtool check config`, `promtool check rules`, `promtool test rules` (the
+    /// rule unit tests), `amtool check-config`; the Loki and Promtail files parse as YAML.
+    #[test]
+    fn overlord_configs_pass_their_checkers() {
+        if let Some(promtool) = tool("promtool") {
+            check(&promtool, &["check", "config", "prometheus.yml"]);
+            check(&promtool, &["check", "rules", "rules/metrica.rules.yml"]);
+            check(&promtool, &["test", "rules", "tests/metrica.rules.test.yml"]);
+        }
+        if let Some(amtool) = tool("amtool") {
+            check(&amtool, &["check-config", "alertmanager.yml"]);
+        }
+        if let Some(python) = tool("python3") {
+            for f in ["loki.yaml", "promtail.yaml", "grafana/provisioning/datasources/metrica.yaml"]
+            {
+                check(&python, &["-c", "import sys, yaml; yaml.safe_load(open(sys.argv[1]))", f]);
+            }
+        }
+    }
+
+    /// Every `metrica_*` name used by the alert rules and the dashboard is one the device
+    /// exports: a renamed metric cannot silently break an alert.
+    #[test]
+    fn rules_and_dashboard_use_only_exported_metrics() {
+        let text = render(&status(), true, 5000);
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard =
+            std::fs::read_to_string(overlord().join("grafana/dashboards/metrica-fleet.json"))
+                .unwrap();
+        let dash: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 10));
+        for file in ["rules/metrica.rules.yml", "grafana/dashboards/metrica-fleet.json"] {
+            let body = std::fs::read_to_string(overlord().join(file)).unwrap();
+            let mut used = 0;
+            for (i, _) in body.match_indices("metrica_") {
+                let name: String = body[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name == "metrica_" {
+                    continue;
+                }
+                used += 1;
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{file} uses {name}, which is not exported"
+                );
+            }
+            assert!(used > 10, "{file}: {used}");
         }
     }
 }

@@ -3,11 +3,15 @@
 //! Every line has `time` (unix seconds), `level` (`debug`, `info`, `warning`, `error`),
 //! `event` (a stable name: `decision`, `channel_fetch_failed`, `connectivity_changed`, ...),
 //! `msg` (words), `device_id`, and the event's own fields. Promtail ships these lines to Loki
-//! as they are (overlord/promtail.yaml).
+//! as they are (overlord/promtail.yaml). A log file is bounded: past [`MAX_LOG_BYTES`] it is
+//! renamed to `<file>.1` (replacing the previous one) and a new file starts.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
+
+/// Size at which the log file is rotated (one old file kept).
+pub const MAX_LOG_BYTES: u64 = 8 << 20;
 
 /// Where log lines go.
 #[derive(Debug)]
@@ -16,12 +20,20 @@ pub struct Log {
     pub device_id: String,
     /// Debug lines are written only when set.
     pub debug: bool,
+    /// Rotation size of the log file.
+    pub max_bytes: u64,
     lock: Mutex<()>,
 }
 
 impl Log {
     pub fn new(file: Option<PathBuf>, device_id: &str) -> Log {
-        Log { file, device_id: device_id.to_string(), debug: false, lock: Mutex::new(()) }
+        Log {
+            file,
+            device_id: device_id.to_string(),
+            debug: false,
+            max_bytes: MAX_LOG_BYTES,
+            lock: Mutex::new(()),
+        }
     }
 
     /// Writes one line. `fields` (a JSON object) are merged into it.
@@ -44,6 +56,11 @@ impl Log {
         let text = format!("{line}\n");
         let _guard = self.lock.lock();
         let written = self.file.as_ref().is_some_and(|path| {
+            let mut rotated = path.clone().into_os_string();
+            rotated.push(".1");
+            if std::fs::metadata(path).is_ok_and(|m| m.len() >= self.max_bytes) {
+                let _ = std::fs::rename(path, &rotated);
+            }
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -89,5 +106,21 @@ mod tests {
         assert_eq!(v["outcome"], "stay");
         assert_eq!(v["device_id"], "dev-1");
         assert_eq!(v["level"], "info");
+    }
+
+    #[test]
+    fn the_file_is_rotated_at_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        let mut log = Log::new(Some(path.clone()), "dev-1");
+        log.max_bytes = 1000;
+        for i in 0..30 {
+            log.info("n", &format!("line {i}"), serde_json::json!({}));
+        }
+        let now = std::fs::metadata(&path).unwrap().len();
+        let old = std::fs::metadata(dir.path().join("log.jsonl.1")).unwrap().len();
+        assert!(now < 1000 + 200 && old < 1000 + 200, "{now} {old}");
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(last.trim_end().ends_with("\"line 29\"}") || last.contains("line 29"), "{last}");
     }
 }
