@@ -838,10 +838,10 @@ impl Planner for ChannelPlanner {
 
 /// Runs the loop until SIGTERM or SIGINT: a poll, then a jittered wait that `check-now` cuts
 /// short. The endpoints serve from `listen` meanwhile.
-pub fn run(mut daemon: Daemon, history: usize) -> anyhow::Result<()> {
-    use crate::serve::{Server, Wake};
+pub fn run(daemon: Daemon, history: usize) -> anyhow::Result<()> {
+    use crate::serve::Wake;
     use nix::sys::signal::{SigSet, Signal};
-    use std::sync::mpsc::{self, RecvTimeoutError};
+    use std::sync::mpsc;
 
     // Blocked here before any thread starts, so every thread inherits the mask and only the
     // waiting thread below receives these signals.
@@ -852,11 +852,23 @@ pub fn run(mut daemon: Daemon, history: usize) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel();
     let stop_tx = tx.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Ok(sig) = signals.wait() {
+        if signals.wait().is_ok() {
             let _ = stop_tx.send(Wake::Stop);
-            let _ = sig;
         }
     })?;
+    serve_loop(daemon, history, tx, &rx)
+}
+
+/// The loop of [`run`] without the signal handling: stops when `Wake::Stop` arrives on `rx`
+/// (or every sender is gone). `tx` is handed to the endpoints for `/check-now`.
+pub fn serve_loop(
+    mut daemon: Daemon,
+    history: usize,
+    tx: std::sync::mpsc::Sender<crate::serve::Wake>,
+    rx: &std::sync::mpsc::Receiver<crate::serve::Wake>,
+) -> anyhow::Result<()> {
+    use crate::serve::{Server, Wake};
+    use std::sync::mpsc::RecvTimeoutError;
     let ctx = crate::serve::Context {
         device: daemon.device.clone(),
         booted: daemon.booted.ok_or_else(|| "unknown".to_string()),
@@ -865,6 +877,7 @@ pub fn run(mut daemon: Daemon, history: usize) -> anyhow::Result<()> {
     };
     let mut server = Server::start(&daemon.config.listen, ctx, tx)?;
     daemon.record.listen = server.addr.to_string();
+    daemon.save_record();
     daemon.log.info(
         "started",
         &format!(

@@ -415,6 +415,84 @@ fn jitter_stays_within_twenty_percent() {
     assert_eq!(jittered(Duration::from_secs(300), 0), Duration::from_secs(240));
 }
 
+/// The loop with its endpoints: /health, /metrics, /status (the same JSON as `updater
+/// status --json`), /check-now waking the loop at once, and a clean stop.
+#[test]
+fn the_loop_serves_its_endpoints_and_wakes_on_check_now() {
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    r.daemon.config.interval = Duration::from_secs(3600);
+    let record = record::record_path(&r.daemon.device.data_dir);
+    let device = r.daemon.device.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = tx.clone();
+    let client = std::thread::spawn(move || {
+        let wait_for = |what: &dyn Fn(&DaemonRecord) -> bool| {
+            for _ in 0..200 {
+                if let Ok(Some(rec)) = DaemonRecord::load(&record) {
+                    if what(&rec) {
+                        return rec;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!("the daemon record never got there");
+        };
+        let rec = wait_for(&|r| r.counters.polls == 1 && r.next_poll.is_some());
+        let base = format!("http://{}", rec.listen);
+        let get = |path: &str| match ureq::get(&format!("{base}{path}")).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{path}: {e}"),
+        };
+        let (code, health) = get("/health");
+        assert_eq!(code, 200, "{health}");
+        let (code, metrics) = get("/metrics");
+        assert_eq!(code, 200);
+        assert!(metrics.contains("metrica_channel_sequence 1\n"), "{metrics}");
+        let (code, status) = get("/status");
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let cli = serde_json::to_value(device.status(Err("unknown".into()), 10)).unwrap();
+        let keys =
+            |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&status), keys(&cli), "/status and `updater status --json` are one shape");
+        assert_eq!(status["daemon"]["decision"]["code"], "up_to_date");
+        let (code, _) = get("/nope");
+        assert_eq!(code, 404);
+        assert_eq!(
+            ureq::get(&format!("{base}/check-now")).call().unwrap_err().kind(),
+            ureq::ErrorKind::HTTP
+        );
+        crate::serve::check_now(&rec.listen).unwrap();
+        wait_for(&|r| r.counters.polls == 2);
+        stop.send(crate::serve::Wake::Stop).unwrap();
+    });
+    serve_loop(r.daemon, 10, tx, &rx).unwrap();
+    client.join().unwrap();
+    let log = std::fs::read_to_string(r.dir.path().join("log.jsonl")).unwrap();
+    assert!(log.contains("\"event\":\"check_now\""), "{log}");
+    assert!(log.lines().last().unwrap().contains("\"event\":\"stopped\""), "{log}");
+    let _ = &r.installs;
+    let _ = &r.reboots;
+}
+
+/// A 503 from /health names the failing checks.
+#[test]
+fn health_names_failing_checks() {
+    let r = rig(&[], false);
+    let mut st = r.daemon.device.status(Err("x".into()), 0);
+    st.drift = vec!["autoboot.txt commits slot b, the state slot a".into()];
+    st.disk_free_bytes = Some(10);
+    let h = crate::serve::health(&st, Some(false), 100);
+    assert!(!h.ok);
+    assert_eq!(h.failing, ["state", "disk-space", "drift"]);
+    let json = serde_json::to_value(&h).unwrap();
+    assert_eq!(json["checks"][0]["detail"], "no state file yet");
+}
+
 /// The real channel checks and rollout (`ChannelPlanner`) on signed documents.
 mod signed {
     use super::*;
