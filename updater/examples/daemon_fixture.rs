@@ -68,7 +68,10 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(dir.join("root/proc/cmdline"), "metrica.boot_partition=2 metrica.tryboot=0\n")?;
     let data = dir.join("data/metrica");
     std::fs::create_dir_all(&data)?;
-    updater::state::save(&updater::state::state_path(&dir.join("data")), &State::new(Slot::A, Some(version)))?;
+    updater::state::save(
+        &updater::state::state_path(&dir.join("data")),
+        &State::new(Slot::A, Some(version)),
+    )?;
     std::fs::File::create(dir.join("disk.img"))?.set_len(64 << 20)?;
     println!("{}", dir.display());
     Ok(())
