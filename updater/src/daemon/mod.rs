@@ -707,8 +707,13 @@ impl Installer for BundleInstaller {
             kind,
             message: format!("{url}: {e}"),
         };
-        let vm = install::read_manifest(Source::parse(url), &self.keyring)
-            .map_err(|e| fail("bundle", &e))?;
+        let vm = install::read_manifest(Source::parse(url), &self.keyring).map_err(|e| {
+            let kind = match &e {
+                install::InstallError::Bundle(crate::bundle::BundleError::Fetch(_)) => "download",
+                _ => "bundle",
+            };
+            fail(kind, &e)
+        })?;
         for img in &vm.manifest.images {
             let role = img.slot_class.partition(target);
             let p = crate::disk::find_label(&device.disk, role.label)

@@ -625,3 +625,160 @@ mod signed {
         assert_eq!(r.committed_version(), "1.0.0");
     }
 }
+
+/// The whole path with the real installer: signed channel -> rollout -> bundle streamed into
+/// slot b of a disk image -> tryboot requested; and a missing, a corrupt and a too-large
+/// bundle, each a named error with the committed slot untouched.
+mod real_install {
+    use super::*;
+    use crate::bundle::{testkit, SlotClass};
+    use crate::channel::tests::{sample, T0 as CT0};
+    use crate::sign::tests::test_key;
+    use crate::testutil::{
+        build_disk_with_roots, ext4_root, fat_boot_image, firmware_boots, release,
+    };
+
+    fn bundle(version: &str, root: &[u8]) -> Vec<u8> {
+        let meta = testkit::TestMeta {
+            compatible: "metrica-test".into(),
+            version: version.parse().unwrap(),
+            security_epoch: 0,
+        };
+        let boot = fat_boot_image();
+        testkit::make_bundle(
+            &meta,
+            &[(SlotClass::Boot, &boot), (SlotClass::Root, root)],
+            Some(&test_key(1)),
+        )
+    }
+
+    fn channel(s: &FileServer, sequence: u64, version: &str, file: &str, body: &[u8]) {
+        use sha2::Digest;
+        let mut ch = sample();
+        ch.sequence = sequence;
+        ch.os.compatible = "metrica-test".into();
+        ch.os.version = version.parse().unwrap();
+        ch.os.urls = vec![format!("../bundles/{file}")];
+        ch.os.size = body.len().max(1) as u64;
+        ch.os.sha256 = hex::encode(sha2::Sha256::digest(body));
+        ch.os.security_epoch = 0;
+        ch.os.rollout.percent = 100;
+        let (doc, sig) = ch.sign(&test_key(1));
+        s.put("/channels/stable.toml", &doc);
+        s.put("/channels/stable.toml.sig", &sig);
+    }
+
+    fn daemon(s: &FileServer, dir: &Path, reboots: Rc<Calls>) -> Daemon {
+        let disk = dir.join("card.img");
+        build_disk_with_roots(
+            &disk,
+            Some(&crate::autoboot::Autoboot::committed(Slot::A).render()),
+            &[Some(ext4_root(&release("1.0.0"))), None],
+        );
+        let device = Device::new(&disk, dir.join("data"));
+        let keyring = crate::sign::Keyring::from_keys([test_key(1).verifying_key()]);
+        let config = Config {
+            mirrors: vec![s.base.clone()],
+            channel: "stable".into(),
+            interval: DEFAULT_INTERVAL,
+            listen: "127.0.0.1:0".into(),
+            min_free_bytes: 0,
+            request_deadline: Duration::from_secs(5),
+            no_reboot: false,
+            device_id: "dev-1".into(),
+            segment: "general".into(),
+        };
+        device.open_state(Some(Slot::A), Some(&release("1.0.0")), CT0).unwrap();
+        Daemon {
+            fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
+            record: Daemon::open_record(&device, &config, CT0),
+            cache: Cache::new(&device.data_dir),
+            log: Log::new(Some(dir.join("log.jsonl")), "dev-1"),
+            booted: None,
+            running: Some(release("1.0.0")),
+            planner: Box::new(ChannelPlanner {
+                keyring: keyring.clone(),
+                overrides: crate::rollout::Overrides::default(),
+            }),
+            installer: Box::new(BundleInstaller {
+                keyring,
+                running: Some(release("1.0.0")),
+                booted: None,
+                log_file: Some(dir.join("log.jsonl")),
+            }),
+            rebooter: Box::new(TestReboot(reboots)),
+            device,
+            config,
+        }
+    }
+
+    #[test]
+    fn installs_a_signed_bundle_and_requests_the_trial() {
+        let s = FileServer::start(Mode::Normal);
+        let b = bundle("2.0.0", &ext4_root(&release("2.0.0")));
+        s.put("/bundles/metrica-test-2.0.0.mfb", &b);
+        channel(&s, 1, "2.0.0", "metrica-test-2.0.0.mfb", &b);
+        let dir = tempfile::tempdir().unwrap();
+        let reboots = Rc::new(Calls::default());
+        let mut d = daemon(&s, dir.path(), reboots.clone());
+        let out = d.poll(CT0 + 60);
+        assert_eq!(out, PollOutcome::Installed { version: "2.0.0".parse().unwrap(), trial: true });
+        assert_eq!(*reboots.0.borrow(), ["tryboot"]);
+        assert_eq!(firmware_boots(&d.device.disk, true).0, Slot::B);
+        assert_eq!(
+            firmware_boots(&d.device.disk, false).0,
+            Slot::A,
+            "committed slot unchanged until the trial passes"
+        );
+        let st = d.device.status(Err("x".into()), 20);
+        assert_eq!(
+            st.state.as_ref().unwrap().slot(Slot::B).version,
+            Some("2.0.0".parse().unwrap())
+        );
+        assert!(st.history.iter().any(|e| e.event == "install"));
+        assert!(st.history.iter().any(|e| e.event == "trial"));
+    }
+
+    #[test]
+    fn missing_corrupt_and_too_large_bundles_are_named_errors() {
+        let s = FileServer::start(Mode::Normal);
+        let dir = tempfile::tempdir().unwrap();
+        let reboots = Rc::new(Calls::default());
+        let mut d = daemon(&s, dir.path(), reboots.clone());
+        // Missing: the channel names a bundle the mirror does not have.
+        let b = bundle("2.0.0", &ext4_root(&release("2.0.0")));
+        channel(&s, 1, "2.0.0", "metrica-test-2.0.0.mfb", &b);
+        let PollOutcome::InstallFailed(f) = d.poll(CT0 + 60) else { panic!() };
+        assert_eq!(f.kind, "download", "{}", f.message);
+        assert!(f.message.contains("HTTP 404"), "{}", f.message);
+        // Retried after the throttle (a missing file may be a mirror still syncing).
+        assert!(matches!(d.poll(CT0 + 120), PollOutcome::Stayed { .. }));
+        assert_eq!(d.record.decision.as_ref().unwrap().code, "throttled");
+        // Corrupt: bytes that are not a bundle; never retried.
+        let junk = vec![0x5a; 4096];
+        s.put("/bundles/metrica-test-2.1.0.mfb", &junk);
+        channel(&s, 2, "2.1.0", "metrica-test-2.1.0.mfb", &junk);
+        let PollOutcome::InstallFailed(f) = d.poll(CT0 + 60 + 16 * 60) else { panic!() };
+        assert_eq!(f.kind, "bundle", "{}", f.message);
+        assert!(d.record.failed_versions.contains("2.1.0"));
+        d.poll(CT0 + 60 + 40 * 60);
+        assert_eq!(d.record.decision.as_ref().unwrap().code, "version_failed");
+        // Too large: the root image does not fit root_b (1 MiB on the test disk); nothing written.
+        let big = bundle("2.2.0", &vec![7u8; 3 << 20]);
+        s.put("/bundles/metrica-test-2.2.0.mfb", &big);
+        channel(&s, 3, "2.2.0", "metrica-test-2.2.0.mfb", &big);
+        let PollOutcome::InstallFailed(f) = d.poll(CT0 + 60 + 60 * 60) else { panic!() };
+        assert_eq!(f.kind, "partition_too_small", "{}", f.message);
+        assert!(f.message.contains("partition root_b holds"), "{}", f.message);
+        let st = d.device.status(Err("x".into()), 0);
+        assert_eq!(st.state.as_ref().unwrap().slot(Slot::B).state, SlotState::Empty);
+        assert_eq!(firmware_boots(&d.device.disk, false).0, Slot::A);
+        assert!(reboots.0.borrow().is_empty());
+        let log = std::fs::read_to_string(dir.path().join("log.jsonl")).unwrap();
+        for kind in
+            ["\"event\":\"download\"", "\"event\":\"bundle\"", "\"event\":\"partition_too_small\""]
+        {
+            assert!(log.contains(kind), "{kind} not in the log");
+        }
+    }
+}
