@@ -84,7 +84,8 @@ pub enum Decision {
         reason: String,
     },
     /// Keep running what the device has; `code` is the rollout's stable name of the reason.
-    Stay { code: String, reason: String },
+    /// `follow`: the device belongs to this other channel (the daemon follows it, one hop).
+    Stay { code: String, reason: String, follow: Option<String> },
 }
 
 /// A verified document and the decision taken from it.
@@ -171,20 +172,22 @@ impl Cache {
     /// cannot be read: a cache is never trusted without the channel checks anyway).
     pub fn load(&self, channel: &str) -> Option<(Document, Validators)> {
         let meta: CacheMeta =
-            serde_json::from_slice(&std::fs::read(self.dir.join("cache.json")).ok()?).ok()?;
+            serde_json::from_slice(&std::fs::read(self.dir.join(format!("{channel}.json"))).ok()?)
+                .ok()?;
         if meta.channel != channel {
             return None;
         }
-        let toml = std::fs::read(self.dir.join("channel.toml")).ok()?;
+        let toml = std::fs::read(self.dir.join(format!("{channel}.toml"))).ok()?;
         let sig = if meta.has_sig {
-            Some(std::fs::read(self.dir.join("channel.toml.sig")).ok()?)
+            Some(std::fs::read(self.dir.join(format!("{channel}.toml.sig"))).ok()?)
         } else {
             None
         };
         Some((Document { toml, sig }, meta.validators))
     }
 
-    /// Stores a verified document: the files first, then the metadata that points at them.
+    /// Stores a verified document of `channel` (a valid channel name, checked by the channel
+    /// module): the files first, then the metadata that points at them.
     pub fn save(
         &self,
         channel: &str,
@@ -195,9 +198,11 @@ impl Cache {
         use anyhow::Context;
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        crate::state::write_atomic(&self.dir.join("channel.toml"), &doc.toml, "channel")?;
+        let toml = self.dir.join(format!("{channel}.toml"));
+        crate::state::write_atomic(&toml, &doc.toml, "channel")?;
         if let Some(sig) = &doc.sig {
-            crate::state::write_atomic(&self.dir.join("channel.toml.sig"), sig, "channel")?;
+            let path = self.dir.join(format!("{channel}.toml.sig"));
+            crate::state::write_atomic(&path, sig, "channel")?;
         }
         let meta = CacheMeta {
             channel: channel.to_string(),
@@ -205,11 +210,8 @@ impl Cache {
             verified_at: now,
             has_sig: doc.sig.is_some(),
         };
-        crate::state::write_atomic(
-            &self.dir.join("cache.json"),
-            &serde_json::to_vec(&meta)?,
-            "channel",
-        )
+        let path = self.dir.join(format!("{channel}.json"));
+        crate::state::write_atomic(&path, &serde_json::to_vec(&meta)?, "channel")
     }
 }
 
@@ -325,38 +327,8 @@ impl Daemon {
         self.record.poll_errors.clear();
         self.record.last_poll = Some(now);
         self.record.counters.polls += 1;
-        let channel = self.config.channel.clone();
-        let cached = self.cache.load(&channel);
-        let poll = self.fetcher.poll(cached.as_ref().map(|(_, v)| v));
-        for e in &poll.failed {
-            *self.record.counters.fetch_errors.entry(e.kind().to_string()).or_default() += 1;
-            self.log.warn(
-                "channel_fetch_failed",
-                &e.to_string(),
-                serde_json::json!({ "kind": e.kind() }),
-            );
-        }
-        let mut fresh = None;
-        match poll.result {
-            Ok(Fetched::NotModified { mirror }) => {
-                self.record.last_contact = Some(now);
-                self.record.counters.not_modified += 1;
-                self.log.debug("channel_not_modified", &mirror, serde_json::json!({}));
-            }
-            Ok(Fetched::New { mirror, document, validators }) => {
-                self.record.last_contact = Some(now);
-                self.record.counters.new_documents += 1;
-                self.log.info(
-                    "channel_fetched",
-                    &format!("new channel document from {mirror}"),
-                    serde_json::json!({ "bytes": document.toml.len() }),
-                );
-                fresh = Some((mirror, document, validators));
-            }
-            Err(all) => {
-                self.error(now, "channel_unreachable", all.to_string());
-            }
-        }
+        self.fetcher.channel = self.config.channel.clone();
+        let (fresh, cached) = self.fetch(now);
         let c = self.record.connectivity_at(now);
         if c != self.record.connectivity {
             let msg = format!("connectivity {} -> {c}", self.record.connectivity);
@@ -386,7 +358,7 @@ impl Daemon {
                 return PollOutcome::Error(format!("{e:#}"));
             }
         };
-        let state = match self.device.open_state(
+        let mut state = match self.device.open_state(
             self.booted.as_ref().and_then(BootInfo::slot),
             self.running.as_ref(),
             now,
@@ -398,50 +370,30 @@ impl Daemon {
                 return PollOutcome::Error(msg);
             }
         };
-
-        let mut plan = None;
-        if let Some((mirror, doc, validators)) = fresh {
-            match self.plan(&doc, &state, now) {
-                Ok(p) => {
-                    if let Err(e) = self.cache.save(&channel, &doc, &validators, now) {
-                        self.error(now, "cache", format!("caching the channel document: {e:#}"));
-                    }
-                    if let Err(e) = self.note_sequence(&state, p.channel.sequence) {
-                        self.error(now, "state", format!("recording the channel sequence: {e:#}"));
-                    }
-                    self.record.channel.mirror = Some(mirror);
-                    self.record.channel.verified_at = Some(now);
-                    plan = Some(p);
-                }
-                Err(problem) => {
-                    *self
-                        .record
-                        .counters
-                        .channel_errors
-                        .entry(problem.kind.clone())
-                        .or_default() += 1;
-                    let msg = format!(
-                        "channel document from {mirror} refused ({}): {}; keeping the last good one",
-                        problem.kind, problem.message
-                    );
-                    self.error(now, &format!("channel_{}", problem.kind), msg);
-                }
+        let mut plan = self.settle(fresh, cached, &mut state, now);
+        self.record.channel.followed_from = None;
+        // The channel's devices table (or the provisioning) may send this device to another
+        // channel: follow it, one hop, in the same poll. The configured channel is still
+        // polled first every time (a conditional GET), so removing the entry brings the
+        // device back.
+        if let Some(Plan { decision: Decision::Stay { follow: Some(other), .. }, .. }) = &plan {
+            let other = other.clone();
+            if other != self.config.channel && crate::channel::is_valid_name(&other) {
+                self.log.info(
+                    "channel_followed",
+                    &format!(
+                        "channel {} sends this device to channel {other}",
+                        self.config.channel
+                    ),
+                    serde_json::json!({ "channel": other }),
+                );
+                self.fetcher.channel = other;
+                let (fresh, cached) = self.fetch(now);
+                plan = self.settle(fresh, cached, &mut state, now);
+                self.record.channel.followed_from = Some(self.config.channel.clone());
             }
         }
-        if plan.is_none() {
-            if let Some((doc, _)) = &cached {
-                match self.plan(doc, &state, now) {
-                    Ok(p) => plan = Some(p),
-                    Err(problem) => {
-                        let msg = format!(
-                            "cached channel document not acted on ({}): {}",
-                            problem.kind, problem.message
-                        );
-                        self.error(now, &format!("channel_{}", problem.kind), msg);
-                    }
-                }
-            }
-        }
+        self.record.channel.name = self.fetcher.channel.clone();
         let Some(plan) = plan else {
             let why = "no good channel document: running what is installed";
             self.decide(now, "stay", "no_channel", None, why);
@@ -452,7 +404,7 @@ impl Daemon {
         self.record.channel.target_version =
             plan.channel.target_version.as_ref().map(ToString::to_string);
         match plan.decision {
-            Decision::Stay { code, reason } => {
+            Decision::Stay { code, reason, .. } => {
                 self.decide(now, "stay", &code, None, &reason);
                 PollOutcome::Stayed { reason }
             }
@@ -466,6 +418,101 @@ impl Daemon {
                 let urls: Vec<String> =
                     urls.iter().map(|u| crate::channel::resolve_url(&doc_url, u)).collect();
                 self.install(now, &state, &version, &urls, pinned)
+            }
+        }
+    }
+
+    /// Fetches the fetcher's channel: the new document (if it changed) and the cached one.
+    #[allow(clippy::type_complexity)]
+    fn fetch(
+        &mut self,
+        now: u64,
+    ) -> (Option<(String, Document, Validators)>, Option<(Document, Validators)>) {
+        let cached = self.cache.load(&self.fetcher.channel);
+        let poll = self.fetcher.poll(cached.as_ref().map(|(_, v)| v));
+        for e in &poll.failed {
+            *self.record.counters.fetch_errors.entry(e.kind().to_string()).or_default() += 1;
+            self.log.warn(
+                "channel_fetch_failed",
+                &e.to_string(),
+                serde_json::json!({ "kind": e.kind() }),
+            );
+        }
+        let mut fresh = None;
+        match poll.result {
+            Ok(Fetched::NotModified { mirror }) => {
+                self.record.last_contact = Some(now);
+                self.record.counters.not_modified += 1;
+                self.log.debug("channel_not_modified", &mirror, serde_json::json!({}));
+            }
+            Ok(Fetched::New { mirror, document, validators }) => {
+                self.record.last_contact = Some(now);
+                self.record.counters.new_documents += 1;
+                self.log.info(
+                    "channel_fetched",
+                    &format!("new document of channel {} from {mirror}", self.fetcher.channel),
+                    serde_json::json!({ "bytes": document.toml.len() }),
+                );
+                fresh = Some((mirror, document, validators));
+            }
+            Err(all) => {
+                self.error(now, "channel_unreachable", all.to_string());
+            }
+        }
+        (fresh, cached)
+    }
+
+    /// The plan from the new document if it passes its checks (then cached, its sequence
+    /// recorded), else from the cached one if that still passes; `None` when neither does.
+    fn settle(
+        &mut self,
+        fresh: Option<(String, Document, Validators)>,
+        cached: Option<(Document, Validators)>,
+        state: &mut State,
+        now: u64,
+    ) -> Option<Plan> {
+        let channel = self.fetcher.channel.clone();
+        if let Some((mirror, doc, validators)) = fresh {
+            match self.plan(&doc, state, now) {
+                Ok(p) => {
+                    if let Err(e) = self.cache.save(&channel, &doc, &validators, now) {
+                        self.error(now, "cache", format!("caching the channel document: {e:#}"));
+                    }
+                    if let Err(e) = self.note_sequence(state, p.channel.sequence) {
+                        self.error(now, "state", format!("recording the channel sequence: {e:#}"));
+                    }
+                    self.record.channel.mirror = Some(mirror);
+                    self.record.channel.verified_at = Some(now);
+                    return Some(p);
+                }
+                Err(problem) => {
+                    *self
+                        .record
+                        .counters
+                        .channel_errors
+                        .entry(problem.kind.clone())
+                        .or_default() += 1;
+                    let msg = format!(
+                        "document of channel {channel} from {mirror} refused ({}): {}; keeping the last good one",
+                        problem.kind, problem.message
+                    );
+                    self.error(now, &format!("channel_{}", problem.kind), msg);
+                }
+            }
+        }
+        let (doc, validators) = cached?;
+        match self.plan(&doc, state, now) {
+            Ok(p) => {
+                self.record.channel.mirror = Some(validators.mirror);
+                Some(p)
+            }
+            Err(problem) => {
+                let msg = format!(
+                    "cached document of channel {channel} not acted on ({}): {}",
+                    problem.kind, problem.message
+                );
+                self.error(now, &format!("channel_{}", problem.kind), msg);
+                None
             }
         }
     }
@@ -487,14 +534,13 @@ impl Daemon {
 
     /// Records the highest sequence seen in the state (replay protection survives restarts
     /// and a lost cache).
-    fn note_sequence(&self, state: &State, sequence: u64) -> anyhow::Result<()> {
+    fn note_sequence(&self, state: &mut State, sequence: u64) -> anyhow::Result<()> {
         let name = &self.fetcher.channel;
         if state.channel_sequence(name).is_some_and(|s| s >= sequence) {
             return Ok(());
         }
-        let mut next = state.clone();
-        next.record_channel_sequence(name, sequence);
-        crate::state::save(&self.device.state_path(), &next)
+        state.record_channel_sequence(name, sequence);
+        crate::state::save(&self.device.state_path(), state)
     }
 
     /// Logs every decision; appends it to the history when it differs from the last one.
@@ -833,9 +879,14 @@ impl Planner for ChannelPlanner {
                 urls,
                 code,
             },
-            rollout::Decision::Stay { reason } => {
-                Decision::Stay { code, reason: reason.to_string() }
-            }
+            rollout::Decision::Stay { reason } => Decision::Stay {
+                code,
+                follow: match &reason {
+                    rollout::StayReason::OtherChannel { channel, .. } => Some(channel.clone()),
+                    _ => None,
+                },
+                reason: reason.to_string(),
+            },
         };
         Ok(Plan { channel: view, decision })
     }

@@ -30,6 +30,10 @@ pub struct ChannelRecord {
     /// Mirror that served the last good document, and when it was verified.
     pub mirror: Option<String>,
     pub verified_at: Option<u64>,
+    /// The configured channel, when its devices table (or the provisioning) sent this device
+    /// to `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followed_from: Option<String>,
 }
 
 /// One decision of the rollout.

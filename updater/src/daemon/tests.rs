@@ -42,6 +42,7 @@ impl Planner for TestPlanner {
             Decision::Stay {
                 code: "up_to_date".into(),
                 reason: format!("running {version} already"),
+                follow: None,
             }
         } else {
             Decision::Install {
@@ -564,6 +565,45 @@ mod signed {
         assert!(hist[0].starts_with("stay: "), "{hist:?}");
         assert_eq!(hist.len(), 2);
         assert!(r.installs.0.borrow().is_empty());
+    }
+
+    /// The channel's devices table sends this device to `beta`: it follows (one hop, same
+    /// poll), and comes back when the entry is removed.
+    #[test]
+    fn a_device_sent_to_another_channel_follows_it_and_comes_back() {
+        let s = FileServer::start(Mode::Normal);
+        let mut stable = sample();
+        stable.os.rollout.percent = 0;
+        stable.devices.insert(
+            "dev-1".into(),
+            crate::channel::DeviceOverride { channel: Some("beta".into()), ..Default::default() },
+        );
+        put(&s, &stable, 1);
+        let mut beta = everyone();
+        beta.name = "beta".into();
+        beta.sequence = 3;
+        let (doc, sig) = beta.sign(&test_key(1));
+        s.put("/channels/beta.toml", &doc);
+        s.put("/channels/beta.toml.sig", &sig);
+        let mut r = signed_rig(&s);
+        let out = r.daemon.poll(CT0 + 60);
+        assert!(matches!(out, PollOutcome::Installed { .. }), "{out:?}");
+        let st = r.status();
+        assert_eq!(st["daemon"]["channel"]["name"], "beta");
+        assert_eq!(st["daemon"]["channel"]["followed_from"], "stable");
+        assert_eq!(st["state"]["channel_sequences"]["stable"], 7);
+        assert_eq!(st["state"]["channel_sequences"]["beta"], 3);
+        assert_eq!(r.events("channel_followed").len(), 1);
+        // The entry is removed: back on stable, which does not select this device.
+        stable.devices.clear();
+        stable.sequence = 8;
+        put(&s, &stable, 1);
+        let out = r.daemon.poll(CT0 + 600);
+        assert!(matches!(out, PollOutcome::Stayed { .. }), "{out:?}");
+        let st = r.status();
+        assert_eq!(st["daemon"]["channel"]["name"], "stable");
+        assert!(st["daemon"]["channel"].get("followed_from").is_none());
+        assert_eq!(st["daemon"]["decision"]["code"], "not_selected");
     }
 
     /// Unsigned, wrongly signed, replayed, expired and malformed documents: each a named error
