@@ -8,7 +8,8 @@
 //! `--no-reboot`). Connectivity ([`connectivity`]) follows from the last contact and is logged
 //! when it changes. What the daemon knows is kept in [`record`] (`/data/metrica/daemon.json`).
 //!
-//! [`run`] is the loop: a poll, then a wait of the interval with ±20 % jitter, cut short by
+//! [`run`] is the loop: a poll, then a wait of the interval with ±20 % jitter
+//! ([`crate::rollout::poll_delay`]), cut short by
 //! `updater check-now` (a `POST /check-now` to the local endpoints, [`crate::serve`]) or ended
 //! by SIGTERM/SIGINT. Each poll that may change the state holds the updater's lock (flock,
 //! released by the kernel if the process dies), so it never runs beside `updater install`.
@@ -36,9 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Default poll interval (DESIGN.md section 6).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
-/// Polls are spread by this fraction of the interval either way.
-pub const JITTER: f64 = 0.2;
+pub const DEFAULT_INTERVAL: Duration = crate::rollout::DEFAULT_POLL_INTERVAL;
 /// Default local address of the endpoints.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9731";
 /// Default floor of free space on `/data` below which no install starts (500 MiB).
@@ -213,12 +212,6 @@ impl Cache {
         let path = self.dir.join(format!("{channel}.json"));
         crate::state::write_atomic(&path, &serde_json::to_vec(&meta)?, "channel")
     }
-}
-
-/// The interval spread by ±`JITTER` with `random` (any u64).
-pub fn jittered(interval: Duration, random: u64) -> Duration {
-    let unit = (random >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-    interval.mul_f64(1.0 - JITTER + 2.0 * JITTER * unit)
 }
 
 /// A small pseudo-random sequence for jitter (splitmix64); not for secrets.
@@ -941,7 +934,7 @@ pub fn serve_loop(
             daemon.config.channel,
             daemon.config.mirrors.len(),
             daemon.config.interval.as_secs(),
-            (JITTER * 100.0) as u32,
+            crate::rollout::POLL_JITTER_PERCENT,
             server.addr
         ),
         serde_json::json!({ "pid": std::process::id() }),
@@ -949,7 +942,7 @@ pub fn serve_loop(
     let mut jitter = Jitter::seeded();
     loop {
         daemon.poll(crate::slot::unix_now());
-        let wait = jittered(daemon.config.interval, jitter.next_u64());
+        let wait = crate::rollout::poll_delay(daemon.config.interval, jitter.next_u64());
         daemon.record.next_poll = Some(crate::slot::unix_now() + wait.as_secs());
         daemon.save_record();
         // A check-now sent during a long poll is already served by it.
