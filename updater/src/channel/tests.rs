@@ -417,3 +417,21 @@ fn percent_at_follows_the_waves() {
     assert_eq!(r.next_wave(T0 + 24 * 3600), None);
     assert_eq!(Rollout::everyone().percent_at(0), 100);
 }
+
+/// The example of docs/channels.md parses (with its elided hashes filled in).
+#[test]
+fn the_documented_example_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/channels.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text.find("```toml\n").unwrap() + "```toml\n".len();
+    let block = &text[start..start + text[start..].find("```").unwrap()];
+    let hex = format!("\"{}\"", "0".repeat(64));
+    let block = block.replace("\"…64 hex…\"", &hex).replace("\"…\"", &hex);
+    let ch = Channel::parse(block.as_bytes()).unwrap();
+    assert_eq!((ch.name.as_str(), ch.sequence), ("stable", 42));
+    assert_eq!(ch.os.rollout.waves.len(), 4);
+    assert_eq!(ch.os.rollout.percent_at(T0 + 3 * 3600), 5);
+    assert_eq!(ch.pin.as_ref().unwrap().version, Version::new(1, 9, 3));
+    assert_eq!(ch.devices["pi-camera-042"].channel.as_deref(), Some("beta"));
+    assert_eq!(ch.roles["camera-single"].rollout.percent, 100);
+}
