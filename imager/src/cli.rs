@@ -218,6 +218,31 @@ pub enum ChannelCommand {
         #[command(flatten)]
         target: ChannelArgs,
     },
+    /// Set or remove the per-device overrides of one device in the channel's devices table
+    /// (they win over the same fields of the device's provisioning).
+    Device {
+        #[command(flatten)]
+        target: ChannelArgs,
+        /// The device id (as in its provisioning).
+        #[arg(long)]
+        id: String,
+        /// Hold the device on (or bring it to) exactly this version.
+        #[arg(long)]
+        version_lock: Option<semver::Version>,
+        /// false: the device never updates automatically; true: it does (even if its
+        /// provisioning says false).
+        #[arg(long)]
+        auto_update: Option<bool>,
+        /// The device follows this channel instead.
+        #[arg(long, value_name = "CHANNEL")]
+        follow: Option<String>,
+        /// Why (shown in the device's logs and status).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Remove the device's entry instead.
+        #[arg(long, conflicts_with_all = ["version_lock", "auto_update", "follow", "reason"])]
+        remove: bool,
+    },
     /// Print a channel, checking its signature and freshness when --keyring is given.
     Show {
         /// The published folder.
@@ -308,6 +333,23 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
         ChannelCommand::Pause { target } => (target, Edit::Pause, None),
         ChannelCommand::Resume { target } => (target, Edit::Resume, None),
         ChannelCommand::Unpin { target } => (target, Edit::Unpin, None),
+        ChannelCommand::Device {
+            target,
+            id,
+            version_lock,
+            auto_update,
+            follow,
+            reason,
+            remove,
+        } => {
+            let entry = (!remove).then_some(updater::channel::DeviceOverride {
+                version_lock,
+                auto_update,
+                channel: follow,
+                reason,
+            });
+            (target, Edit::Device { id, entry }, None)
+        }
         ChannelCommand::Pin { target, version, reason, expires, keyring } => {
             let expires = expires
                 .map(|e| crate::publish::parse_when(&e, now))
@@ -570,11 +612,22 @@ mod tests {
         with(&["channel", "pin"], &["--version", "1.0.0", "--reason", "test", "--expires", "+2h"])
             .unwrap();
         with(&["channel", "unpin"], &[]).unwrap();
+        with(
+            &["channel", "device"],
+            &["--id", "pi-7", "--auto-update", "false", "--reason", "demo"],
+        )
+        .unwrap();
+        with(&["channel", "device"], &["--id", "pi-8", "--follow", "beta"]).unwrap();
+        with(&["channel", "device"], &["--id", "pi-8", "--remove"]).unwrap();
+        assert!(with(&["channel", "device"], &["--id", "pi-9"]).is_err(), "no override given");
+        assert!(with(&["channel", "device"], &["--id", "pi-9", "--remove"]).is_err(), "no entry");
         with(&["channel", "resume"], &["--expires-in", "1d"]).unwrap();
         let show = ["channel", "show", "--folder", &d("www"), "--channel", "stable"];
         call(&[&show[..], &["--keyring", &d("keys")]].concat()).unwrap();
         let ch = crate::publish::read_channel(&dir.path().join("www"), "stable").unwrap().unwrap();
-        assert_eq!(ch.sequence, 7);
+        assert_eq!(ch.sequence, 10);
+        assert_eq!(ch.devices.len(), 1);
+        assert_eq!(ch.devices["pi-7"].auto_update, Some(false));
         assert_eq!(ch.os.rollout.waves.len(), 3);
         assert!(ch.os.rollout.not_before.is_some() && !ch.paused && ch.pin.is_none());
         assert_eq!(ch.expires.0 - ch.published.0, 86_400);

@@ -321,6 +321,11 @@ pub enum Edit {
         expires: Option<Timestamp>,
     },
     Unpin,
+    /// Sets (`Some`) or removes (`None`) the `devices.<id>` entry of one device.
+    Device {
+        id: String,
+        entry: Option<format::DeviceOverride>,
+    },
 }
 
 /// Applies `edit` to the channel of a published folder, bumps its sequence and re-signs it.
@@ -348,6 +353,17 @@ pub fn edit(
             if ch.pin.take().is_none() {
                 bail!("channel {channel} is not pinned");
             }
+        }
+        Edit::Device { id, entry: None } => {
+            if ch.devices.remove(id).is_none() {
+                bail!("channel {channel} has no entry for device {id:?}");
+            }
+        }
+        Edit::Device { id, entry: Some(entry) } => {
+            if *entry == format::DeviceOverride::default() {
+                bail!("device {id:?}: give at least one override (or remove the entry)");
+            }
+            ch.devices.insert(id.clone(), entry.clone());
         }
         Edit::Pin { version, reason, expires } => {
             if reason.trim().is_empty() {
