@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use updater::sign::Keyring;
 
 #[derive(Debug, Parser)]
 #[command(name = "imager", version, about = "Builds, inspects and signs Metrica Fleet OS images")]
@@ -83,6 +84,286 @@ pub enum Command {
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
     },
+    /// Publish an OS bundle to a channel: verify it, copy it to FOLDER/bundles/, and write the
+    /// signed FOLDER/channels/CHANNEL.toml (and .sig) offering it, with the next sequence.
+    /// Any static web server can serve FOLDER (docs/channels.md).
+    Publish {
+        /// The OS bundle (.mfb), e.g. made by `imager build` or `imager bundle`.
+        bundle: PathBuf,
+        #[command(flatten)]
+        target: ChannelArgs,
+        /// The bundle must verify against this keyring folder (the devices' *.pub.pem keys);
+        /// default: the public half of --key.
+        #[arg(long, value_name = "DIR")]
+        keyring: Option<PathBuf>,
+        /// Name of the bundle file in FOLDER/bundles/ (NAME-VERSION.mfb); default: the
+        /// bundle's file name without its version, or its `compatible`.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+    },
+    /// Edit a published channel (rollout, pause, pin) and re-sign it with the next sequence.
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
+}
+
+/// The channel a command signs.
+#[derive(Debug, clap::Args)]
+pub struct ChannelArgs {
+    /// The published folder (holds channels/ and bundles/; created).
+    #[arg(long)]
+    pub folder: PathBuf,
+    /// The channel's name, e.g. stable.
+    #[arg(long)]
+    pub channel: String,
+    /// The private key that signs the channel document.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// How long the signed document stays valid; devices stop acting on it after that, so
+    /// re-sign (`imager channel set` with no option) before.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub expires_in: std::time::Duration,
+}
+
+/// Rollout options of `publish` and `channel set`.
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    /// Share of the devices (0-100) that update; with --waves, the share before the first wave.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub percent: Option<u8>,
+    /// Segments allowed, comma-separated: canary, early, general (default: all).
+    #[arg(long)]
+    pub segments: Option<String>,
+    /// No device starts before this time: RFC 3339, `now`, `+DURATION`, or `none` to clear.
+    #[arg(long, value_name = "WHEN")]
+    pub not_before: Option<String>,
+    /// Time schedule PERCENT@WHEN,... with WHEN an RFC 3339 time or +DURATION after --start,
+    /// e.g. 1@+0s,5@+1h,25@+4h,100@+24h; `none` to clear.
+    #[arg(long, value_name = "SCHEDULE")]
+    pub waves: Option<String>,
+    /// Start of a relative --waves schedule or --not-before: RFC 3339 or `now` (default).
+    #[arg(long, value_name = "WHEN", default_value = "now")]
+    pub start: String,
+}
+
+impl RolloutArgs {
+    fn change(&self, now: u64) -> Result<crate::publish::RolloutChange> {
+        use crate::publish::{parse_segments, parse_waves, parse_when};
+        let start = parse_when(&self.start, now).context("--start")?.0;
+        Ok(crate::publish::RolloutChange {
+            percent: self.percent,
+            segments: self
+                .segments
+                .as_deref()
+                .map(parse_segments)
+                .transpose()
+                .context("--segments")?,
+            not_before: match self.not_before.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(w) => Some(Some(parse_when(w, start).context("--not-before")?)),
+            },
+            waves: match self.waves.as_deref() {
+                None => None,
+                Some("none") => Some(Vec::new()),
+                Some(w) => Some(parse_waves(w, start).context("--waves")?),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// Change the OS rollout (percent, segments, not_before, waves); with no option, only
+    /// re-sign with a new expiry.
+    Set {
+        #[command(flatten)]
+        target: ChannelArgs,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+    },
+    /// Emergency stop: no device starts an update from this channel (a pin still applies).
+    Pause {
+        #[command(flatten)]
+        target: ChannelArgs,
+    },
+    /// Undo `pause`.
+    Resume {
+        #[command(flatten)]
+        target: ChannelArgs,
+    },
+    /// Force every device of the channel to VERSION (also down, within the security epoch);
+    /// its bundle must be in FOLDER/bundles/.
+    Pin {
+        #[command(flatten)]
+        target: ChannelArgs,
+        /// The version, e.g. 1.4.2.
+        #[arg(long)]
+        version: semver::Version,
+        /// Why (shown in device logs and status).
+        #[arg(long)]
+        reason: String,
+        /// The pin ends at this time (RFC 3339 or +DURATION); default: until unpinned.
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
+        /// The pinned bundle must verify against this keyring folder; default: --key's public half.
+        #[arg(long, value_name = "DIR")]
+        keyring: Option<PathBuf>,
+    },
+    /// Remove the pin: the rollout applies again.
+    Unpin {
+        #[command(flatten)]
+        target: ChannelArgs,
+    },
+    /// Set or remove the per-device overrides of one device in the channel's devices table
+    /// (they win over the same fields of the device's provisioning).
+    Device {
+        #[command(flatten)]
+        target: ChannelArgs,
+        /// The device id (as in its provisioning).
+        #[arg(long)]
+        id: String,
+        /// Hold the device on (or bring it to) exactly this version.
+        #[arg(long)]
+        version_lock: Option<semver::Version>,
+        /// false: the device never updates automatically; true: it does (even if its
+        /// provisioning says false).
+        #[arg(long)]
+        auto_update: Option<bool>,
+        /// The device follows this channel instead.
+        #[arg(long, value_name = "CHANNEL")]
+        follow: Option<String>,
+        /// Why (shown in the device's logs and status).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Remove the device's entry instead.
+        #[arg(long, conflicts_with_all = ["version_lock", "auto_update", "follow", "reason"])]
+        remove: bool,
+    },
+    /// Print a channel, checking its signature and freshness when --keyring is given.
+    Show {
+        /// The published folder.
+        #[arg(long)]
+        folder: PathBuf,
+        /// The channel's name.
+        #[arg(long)]
+        channel: String,
+        /// Check the signature against this keyring folder.
+        #[arg(long, value_name = "DIR")]
+        keyring: Option<PathBuf>,
+    },
+}
+
+fn unix_now() -> Result<u64> {
+    Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())
+}
+
+fn keyring_or_key(
+    keyring: Option<&std::path::Path>,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<Keyring> {
+    match keyring {
+        Some(dir) => {
+            Keyring::load(dir).with_context(|| format!("loading the keyring {}", dir.display()))
+        }
+        None => Ok(Keyring::from_keys([key.verifying_key()])),
+    }
+}
+
+fn report(p: &crate::publish::Published) {
+    eprintln!(
+        "signed {} (sequence {}, expires {})\n  {}\n  {}",
+        p.channel.name,
+        p.channel.sequence,
+        p.channel.expires,
+        p.document.display(),
+        p.signature.display()
+    );
+    if let Some(b) = &p.bundle {
+        eprintln!("  {}", b.display());
+    }
+}
+
+fn run_channel(command: ChannelCommand) -> Result<()> {
+    use crate::publish::{edit, Edit, Signer};
+    let progress = Progress::detect();
+    let now = unix_now()?;
+    let (target, change, keyring) = match command {
+        ChannelCommand::Show { folder, channel, keyring } => {
+            let path = folder.join(updater::channel::document_path(&channel));
+            let doc =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            // With a keyring, check as a device does: signature first, then the contents.
+            let (ch, signer) = match keyring {
+                Some(dir) => {
+                    let ring = Keyring::load(&dir)
+                        .with_context(|| format!("loading the keyring {}", dir.display()))?;
+                    let sig_path = folder.join(updater::channel::signature_path(&channel));
+                    let sig = std::fs::read(&sig_path).ok();
+                    let expect = updater::channel::Expect {
+                        keyring: &ring,
+                        name: &channel,
+                        last_sequence: None,
+                        now,
+                    };
+                    let v = updater::channel::verify(&doc, sig.as_deref(), &expect)
+                        .with_context(|| format!("checking {}", path.display()))?;
+                    (v.channel, Some(v.key_id))
+                }
+                None => (
+                    updater::channel::Channel::parse(&doc)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                    None,
+                ),
+            };
+            print!("{}", crate::publish::describe(&ch, now));
+            match signer {
+                Some(id) => println!("signature valid, by key {id}; fresh"),
+                None => println!("signature not checked (no --keyring)"),
+            }
+            return Ok(());
+        }
+        ChannelCommand::Set { target, rollout } => {
+            let change = rollout.change(now)?;
+            (target, Edit::Set(change), None)
+        }
+        ChannelCommand::Pause { target } => (target, Edit::Pause, None),
+        ChannelCommand::Resume { target } => (target, Edit::Resume, None),
+        ChannelCommand::Unpin { target } => (target, Edit::Unpin, None),
+        ChannelCommand::Device {
+            target,
+            id,
+            version_lock,
+            auto_update,
+            follow,
+            reason,
+            remove,
+        } => {
+            let entry = (!remove).then_some(updater::channel::DeviceOverride {
+                version_lock,
+                auto_update,
+                channel: follow,
+                reason,
+            });
+            (target, Edit::Device { id, entry }, None)
+        }
+        ChannelCommand::Pin { target, version, reason, expires, keyring } => {
+            let expires = expires
+                .map(|e| crate::publish::parse_when(&e, now))
+                .transpose()
+                .context("--expires")?;
+            (target, Edit::Pin { version, reason, expires }, keyring)
+        }
+    };
+    let key = crate::keys::load_signing_key(&target.key)?;
+    let ring = keyring_or_key(keyring.as_deref(), &key)?;
+    let signer = Signer { key: &key, expires_in: target.expires_in, now };
+    let p = edit(&target.folder, &target.channel, &change, &ring, &signer, &progress)?;
+    report(&p);
+    Ok(())
 }
 
 /// Runs the command line; exit code 0 done, 1 failed, 2 usage (from clap).
@@ -217,7 +498,46 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Publish { bundle, target, keyring, name, rollout } => {
+            run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout)
+        }
+        Command::Channel { command } => run_channel(command),
     }
+}
+
+fn run_publish(
+    bundle: &std::path::Path,
+    target: &ChannelArgs,
+    keyring: Option<&std::path::Path>,
+    name: Option<&str>,
+    rollout: &RolloutArgs,
+) -> Result<()> {
+    use crate::publish::{publish, PublishRequest, Signer};
+    let progress = Progress::detect();
+    let now = unix_now()?;
+    let change = rollout.change(now)?;
+    if change.percent.is_none() && change.waves.as_ref().is_none_or(Vec::is_empty) {
+        anyhow::bail!("say how far to roll out: --percent P and/or --waves SCHEDULE");
+    }
+    let mut r = updater::channel::Rollout::everyone();
+    r.percent = 0;
+    change.apply(&mut r);
+    let key = crate::keys::load_signing_key(&target.key)?;
+    let ring = keyring_or_key(keyring, &key)?;
+    let req = PublishRequest {
+        folder: &target.folder,
+        channel: &target.channel,
+        bundle,
+        name,
+        keyring: &ring,
+        rollout: r,
+    };
+    let p = publish(&req, &Signer { key: &key, expires_in: target.expires_in, now }, &progress)?;
+    report(&p);
+    if p.channel.paused {
+        eprintln!("note: channel {} is paused; `imager channel resume` to start", p.channel.name);
+    }
+    Ok(())
 }
 
 /// A bundle is a tar stream whose first entry is `manifest.toml`; an image starts with an MBR.
@@ -247,6 +567,77 @@ mod tests {
             committed == generated,
             "docs/cli-imager.md is stale: run UPDATE_DOCS=1 cargo test -p imager cli_docs"
         );
+    }
+
+    /// The operator's commands end to end through the command line parser.
+    #[test]
+    fn publish_and_channel_commands() {
+        use updater::bundle::testkit::{make_bundle, test_image, TestMeta};
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+        let call = |args: &[&str]| {
+            let mut argv = vec!["imager"];
+            argv.extend_from_slice(args);
+            run(Cli::try_parse_from(argv).unwrap())
+        };
+        call(&["keygen", "--dir", &d("keys"), "--name", "fleet"]).unwrap();
+        let key = crate::keys::load_signing_key(&dir.path().join("keys/fleet.key")).unwrap();
+        for v in ["1.0.0", "1.1.0"] {
+            let meta = TestMeta {
+                compatible: "metrica-test".into(),
+                version: v.parse().unwrap(),
+                security_epoch: 0,
+            };
+            let img = test_image(20_000, 5);
+            let b = make_bundle(&meta, &[(updater::bundle::SlotClass::Root, &img[..])], Some(&key));
+            std::fs::write(dir.path().join(format!("os-{v}.mfb")), b).unwrap();
+        }
+        let target = ["--folder", &d("www"), "--channel", "stable", "--key", &d("keys/fleet.key")];
+        let with = |cmd: &[&str], extra: &[&str]| {
+            let mut a = cmd.to_vec();
+            a.extend_from_slice(&target);
+            a.extend_from_slice(extra);
+            call(&a)
+        };
+        let err = with(&["publish", &d("os-1.0.0.mfb")], &[]).unwrap_err();
+        assert!(err.to_string().contains("--percent"), "{err}");
+        with(&["publish", &d("os-1.0.0.mfb")], &["--percent", "100"]).unwrap();
+        with(
+            &["publish", &d("os-1.1.0.mfb")],
+            &["--waves", "1@+0s,5@+1h,100@+1d", "--segments", "canary,early"],
+        )
+        .unwrap();
+        with(&["channel", "set"], &["--percent", "0", "--not-before", "+1h"]).unwrap();
+        with(&["channel", "pause"], &[]).unwrap();
+        with(&["channel", "pin"], &["--version", "1.0.0", "--reason", "test", "--expires", "+2h"])
+            .unwrap();
+        with(&["channel", "unpin"], &[]).unwrap();
+        with(
+            &["channel", "device"],
+            &["--id", "pi-7", "--auto-update", "false", "--reason", "demo"],
+        )
+        .unwrap();
+        with(&["channel", "device"], &["--id", "pi-8", "--follow", "beta"]).unwrap();
+        with(&["channel", "device"], &["--id", "pi-8", "--remove"]).unwrap();
+        assert!(with(&["channel", "device"], &["--id", "pi-9"]).is_err(), "no override given");
+        assert!(with(&["channel", "device"], &["--id", "pi-9", "--remove"]).is_err(), "no entry");
+        with(&["channel", "resume"], &["--expires-in", "1d"]).unwrap();
+        let show = ["channel", "show", "--folder", &d("www"), "--channel", "stable"];
+        call(&[&show[..], &["--keyring", &d("keys")]].concat()).unwrap();
+        let ch = crate::publish::read_channel(&dir.path().join("www"), "stable").unwrap().unwrap();
+        assert_eq!(ch.sequence, 10);
+        assert_eq!(ch.devices.len(), 1);
+        assert_eq!(ch.devices["pi-7"].auto_update, Some(false));
+        assert_eq!(ch.os.rollout.waves.len(), 3);
+        assert!(ch.os.rollout.not_before.is_some() && !ch.paused && ch.pin.is_none());
+        assert_eq!(ch.expires.0 - ch.published.0, 86_400);
+        assert!(dir.path().join("www/bundles/os-1.1.0.mfb").exists());
+        // A tampered document fails `show --keyring`, naming the problem.
+        let doc = dir.path().join("www/channels/stable.toml");
+        let text = std::fs::read_to_string(&doc).unwrap().replace("percent = 0", "percent = 100");
+        std::fs::write(&doc, text).unwrap();
+        let err = call(&[&show[..], &["--keyring", &d("keys")]].concat()).unwrap_err();
+        assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
     }
 
     #[test]

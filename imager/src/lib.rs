@@ -16,5 +16,6 @@ pub mod keys;
 pub mod output;
 pub mod packages;
 pub mod progress;
+pub mod publish;
 pub mod recipe;
 pub mod rootfs;

@@ -417,3 +417,61 @@ fn percent_at_follows_the_waves() {
     assert_eq!(r.next_wave(T0 + 24 * 3600), None);
     assert_eq!(Rollout::everyone().percent_at(0), 100);
 }
+
+/// The example of docs/channels.md parses (with its elided hashes filled in).
+#[test]
+fn the_documented_example_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/channels.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text.find("```toml\n").unwrap() + "```toml\n".len();
+    let block = &text[start..start + text[start..].find("```").unwrap()];
+    let hex = format!("\"{}\"", "0".repeat(64));
+    let block = block.replace("\"…64 hex…\"", &hex).replace("\"…\"", &hex);
+    let ch = Channel::parse(block.as_bytes()).unwrap();
+    assert_eq!((ch.name.as_str(), ch.sequence), ("stable", 42));
+    assert_eq!(ch.os.rollout.waves.len(), 4);
+    assert_eq!(ch.os.rollout.percent_at(T0 + 3 * 3600), 5);
+    assert_eq!(ch.pin.as_ref().unwrap().version, Version::new(1, 9, 3));
+    assert_eq!(ch.devices["pi-camera-042"].channel.as_deref(), Some("beta"));
+    assert_eq!(ch.roles["camera-single"].rollout.percent, 100);
+}
+
+/// Parsing untrusted bytes never panics: every truncation and many random byte changes of a
+/// full document give a document or an error (a fuzz-style sweep, deterministic).
+#[test]
+fn parsing_never_panics_on_mangled_documents() {
+    let mut ch = sample();
+    ch.pin = Some(Pin {
+        version: Version::new(1, 0, 0),
+        reason: "r".into(),
+        expires: Some(Timestamp(T0 + 10)),
+        compatible: ch.os.compatible.clone(),
+        urls: vec!["x".into()],
+        size: 1,
+        sha256: "00".repeat(32),
+        security_epoch: 0,
+    });
+    ch.os.rollout.waves = vec![Wave { at: Timestamp(T0), percent: 50 }];
+    let doc = ch.to_toml().into_bytes();
+    for n in 0..doc.len() {
+        let _ = Channel::parse(&doc[..n]);
+    }
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let alphabet = b"=[]{}\"'.,#\n 0123456789-:TZaz\xff";
+    for _ in 0..5000 {
+        let mut d = doc.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let i = (next() % d.len() as u64) as usize;
+            d[i] = alphabet[(next() % alphabet.len() as u64) as usize];
+        }
+        if let Ok(parsed) = Channel::parse(&d) {
+            assert!(parsed.validate().is_ok());
+        }
+    }
+}
