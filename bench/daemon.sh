@@ -121,7 +121,7 @@ python3 - <<PY
 kib = lambda k: k / 1024
 print(f"daemon benchmark ({$WINDOW} s windows, release build)")
 print(f"  idle RSS:           {kib($rss_idle):.2f} MiB (after /metrics, /status, /health and a check-now: {kib($rss_after):.2f} MiB; peak {kib($hwm):.2f} MiB); target 10 MiB: ratio {kib($hwm)/10:.2f}")
-print(f"  idle CPU:           {$cpu_idle:.3f} % at the default interval (300 s); target 1 %: ratio {$cpu_idle/1:.3f}")
+print(f"  idle CPU:           {$cpu_idle:.3f} % at the default interval (300 s; resolution {100/$HZ/$WINDOW:.3f} %); target 1 %: ratio {$cpu_idle/1:.3f}")
 print(f"  CPU per poll:       {$cpu_poll*1000:.2f} ms -> {100*$cpu_poll/300:.4f} % at one poll per 300 s")
 print(f"  network:            {$polls} polls in {$WINDOW} s at --interval $SHORT; responses after the first: $codes")
 print(f"    per poll:         {$per_poll} bytes (conditional GET, request + response)")
