@@ -572,8 +572,19 @@ impl Daemon {
 
     fn refuse(&mut self, now: u64, kind: &'static str, message: String) -> PollOutcome {
         self.error(now, kind, message.clone());
-        self.history(&Entry::new(now, "refused").reason(format!("{kind}: {message}")));
+        self.history_once(kind, &Entry::new(now, "refused").reason(format!("{kind}: {message}")));
         PollOutcome::InstallFailed(InstallFailure { kind, message })
+    }
+
+    /// Appends a refusal or failure to the history unless the previous one was the same
+    /// (`key`): a disk that stays full refuses at every poll, and the bounded history must
+    /// keep its installs and commits. The log gets every occurrence.
+    fn history_once(&mut self, key: &str, entry: &Entry) {
+        let key = format!("{key} {}", entry.version.as_deref().unwrap_or(""));
+        if self.record.last_history_error.as_deref() != Some(key.as_str()) {
+            self.history(entry);
+            self.record.last_history_error = Some(key);
+        }
     }
 
     fn install(
@@ -651,6 +662,7 @@ impl Daemon {
             match result {
                 Ok(v) => {
                     self.record.counters.installs_ok += 1;
+                    self.record.last_history_error = None;
                     self.log.info(
                         "install_done",
                         &format!("installed {v} into slot {target}"),
@@ -665,7 +677,8 @@ impl Daemon {
                         self.record.failed_versions.insert(version.to_string());
                     }
                     self.error(now, f.kind, f.message.clone());
-                    self.history(
+                    self.history_once(
+                        f.kind,
                         &Entry::new(now, "install-failed")
                             .slot(target)
                             .version(Some(version))

@@ -106,6 +106,10 @@ pub struct DaemonRecord {
     #[serde(default)]
     pub failed_versions: std::collections::BTreeSet<String>,
     pub last_error: Option<NamedError>,
+    /// The last refusal or install failure put in the history (kind and version): the
+    /// same one again is logged, not appended to the history again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_history_error: Option<String>,
     /// The errors of the latest poll (empty when it went cleanly).
     #[serde(default)]
     pub poll_errors: Vec<NamedError>,
@@ -130,6 +134,7 @@ impl DaemonRecord {
             last_failure: None,
             failed_versions: Default::default(),
             last_error: None,
+            last_history_error: None,
             poll_errors: Vec::new(),
             counters: DaemonCounters::default(),
         }

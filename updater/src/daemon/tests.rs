@@ -388,6 +388,12 @@ fn low_disk_refuses_the_install() {
     assert!(r.installs.0.borrow().is_empty());
     assert_eq!(r.status()["daemon"]["last_error"]["kind"], "disk_low");
     assert_eq!(r.history("refused").len(), 1);
+    // The disk stays full: refused at every poll, logged every time, in the history once.
+    for i in 1..5 {
+        assert!(matches!(r.daemon.poll(T0 + i * 300), PollOutcome::InstallFailed(_)));
+    }
+    assert_eq!(r.events("disk_low").len(), 5);
+    assert_eq!(r.history("refused").len(), 1);
 }
 
 #[test]
