@@ -311,7 +311,6 @@ impl Daemon {
     /// One poll. Never fails: every problem is a named error in the log and the record.
     pub fn poll(&mut self, now: u64) -> PollOutcome {
         let outcome = self.poll_inner(now);
-        self.record.next_poll = None;
         self.save_record();
         outcome
     }
@@ -954,10 +953,12 @@ pub fn serve_loop(
     );
     let mut jitter = Jitter::seeded();
     loop {
-        daemon.poll(crate::slot::unix_now());
+        // One write of the record per poll (it is fsynced: flash wear), next poll included.
         let wait = crate::rollout::poll_delay(daemon.config.interval, jitter.next_u64());
-        daemon.record.next_poll = Some(crate::slot::unix_now() + wait.as_secs());
-        daemon.save_record();
+        let started = crate::slot::unix_now();
+        let deadline = std::time::Instant::now() + wait;
+        daemon.record.next_poll = Some(started + wait.as_secs());
+        daemon.poll(started);
         // A check-now sent during a long poll is already served by it.
         let mut stop = false;
         while let Ok(w) = rx.try_recv() {
@@ -966,7 +967,7 @@ pub fn serve_loop(
         if stop {
             break;
         }
-        match rx.recv_timeout(wait) {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(Wake::CheckNow) => {
                 daemon.log.info("check_now", "poll requested", serde_json::json!({}));
             }
