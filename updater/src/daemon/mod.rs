@@ -16,6 +16,8 @@
 
 pub mod connectivity;
 pub mod fetch;
+#[cfg(test)]
+mod fleet;
 pub mod log;
 pub mod record;
 #[cfg(test)]
