@@ -102,6 +102,10 @@ pub enum Command {
         name: Option<String>,
         #[command(flatten)]
         rollout: RolloutArgs,
+        /// Use this sequence instead of the next one, e.g. after the folder was lost: above
+        /// the highest the devices have seen (their status shows it), or they refuse it.
+        #[arg(long)]
+        sequence: Option<u64>,
     },
     /// Edit a published channel (rollout, pause, pin) and re-sign it with the next sequence.
     Channel {
@@ -498,8 +502,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Publish { bundle, target, keyring, name, rollout } => {
-            run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout)
+        Command::Publish { bundle, target, keyring, name, rollout, sequence } => {
+            run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout, sequence)
         }
         Command::Channel { command } => run_channel(command),
     }
@@ -511,6 +515,7 @@ fn run_publish(
     keyring: Option<&std::path::Path>,
     name: Option<&str>,
     rollout: &RolloutArgs,
+    sequence: Option<u64>,
 ) -> Result<()> {
     use crate::publish::{publish, PublishRequest, Signer};
     let progress = Progress::detect();
@@ -531,6 +536,7 @@ fn run_publish(
         name,
         keyring: &ring,
         rollout: r,
+        sequence,
     };
     let p = publish(&req, &Signer { key: &key, expires_in: target.expires_in, now }, &progress)?;
     report(&p);

@@ -170,6 +170,10 @@ pub struct PublishRequest<'a> {
     /// Keys the bundle must verify against (the devices' keyring).
     pub keyring: &'a Keyring,
     pub rollout: Rollout,
+    /// Use this sequence instead of the next one: after the folder was lost, a new document
+    /// must be above the highest sequence the devices have seen, or they refuse it as a
+    /// replay. Must be above the folder's current document, if there is one.
+    pub sequence: Option<u64>,
 }
 
 /// Verifies the bundle, copies it into `bundles/` (never replacing a different file of the
@@ -202,6 +206,15 @@ pub fn publish(
             );
         }
     }
+    let sequence = match (req.sequence, &old) {
+        (Some(s), Some(o)) if s <= o.sequence => bail!(
+            "--sequence {s} is not above the current document's {} (devices would refuse it)",
+            o.sequence
+        ),
+        (Some(s), _) => s,
+        (None, Some(o)) => o.sequence + 1,
+        (None, None) => 1,
+    };
     let rel = format::bundle_path(&name, &facts.version);
     let dest = req.folder.join(&rel);
     copy_bundle(req.bundle, &dest, &facts, progress)?;
@@ -215,11 +228,11 @@ pub fn publish(
         rollout: req.rollout.clone(),
     };
     let channel = match old {
-        Some(old) => Channel { sequence: old.sequence + 1, os, ..old },
+        Some(old) => Channel { sequence, os, ..old },
         None => Channel {
             format: CHANNEL_FORMAT,
             name: req.channel.to_string(),
-            sequence: 1,
+            sequence,
             published: Timestamp(signer.now),
             expires: Timestamp(signer.now + 1),
             paused: false,

@@ -62,6 +62,7 @@ impl Setup {
             name: None,
             keyring: &self.ring,
             rollout: Rollout { percent, ..Rollout::everyone() },
+            sequence: None,
         };
         publish(&req, &self.signer(now), &Progress::quiet())
     }
@@ -118,6 +119,28 @@ fn publish_lays_out_the_folder_signs_and_bumps_the_sequence() {
     assert!(s.folder.join("bundles/qemu-1.0.0.mfb").exists(), "old bundles stay");
     // Publishing the same bundle again is allowed (e.g. a new rollout) and bumps the sequence.
     assert_eq!(s.publish(&b2, 20, T0 + 120).unwrap().channel.sequence, 3);
+
+    // The folder is lost: a new one starts at 1, which devices that saw 3 refuse; --sequence
+    // continues above what they saw.
+    std::fs::remove_dir_all(&s.folder).unwrap();
+    let lost = s.publish(&b2, 20, T0 + 180).unwrap();
+    assert_eq!(lost.channel.sequence, 1);
+    assert_eq!(s.verified(Some(3), T0 + 181).unwrap_err().code(), "replayed");
+    std::fs::remove_dir_all(&s.folder).unwrap();
+    let req = PublishRequest {
+        folder: &s.folder,
+        channel: "stable",
+        bundle: &b2,
+        name: None,
+        keyring: &s.ring,
+        rollout: Rollout::everyone(),
+        sequence: Some(100),
+    };
+    assert_eq!(
+        publish(&req, &s.signer(T0 + 240), &Progress::quiet()).unwrap().channel.sequence,
+        100
+    );
+    assert_eq!(s.verified(Some(3), T0 + 241).unwrap().sequence, 100);
 }
 
 #[test]
@@ -223,8 +246,12 @@ fn bad_publish_and_edit_inputs_are_refused() {
         name: None,
         keyring: &s.ring,
         rollout: Rollout::everyone(),
+        sequence: None,
     };
     assert!(err(publish(&req, &s.signer(T0), &Progress::quiet())).contains("channel name"));
+    // An explicit sequence must be above the current document's.
+    let req = PublishRequest { channel: "stable", sequence: Some(1), ..req };
+    assert!(err(publish(&req, &s.signer(T0), &Progress::quiet())).contains("not above"));
     // Pins: missing version (names what exists), no reason, past expiry.
     let pin = |v: &str, reason: &str, exp: Option<u64>| Edit::Pin {
         version: v.parse().unwrap(),
