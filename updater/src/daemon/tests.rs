@@ -646,6 +646,20 @@ mod signed {
         assert_eq!(st["daemon"]["decision"]["code"], "not_selected");
     }
 
+    /// A device clock far behind the publisher's (clock skew): the document is not acted on,
+    /// a named error (and not cached); once the clock is right the document is acted on.
+    #[test]
+    fn a_clock_behind_the_publisher_is_a_named_error() {
+        let s = FileServer::start(Mode::Normal);
+        put(&s, &everyone(), 1);
+        let mut r = signed_rig(&s);
+        assert_eq!(r.daemon.poll(CT0 - 3600), PollOutcome::NoChannel);
+        assert_eq!(r.status()["daemon"]["last_error"]["kind"], "channel_clock_behind");
+        assert!(r.installs.0.borrow().is_empty());
+        let out = r.daemon.poll(CT0 + 60);
+        assert!(matches!(out, PollOutcome::Installed { .. }), "{out:?}");
+    }
+
     /// Unsigned, wrongly signed, replayed, expired and malformed documents: each a named error
     /// in the log and the status; the last good document stays and nothing is installed.
     #[test]
