@@ -264,6 +264,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
                 device_id: device_id.clone(),
                 segment: segment.clone(),
             };
+            config.validate()?;
             let keyring = crate::sign::Keyring::load(&cli.keyring)
                 .with_context(|| format!("loading the keyring {}", cli.keyring.display()))?;
             let booted = booted.ok();

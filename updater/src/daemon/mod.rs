@@ -63,6 +63,45 @@ pub struct Config {
     pub segment: String,
 }
 
+impl Config {
+    /// Checks the flags before the daemon starts: each error names the flag, the value and
+    /// what was expected.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.mirrors.is_empty() {
+            bail!("--mirror: at least one mirror is needed");
+        }
+        for m in &self.mirrors {
+            let rest = m.strip_prefix("http://").or_else(|| m.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                bail!("--mirror {m:?}: expected an http:// or https:// URL with a host");
+            }
+        }
+        if !crate::channel::is_valid_name(&self.channel) {
+            bail!("--channel {:?}: not a valid channel name (see docs/channels.md)", self.channel);
+        }
+        self.segment
+            .parse::<crate::channel::Segment>()
+            .map_err(|e| anyhow::anyhow!("--segment: {e}"))?;
+        if self.interval.is_zero() {
+            bail!("--interval 0: expected at least 1 second");
+        }
+        if self.request_deadline.is_zero() {
+            bail!("--request-timeout 0: expected at least 1 second");
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!(
+                "--listen {:?}: expected an IP address and port, e.g. {DEFAULT_LISTEN}",
+                self.listen
+            );
+        }
+        if self.device_id.trim().is_empty() {
+            bail!("--device-id: empty");
+        }
+        Ok(())
+    }
+}
+
 /// What the channel document says, once verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelView {

@@ -409,6 +409,41 @@ fn a_held_lock_skips_the_decision() {
 }
 
 #[test]
+fn bad_flags_are_refused_naming_the_flag() {
+    let r = rig(&["http://m"], false);
+    let ok = r.daemon.config;
+    assert!(ok.validate().is_ok());
+    type Change = Box<dyn Fn(&mut Config)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (Box::new(|c| c.mirrors.clear()), "--mirror: at least one mirror is needed"),
+        (
+            Box::new(|c| c.mirrors = vec!["ftp://m".into()]),
+            "--mirror \"ftp://m\": expected an http:// or https:// URL with a host",
+        ),
+        (Box::new(|c| c.mirrors = vec!["http:///x".into()]), "--mirror \"http:///x\": expected"),
+        (
+            Box::new(|c| c.channel = "../etc".into()),
+            "--channel \"../etc\": not a valid channel name",
+        ),
+        (
+            Box::new(|c| c.segment = "beta".into()),
+            "--segment: segment \"beta\" is not one of canary, early, general",
+        ),
+        (Box::new(|c| c.interval = Duration::ZERO), "--interval 0"),
+        (
+            Box::new(|c| c.listen = "localhost".into()),
+            "--listen \"localhost\": expected an IP address and port",
+        ),
+    ];
+    for (change, want) in cases {
+        let mut c = ok.clone();
+        change(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with(want), "{e}");
+    }
+}
+
+#[test]
 fn jitter_stays_within_twenty_percent() {
     let mut j = Jitter(1);
     let (mut lo, mut hi) = (u64::MAX, 0);
@@ -609,6 +644,20 @@ mod signed {
         assert_eq!(st["daemon"]["channel"]["name"], "stable");
         assert!(st["daemon"]["channel"].get("followed_from").is_none());
         assert_eq!(st["daemon"]["decision"]["code"], "not_selected");
+    }
+
+    /// A device clock far behind the publisher's (clock skew): the document is not acted on,
+    /// a named error (and not cached); once the clock is right the document is acted on.
+    #[test]
+    fn a_clock_behind_the_publisher_is_a_named_error() {
+        let s = FileServer::start(Mode::Normal);
+        put(&s, &everyone(), 1);
+        let mut r = signed_rig(&s);
+        assert_eq!(r.daemon.poll(CT0 - 3600), PollOutcome::NoChannel);
+        assert_eq!(r.status()["daemon"]["last_error"]["kind"], "channel_clock_behind");
+        assert!(r.installs.0.borrow().is_empty());
+        let out = r.daemon.poll(CT0 + 60);
+        assert!(matches!(out, PollOutcome::Installed { .. }), "{out:?}");
     }
 
     /// Unsigned, wrongly signed, replayed, expired and malformed documents: each a named error
