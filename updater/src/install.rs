@@ -588,7 +588,7 @@ fn install_from(
             resumed_bytes += done;
             progress.event(&ProgressEvent::Resuming { image: img.slot_class, skipped: done });
         }
-        let mut since_checkpoint = 0u64;
+        let (mut since_checkpoint, mut unflushed) = (0u64, 0u64);
         stream_chunks(cur, &layout, k, &mut |k, data, cur| {
             let at = part.start + done;
             if let Some(n) = failpoint::torn("install.write-chunk", data.len()) {
@@ -601,6 +601,11 @@ fn install_from(
             tree.chunk(&chunks[k].sha256, u32::try_from(data.len()).expect("chunk length"));
             done += data.len() as u64;
             since_checkpoint += data.len() as u64;
+            unflushed += data.len() as u64;
+            if unflushed >= WRITEBACK_BYTES {
+                start_writeback(&disk, part.start + done - unflushed, unflushed);
+                unflushed = 0;
+            }
             report_retries(cur, progress);
             progress.event(&ProgressEvent::Written {
                 image: img.slot_class,
@@ -811,6 +816,22 @@ fn stream_chunks(
         }
         Ok(())
     })
+}
+
+/// Written bytes after which their writeback is started ([`start_writeback`]).
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Starts writing `len` bytes at `offset` of the disk back to storage without waiting (like
+/// GNU dd's `oflag=nocache`: `posix_fadvise(DONTNEED)` queues the dirty pages for writeback
+/// and drops clean ones). The storage then works while the next chunks are decompressed and
+/// verified, each checkpoint's fsync finds little left to do, and an image of several GiB
+/// does not push the device's other pages out of its cache. Purely advisory: durability still
+/// comes from the fsyncs, and errors are ignored.
+fn start_writeback(disk: &std::fs::File, offset: u64, len: u64) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    let _ = posix_fadvise(disk.as_raw_fd(), offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
 fn sync(disk: &std::fs::File, label: &str) -> Result<(), InstallError> {
