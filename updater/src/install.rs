@@ -111,14 +111,22 @@ impl Source {
         }
     }
 
-    fn into_fetch(self, http_timeout: Duration) -> Box<dyn Fetch> {
-        match self {
+    fn into_fetch(
+        self,
+        http_timeout: Duration,
+        ca_bundle: Option<&Path>,
+    ) -> Result<Box<dyn Fetch>, FetchError> {
+        use crate::http::HttpFetch;
+        Ok(match self {
             Source::File(path) => Box::new(FileFetch { path }),
             Source::Stdin => Box::new(ReaderFetch::new(Box::new(std::io::stdin()), "stdin")),
-            Source::Url(url) => Box::new(crate::http::HttpFetch::new(&url, http_timeout)),
+            Source::Url(url) => match ca_bundle {
+                None => Box::new(HttpFetch::new(&url, http_timeout)),
+                Some(ca) => Box::new(HttpFetch::with_ca_bundle(&url, http_timeout, ca)?),
+            },
             Source::Reader(r) => Box::new(ReaderFetch::new(r, "input stream")),
             Source::Fetch(f) => f,
-        }
+        })
     }
 }
 
@@ -137,6 +145,9 @@ pub struct InstallRequest<'a> {
     pub retry: RetryPolicy,
     /// Connect and read timeout of HTTP sources.
     pub http_timeout: Duration,
+    /// A PEM file of the only CA certificates HTTPS sources may chain to (`None`: the
+    /// built-in Mozilla roots).
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl<'a> InstallRequest<'a> {
@@ -156,6 +167,7 @@ impl<'a> InstallRequest<'a> {
             checkpoint_bytes: 64 << 20,
             retry: RetryPolicy::default(),
             http_timeout: Duration::from_secs(30),
+            ca_bundle: None,
         }
     }
 }
@@ -434,7 +446,7 @@ fn clear_resume(path: &Path) -> Result<(), InstallError> {
 
 /// Reads and verifies a bundle's manifest only (no policy, nothing written).
 pub fn read_manifest(source: Source, keyring: &Keyring) -> Result<VerifiedManifest, InstallError> {
-    let mut fetch = source.into_fetch(Duration::from_secs(30));
+    let mut fetch = source.into_fetch(Duration::from_secs(30), None).map_err(BundleError::from)?;
     let mut cur = BundleCursor::new(fetch.as_mut(), RetryPolicy::default());
     Ok(read_verified_manifest(&mut cur, keyring)?)
 }
@@ -445,7 +457,8 @@ pub fn install_bundle(
     req: &InstallRequest<'_>,
     progress: &mut dyn Progress,
 ) -> Result<InstalledImages, InstallError> {
-    let mut fetch = source.into_fetch(req.http_timeout);
+    let mut fetch =
+        source.into_fetch(req.http_timeout, req.ca_bundle.as_deref()).map_err(BundleError::from)?;
     let mut cur = BundleCursor::new(fetch.as_mut(), req.retry);
     let result = install_from(&mut cur, req, progress);
     report_retries(&mut cur, progress);
