@@ -110,6 +110,7 @@ pub fn write_bundle(
             slot_class: img.class,
             size: img.len,
             sha256: hex::encode(sha),
+            tree_sha256: hex::encode(index.tree_sha256()),
             index: img.class.index_name(),
             index_sha256: hex::encode(Sha256::digest(&index_bytes)),
             payload: img.class.payload_name(),

@@ -7,9 +7,11 @@
 //!    payload `<class>.payload`: individually zstd-compressed FastCDC chunks back to back.
 //!
 //! The signature covers the manifest bytes, the manifest covers each index (sha256), each
-//! index covers every chunk (sha256 of the uncompressed bytes) and the manifest the whole
-//! image (sha256). Readers fetch by absolute bundle offset through [`Fetch`] so that a dropped
-//! connection or a reboot resumes at the next needed chunk.
+//! index covers every chunk (sha256 of the uncompressed bytes), and the manifest covers the
+//! whole image twice: its plain sha256, and the sha256 of its chunk list ([`TreeHasher`]),
+//! which a device checks at the end of an install without hashing the image a second time.
+//! Readers fetch by absolute bundle offset through [`Fetch`] so that a dropped connection or a
+//! reboot resumes at the next needed chunk.
 //!
 //! [`check_manifest`] is the pure policy check (compatible, version, security epoch).
 
@@ -23,20 +25,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
-/// The only bundle format this updater reads.
-pub const FORMAT: u32 = 1;
+/// The only bundle format this updater reads (2: `tree_sha256` in the manifest, larger chunks).
+pub const FORMAT: u32 = 2;
 /// Name of the first tar entry.
 pub const MANIFEST_NAME: &str = "manifest.toml";
 /// Name of the second tar entry.
 pub const SIGNATURE_NAME: &str = "manifest.toml.sig";
 /// Largest manifest accepted (before its signature is checked).
 pub const MAX_MANIFEST: u64 = 64 * 1024;
-/// FastCDC minimum chunk size.
-pub const CHUNK_MIN: u32 = 32 * 1024;
-/// FastCDC average chunk size.
-pub const CHUNK_AVG: u32 = 64 * 1024;
+/// FastCDC minimum chunk size of the writer.
+pub const CHUNK_MIN: u32 = 128 * 1024;
+/// FastCDC average chunk size of the writer.
+pub const CHUNK_AVG: u32 = 512 * 1024;
 /// FastCDC maximum chunk size; also the largest uncompressed chunk a reader accepts.
-pub const CHUNK_MAX: u32 = 256 * 1024;
+pub const CHUNK_MAX: u32 = 2048 * 1024;
+/// The smallest chunks a reader budgets an index for (an index may list at most one chunk per
+/// this many image bytes, plus one): writers choose their FastCDC minimum at or above it.
+pub const INDEX_CHUNK_MIN: u32 = 16 * 1024;
 /// Largest compressed chunk accepted (zstd's worst case for [`CHUNK_MAX`], rounded up).
 pub const MAX_COMPRESSED_CHUNK: u32 = CHUNK_MAX + CHUNK_MAX / 128 + 4096;
 /// Largest chunk index accepted whatever the manifest says (images up to about 50 GiB).
@@ -116,6 +121,9 @@ pub struct ImageEntry {
     pub size: u64,
     /// sha256 of the whole uncompressed image (hex).
     pub sha256: String,
+    /// sha256 of the image's chunk list ([`TreeHasher`]; hex): the whole-image digest a
+    /// device checks at the end of an install.
+    pub tree_sha256: String,
     /// Tar entry name of the chunk index.
     pub index: String,
     /// sha256 of the chunk index entry's bytes (hex).
@@ -155,7 +163,11 @@ impl Manifest {
             if img.size == 0 {
                 return Err(bad(at("size is 0")));
             }
-            for (key, h) in [("sha256", &img.sha256), ("index_sha256", &img.index_sha256)] {
+            for (key, h) in [
+                ("sha256", &img.sha256),
+                ("tree_sha256", &img.tree_sha256),
+                ("index_sha256", &img.index_sha256),
+            ] {
                 if parse_sha256(h).is_none() {
                     return Err(bad(at(&format!("{key} is not 64 lowercase hex characters"))));
                 }
@@ -221,7 +233,7 @@ const INDEX_ENTRY: u64 = 40;
 impl ChunkIndex {
     /// The largest index a reader accepts for an image of `size` bytes.
     pub fn max_encoded_len(size: u64) -> u64 {
-        INDEX_HEADER + INDEX_ENTRY * (size / u64::from(CHUNK_MIN) + 1)
+        INDEX_HEADER + INDEX_ENTRY * (size / u64::from(INDEX_CHUNK_MIN) + 1)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -276,11 +288,78 @@ impl ChunkIndex {
     pub fn payload_len(&self) -> u64 {
         self.chunks.iter().map(|c| u64::from(c.compressed_len)).sum()
     }
+
+    /// The image's tree hash ([`TreeHasher`]) as this index describes it: what the manifest's
+    /// `tree_sha256` must be.
+    pub fn tree_sha256(&self) -> [u8; 32] {
+        let mut tree = TreeHasher::new();
+        for c in &self.chunks {
+            tree.chunk(&c.sha256, c.len);
+        }
+        tree.finalize()
+    }
 }
+
+/// The whole-image digest a device checks at the end of an install (`tree_sha256`): sha256 of
+/// `MFBTREE1`, then per chunk, in image order, its sha256 (32 bytes) and its length (u32 LE).
+/// Given sha256's collision resistance it identifies the image as well as the image's plain
+/// sha256 does, and it costs 36 bytes of hashing per chunk instead of a second pass over
+/// every byte: the install feeds it the chunks it has verified and written, in write order
+/// (and, on a resume, the chunks it reads back and hashes from the partition).
+#[derive(Debug, Clone)]
+pub struct TreeHasher {
+    hasher: Sha256,
+}
+
+impl Default for TreeHasher {
+    fn default() -> Self {
+        TreeHasher::new()
+    }
+}
+
+impl TreeHasher {
+    pub fn new() -> TreeHasher {
+        let mut hasher = Sha256::new();
+        hasher.update(b"MFBTREE1");
+        TreeHasher { hasher }
+    }
+
+    /// Appends the next chunk: its sha256 and length.
+    pub fn chunk(&mut self, sha256: &[u8; 32], len: u32) {
+        self.hasher.update(sha256);
+        self.hasher.update(len.to_le_bytes());
+    }
+
+    pub fn finalize(self) -> [u8; 32] {
+        self.hasher.finalize().into()
+    }
+}
+
+/// FastCDC parameters (bytes). Readers do not depend on them: they accept any chunk of
+/// 1..=[`CHUNK_MAX`] bytes and budget indexes for chunks of [`INDEX_CHUNK_MIN`] and more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+/// What the imager writes: [`CHUNK_MIN`], [`CHUNK_AVG`], [`CHUNK_MAX`].
+pub const CHUNKING: ChunkParams = ChunkParams { min: CHUNK_MIN, avg: CHUNK_AVG, max: CHUNK_MAX };
 
 /// Cuts an image into content-defined chunks with the bundle's FastCDC parameters.
 pub fn chunker<R: Read>(image: R) -> fastcdc::v2020::StreamCDC<R> {
-    fastcdc::v2020::StreamCDC::new(image, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+    chunker_with(image, CHUNKING)
+}
+
+/// Cuts an image into content-defined chunks with other FastCDC parameters (tests use small
+/// chunks to get many of them from small images).
+pub fn chunker_with<R: Read>(image: R, p: ChunkParams) -> fastcdc::v2020::StreamCDC<R> {
+    assert!(
+        INDEX_CHUNK_MIN <= p.min && p.min <= p.avg && p.avg <= p.max && p.max <= CHUNK_MAX,
+        "chunk parameters {p:?} outside what readers accept"
+    );
+    fastcdc::v2020::StreamCDC::new(image, p.min, p.avg, p.max)
 }
 
 /// Compresses one chunk on its own and describes it for the index.
@@ -439,10 +518,12 @@ pub enum BundleError {
     Index { image: SlotClass, reason: String },
     #[error("{image} chunk {chunk} (bundle offset {offset}) is corrupt: {reason}")]
     ChunkCorrupt { image: SlotClass, chunk: usize, offset: u64, reason: String },
+    /// The image written does not hash to the manifest's digest (`what`: `sha256` or
+    /// `tree_sha256`).
     #[error(
-        "{image} image sha256 mismatch: the manifest says {expected}, the data gives {actual}"
+        "{image} image {what} mismatch: the manifest says {expected}, the data gives {actual}"
     )]
-    ImageHash { image: SlotClass, expected: String, actual: String },
+    ImageHash { image: SlotClass, what: &'static str, expected: String, actual: String },
     #[error("truncated bundle: it ends before byte {offset}")]
     Truncated { offset: u64 },
     #[error("{0}")]
@@ -900,9 +981,8 @@ pub fn decode_chunk_append(
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
     let start = out.len();
-    let len = entry.len as usize;
-    out.resize(start + len, 0);
-    let result = check_decoded(decompressor, compressed, entry, &mut out[start..]);
+    out.reserve(entry.len as usize);
+    let result = check_decoded(decompressor, compressed, entry, out);
     if result.is_err() {
         out.truncate(start);
     }
@@ -913,14 +993,21 @@ fn check_decoded(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     compressed: &[u8],
     entry: &ChunkEntry,
-    dest: &mut [u8],
+    out: &mut Vec<u8>,
 ) -> Result<(), String> {
-    // A chunk that would decompress to more than its length fails here ("too small").
-    let n =
-        decompressor.decompress_to_buffer(compressed, dest).map_err(|e| format!("zstd: {e}"))?;
+    // Decompressed straight into the spare capacity after `out`'s contents (no zero-fill
+    // first); zstd never writes past the capacity, so a chunk longer than that fails here and
+    // one longer than its index entry (but within the capacity) just below.
+    let start = out.len();
+    let mut dest = io::Cursor::new(&mut *out);
+    dest.set_position(start as u64);
+    let n = decompressor
+        .decompress_to_buffer(compressed, &mut dest)
+        .map_err(|e| format!("zstd: {e}"))?;
     if n != entry.len as usize {
         return Err(format!("{n} bytes, the index says {}", entry.len));
     }
+    let dest = &out[start..];
     // Runs of zeros (free space of a filesystem image) become max-size chunks whose hash is
     // known: for those, "all bytes are zero" is the same check as the sha256, only cheaper.
     if entry.len == CHUNK_MAX && entry.sha256 == *zero_chunk_sha256() {
@@ -929,7 +1016,7 @@ fn check_decoded(
         }
         return Err("sha256 mismatch".into());
     }
-    if <[u8; 32]>::from(Sha256::digest(&*dest)) != entry.sha256 {
+    if <[u8; 32]>::from(Sha256::digest(dest)) != entry.sha256 {
         return Err("sha256 mismatch".into());
     }
     Ok(())
@@ -999,18 +1086,29 @@ pub fn verify_bundle(fetch: &mut dyn Fetch, keyring: &Keyring) -> Result<BundleC
     let mut chunks = Vec::new();
     for entry in &vm.manifest.images {
         let layout = read_image_layout(&mut cur, offset, entry)?;
+        // Offline, both whole-image digests are checked: the plain sha256 and the tree.
         let mut whole = Sha256::new();
+        let mut tree = TreeHasher::new();
         let offsets: Vec<u64> = layout.chunk_offsets().collect();
         for (k, off) in offsets.into_iter().enumerate() {
-            whole.update(dec.read_chunk(&mut cur, &layout, k, off)?);
+            let data = dec.read_chunk(&mut cur, &layout, k, off)?;
+            whole.update(data);
+            let len = u32::try_from(data.len()).expect("chunks are at most CHUNK_MAX");
+            tree.chunk(&Sha256::digest(data).into(), len);
         }
-        let actual = hex::encode(whole.finalize());
-        if actual != entry.sha256 {
-            return Err(BundleError::ImageHash {
-                image: entry.slot_class,
-                expected: entry.sha256.clone(),
-                actual,
-            });
+        let plain: [u8; 32] = whole.finalize().into();
+        for (what, actual, expected) in
+            [("sha256", plain, &entry.sha256), ("tree_sha256", tree.finalize(), &entry.tree_sha256)]
+        {
+            let actual = hex::encode(actual);
+            if actual != *expected {
+                return Err(BundleError::ImageHash {
+                    image: entry.slot_class,
+                    what,
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
         }
         chunks.push(layout.index.chunks.len());
         offset = layout.end_offset;
@@ -1110,7 +1208,11 @@ pub mod testkit {
         }
     }
 
-    /// Builds a bundle in memory. `key: None` makes an unsigned bundle.
+    /// Small chunks, so that small test images give many of them.
+    pub const TEST_CHUNKING: ChunkParams =
+        ChunkParams { min: INDEX_CHUNK_MIN, avg: 32 * 1024, max: 64 * 1024 };
+
+    /// Builds a bundle in memory with [`TEST_CHUNKING`]. `key: None` makes an unsigned bundle.
     pub fn make_bundle(
         meta: &TestMeta,
         images: &[(SlotClass, &[u8])],
@@ -1122,7 +1224,7 @@ pub mod testkit {
         for (class, data) in images {
             let mut index = ChunkIndex::default();
             let mut payload = Vec::new();
-            for chunk in chunker(*data) {
+            for chunk in chunker_with(*data, TEST_CHUNKING) {
                 let chunk = chunk.expect("in-memory chunking");
                 let (e, z) = encode_chunk(&mut comp, &chunk.data).expect("compress");
                 index.chunks.push(e);
@@ -1133,6 +1235,7 @@ pub mod testkit {
                 slot_class: *class,
                 size: data.len() as u64,
                 sha256: hex::encode(Sha256::digest(data)),
+                tree_sha256: hex::encode(index.tree_sha256()),
                 index: class.index_name(),
                 index_sha256: hex::encode(Sha256::digest(&index_bytes)),
                 payload: class.payload_name(),
@@ -1208,7 +1311,7 @@ mod tests {
     fn manifest() -> Manifest {
         let sha = "ab".repeat(32);
         Manifest {
-            format: 1,
+            format: FORMAT,
             compatible: "metrica-test".into(),
             version: "1.2.3".parse().unwrap(),
             security_epoch: 2,
@@ -1217,6 +1320,7 @@ mod tests {
                 slot_class: SlotClass::Root,
                 size: 10,
                 sha256: sha.clone(),
+                tree_sha256: "cd".repeat(32),
                 index: "root.index".into(),
                 index_sha256: sha,
                 payload: "root.payload".into(),
@@ -1232,7 +1336,9 @@ mod tests {
         assert_eq!(Manifest::parse(text.as_bytes()).unwrap(), m);
         let sha = "ab".repeat(32);
         let bad = [
-            text.replace("format = 1", "format = 2"),
+            text.replace("format = 2", "format = 1"),
+            text.replace(&format!("tree_sha256 = \"{}\"\n", "cd".repeat(32)), ""),
+            text.replace(&"cd".repeat(32), &"CD".repeat(32)),
             text.clone() + "extra = 1\n",
             text.replace("slot_class = \"root\"", "slot_class = \"data\""),
             text.replace(&format!("sha256 = \"{sha}\""), "sha256 = \"xyz\""),
@@ -1277,6 +1383,39 @@ mod tests {
             chunks: vec![ChunkEntry { sha256: [0; 32], len: CHUNK_MAX + 1, compressed_len: 1 }],
         };
         assert!(ChunkIndex::decode(&big.encode(), u64::from(CHUNK_MAX) + 1).is_err());
+    }
+
+    #[test]
+    fn the_tree_hash_is_the_documented_sha256_and_sees_order_and_boundaries() {
+        let image = test_image(200_000, 4);
+        let cut = |at: &[usize]| {
+            let mut index = ChunkIndex::default();
+            let mut from = 0;
+            for &to in at.iter().chain([&image.len()]) {
+                let part = &image[from..to];
+                index.chunks.push(ChunkEntry {
+                    sha256: Sha256::digest(part).into(),
+                    len: part.len() as u32,
+                    compressed_len: 1,
+                });
+                from = to;
+            }
+            index
+        };
+        let two = cut(&[70_000]);
+        // docs/bundle.md: sha256("MFBTREE1" || per chunk: sha256 || length u32 LE).
+        let mut by_hand = b"MFBTREE1".to_vec();
+        for (a, b) in [(0, 70_000), (70_000, image.len())] {
+            by_hand.extend_from_slice(&Sha256::digest(&image[a..b]));
+            by_hand.extend_from_slice(&((b - a) as u32).to_le_bytes());
+        }
+        assert_eq!(two.tree_sha256(), <[u8; 32]>::from(Sha256::digest(&by_hand)));
+        // The same bytes cut elsewhere, or the chunks in another order, give another tree.
+        assert_ne!(cut(&[70_001]).tree_sha256(), two.tree_sha256());
+        assert_ne!(cut(&[]).tree_sha256(), two.tree_sha256());
+        let mut swapped = two.clone();
+        swapped.chunks.swap(0, 1);
+        assert_ne!(swapped.tree_sha256(), two.tree_sha256());
     }
 
     /// A poor man's fuzzer: flip bytes all over a good bundle and cut it at many lengths.

@@ -21,7 +21,8 @@
 //! 3. per image: read its index (sha256 from the manifest), then per chunk: read, decompress,
 //!    check its sha256, and only then write it at its place in the partition; every
 //!    `checkpoint_bytes` fsync the partition and record the position in the resume file;
-//!    at the end check the whole image's sha256 and fsync.
+//!    at the end check the whole image's digest (`tree_sha256`: the list of chunks written,
+//!    in order, each with the sha256 it was verified by) and fsync.
 //! 4. rewrite the target boot partition's `cmdline.txt` with `root=PARTUUID=<target root>`
 //!    (FAT through `fatfs`, no mount), fsync, delete the resume record.
 //!
@@ -36,8 +37,8 @@
 pub use crate::bundle::{check_manifest, DeviceFacts, Refusal};
 use crate::bundle::{
     decode_chunk_append, read_image_layout, read_verified_manifest, BundleCursor, BundleError,
-    Fetch, FetchError, FileFetch, ImageLayout, Manifest, ReaderFetch, RetryPolicy, SlotClass,
-    VerifiedManifest,
+    ChunkEntry, Fetch, FetchError, FileFetch, ImageLayout, Manifest, ReaderFetch, RetryPolicy,
+    SlotClass, TreeHasher, VerifiedManifest, CHUNK_MAX,
 };
 use crate::disk::Partition;
 use crate::failpoint::{self, PowerCut};
@@ -110,14 +111,22 @@ impl Source {
         }
     }
 
-    fn into_fetch(self, http_timeout: Duration) -> Box<dyn Fetch> {
-        match self {
+    fn into_fetch(
+        self,
+        http_timeout: Duration,
+        ca_bundle: Option<&Path>,
+    ) -> Result<Box<dyn Fetch>, FetchError> {
+        use crate::http::HttpFetch;
+        Ok(match self {
             Source::File(path) => Box::new(FileFetch { path }),
             Source::Stdin => Box::new(ReaderFetch::new(Box::new(std::io::stdin()), "stdin")),
-            Source::Url(url) => Box::new(crate::http::HttpFetch::new(&url, http_timeout)),
+            Source::Url(url) => match ca_bundle {
+                None => Box::new(HttpFetch::new(&url, http_timeout)),
+                Some(ca) => Box::new(HttpFetch::with_ca_bundle(&url, http_timeout, ca)?),
+            },
             Source::Reader(r) => Box::new(ReaderFetch::new(r, "input stream")),
             Source::Fetch(f) => f,
-        }
+        })
     }
 }
 
@@ -136,6 +145,9 @@ pub struct InstallRequest<'a> {
     pub retry: RetryPolicy,
     /// Connect and read timeout of HTTP sources.
     pub http_timeout: Duration,
+    /// A PEM file of the only CA certificates HTTPS sources may chain to (`None`: the
+    /// built-in Mozilla roots).
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl<'a> InstallRequest<'a> {
@@ -155,6 +167,7 @@ impl<'a> InstallRequest<'a> {
             checkpoint_bytes: 64 << 20,
             retry: RetryPolicy::default(),
             http_timeout: Duration::from_secs(30),
+            ca_bundle: None,
         }
     }
 }
@@ -433,7 +446,7 @@ fn clear_resume(path: &Path) -> Result<(), InstallError> {
 
 /// Reads and verifies a bundle's manifest only (no policy, nothing written).
 pub fn read_manifest(source: Source, keyring: &Keyring) -> Result<VerifiedManifest, InstallError> {
-    let mut fetch = source.into_fetch(Duration::from_secs(30));
+    let mut fetch = source.into_fetch(Duration::from_secs(30), None).map_err(BundleError::from)?;
     let mut cur = BundleCursor::new(fetch.as_mut(), RetryPolicy::default());
     Ok(read_verified_manifest(&mut cur, keyring)?)
 }
@@ -444,7 +457,8 @@ pub fn install_bundle(
     req: &InstallRequest<'_>,
     progress: &mut dyn Progress,
 ) -> Result<InstalledImages, InstallError> {
-    let mut fetch = source.into_fetch(req.http_timeout);
+    let mut fetch =
+        source.into_fetch(req.http_timeout, req.ca_bundle.as_deref()).map_err(BundleError::from)?;
     let mut cur = BundleCursor::new(fetch.as_mut(), req.retry);
     let result = install_from(&mut cur, req, progress);
     report_retries(&mut cur, progress);
@@ -581,14 +595,14 @@ fn install_from(
             partition: part.label.clone(),
             size: img.size,
         });
-        let mut whole = Sha256::new();
+        let mut tree = TreeHasher::new();
         if done > 0 {
-            rehash_prefix(&disk, part, done, &mut whole)?;
+            rehash_prefix(&disk, part, &chunks[..k], &mut tree)?;
             resumed_bytes += done;
             progress.event(&ProgressEvent::Resuming { image: img.slot_class, skipped: done });
         }
-        let mut since_checkpoint = 0u64;
-        let digest = stream_chunks(cur, &layout, k, whole, &mut |k, data, cur| {
+        let (mut since_checkpoint, mut unflushed) = (0u64, 0u64);
+        stream_chunks(cur, &layout, k, &mut |k, data, cur| {
             let at = part.start + done;
             if let Some(n) = failpoint::torn("install.write-chunk", data.len()) {
                 disk.write_all_at(&data[..n], at).map_err(|e| disk_err(e, "writing a chunk"))?;
@@ -596,8 +610,15 @@ fn install_from(
             }
             disk.write_all_at(data, at)
                 .map_err(|e| disk_err(e, format!("writing {}", part.label)))?;
+            // The whole-image digest, over what was handed to the disk, in that order.
+            tree.chunk(&chunks[k].sha256, u32::try_from(data.len()).expect("chunk length"));
             done += data.len() as u64;
             since_checkpoint += data.len() as u64;
+            unflushed += data.len() as u64;
+            if unflushed >= WRITEBACK_BYTES {
+                start_writeback(&disk, part.start + done - unflushed, unflushed);
+                unflushed = 0;
+            }
             report_retries(cur, progress);
             progress.event(&ProgressEvent::Written {
                 image: img.slot_class,
@@ -613,23 +634,26 @@ fn install_from(
             }
             Ok(())
         })?;
-        let actual = hex::encode(digest);
-        if actual != img.sha256 {
+        let actual = hex::encode(tree.finalize());
+        if done != img.size || actual != img.tree_sha256 {
             // What is on the partition cannot be trusted: the next attempt starts over.
             if let Some(path) = &req.resume_file {
                 clear_resume(path)?;
             }
             return Err(BundleError::ImageHash {
                 image: img.slot_class,
-                expected: img.sha256.clone(),
+                what: "tree_sha256",
+                expected: img.tree_sha256.clone(),
                 actual,
             }
             .into());
         }
         failpoint::hit("install.image-verified")?;
         sync(&disk, &part.label)?;
-        progress
-            .event(&ProgressEvent::ImageVerified { image: img.slot_class, sha256: actual.clone() });
+        progress.event(&ProgressEvent::ImageVerified {
+            image: img.slot_class,
+            sha256: img.sha256.clone(),
+        });
         offset = layout.end_offset;
         if let Some(path) = &req.resume_file {
             save_resume(path, &position(i + 1, offset, 0, 0))?;
@@ -639,7 +663,7 @@ fn install_from(
             partition: part.label.clone(),
             partuuid: part.partuuid,
             size: img.size,
-            sha256: actual,
+            sha256: img.sha256.clone(),
         });
     }
     drop(disk);
@@ -683,29 +707,29 @@ fn install_from(
 type OnChunk<'c> = dyn FnMut(usize, &[u8], &mut BundleCursor<'_>) -> Result<(), InstallError> + 'c;
 
 /// Uncompressed bytes of chunks handed to a decoder at once (at least one chunk).
-const BATCH_BYTES: u64 = 512 << 10;
+const BATCH_BYTES: u64 = CHUNK_MAX as u64;
 
-/// Reads chunks `start..` of `layout` in order on this thread, in batches of about
-/// [`BATCH_BYTES`]; decompresses and verifies them on worker threads (one per core, at most
-/// 4); and hands each verified chunk to `on_chunk` in order. A chunk is never passed on before
-/// its sha256 matched; a corrupt chunk is an error once every chunk before it has been handed
-/// on. Another thread continues `whole` (the image hash so far) over the chunks handed on and
-/// returns its digest. Memory: a few batches in flight (under 10 MiB).
+/// Reads chunks `start..` of `layout` in order on this thread, in batches of whole chunks of
+/// at most [`BATCH_BYTES`] (or one larger chunk); decompresses and verifies them on worker
+/// threads (one per core, at most 4); and hands each verified chunk to `on_chunk` in order,
+/// on this thread. A chunk is never passed on before its sha256 matched; a corrupt chunk is an
+/// error once every chunk before it has been handed on. Memory: at most workers + 1 batches
+/// in flight, their buffers allocated once and reused (under 16 MiB).
 fn stream_chunks(
     cur: &mut BundleCursor<'_>,
     layout: &ImageLayout,
     start: usize,
-    whole: Sha256,
     on_chunk: &mut OnChunk<'_>,
-) -> Result<[u8; 32], InstallError> {
+) -> Result<(), InstallError> {
     use std::collections::BTreeMap;
-    use std::sync::mpsc::{channel, sync_channel};
+    use std::sync::mpsc::channel;
     use std::sync::{Arc, Mutex};
     let chunks = &layout.index.chunks;
     let class = layout.entry.slot_class;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
-    // Batches read but not yet handed on; bounds every buffer pool.
-    let max_in_flight = workers + 2;
+    // Batches read but not yet handed on; bounds every buffer pool. One more than the workers
+    // keeps each of them busy while this thread writes.
+    let max_in_flight = workers + 1;
     let mut offset = layout.payload_offset
         + chunks.iter().take(start).map(|c| u64::from(c.compressed_len)).sum::<u64>();
     /// A batch: its first chunk, chunk count, bundle offset, compressed bytes, and an empty
@@ -714,7 +738,6 @@ fn stream_chunks(
     /// Back: first chunk, the compressed buffer (for reuse), the verified bytes of the first
     /// `ok` chunks, `ok`, and the error of chunk `first + ok` if any.
     type Done = (usize, Vec<u8>, Vec<u8>, usize, Option<BundleError>);
-    let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     std::thread::scope(|s| {
         let (work_tx, work_rx) = channel::<Job>();
         let work_rx = Arc::new(Mutex::new(work_rx));
@@ -756,21 +779,10 @@ fn stream_chunks(
             });
         }
         drop(done_tx);
-        let (hash_tx, hash_rx) = sync_channel::<Vec<u8>>(1);
-        let hash_pool = pool.clone();
-        let hasher = s.spawn(move || {
-            let mut whole = whole;
-            for buf in hash_rx {
-                whole.update(&buf);
-                if let Ok(mut p) = hash_pool.lock() {
-                    p.push(buf);
-                }
-            }
-            <[u8; 32]>::from(whole.finalize())
-        });
         let (mut next_read, mut next_write, mut in_flight) = (start, start, 0usize);
         let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
         let mut comp_pool: Vec<Vec<u8>> = Vec::new();
+        let mut plain_pool: Vec<Vec<u8>> = Vec::new();
         while next_write < chunks.len() {
             while next_read < chunks.len() && in_flight < max_in_flight {
                 // One batch: whole chunks up to BATCH_BYTES uncompressed, at least one.
@@ -783,16 +795,11 @@ fn stream_chunks(
                     plain_len += u64::from(c.len);
                     comp_len += u64::from(c.compressed_len);
                 }
-                let mut buf = comp_pool.pop().unwrap_or_else(|| {
-                    Vec::with_capacity((BATCH_BYTES + BATCH_BYTES / 8) as usize)
-                });
+                let mut buf = comp_pool.pop().unwrap_or_default();
                 buf.resize(comp_len as usize, 0);
                 cur.read_exact_at(offset, &mut buf)?;
-                let plain = pool
-                    .lock()
-                    .ok()
-                    .and_then(|mut p| p.pop())
-                    .unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES as usize));
+                let plain =
+                    plain_pool.pop().unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES as usize));
                 if work_tx.send((next_read, count, offset, buf, plain)).is_err() {
                     break;
                 }
@@ -815,16 +822,29 @@ fn stream_chunks(
                 if let Some(e) = err {
                     return Err(e.into());
                 }
+                plain_pool.push(plain);
                 in_flight -= 1;
-                if hash_tx.send(plain).is_err() {
-                    return Err(InstallError::Disk(anyhow::anyhow!("the image hasher stopped")));
-                }
                 next_write = first + ok;
             }
         }
-        drop(hash_tx);
-        hasher.join().map_err(|_| InstallError::Disk(anyhow::anyhow!("the image hasher panicked")))
+        Ok(())
     })
+}
+
+/// Written bytes after which their writeback is started ([`start_writeback`]).
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Starts writing `len` bytes at `offset` of the disk back to storage without waiting (like
+/// GNU dd's `oflag=nocache`: `posix_fadvise(DONTNEED)` queues the dirty pages for writeback
+/// and drops clean ones). The storage then works while the next chunks are decompressed and
+/// verified, each checkpoint's fsync finds little left to do, and an image of several GiB
+/// does not push the device's other pages out of its cache. Purely advisory: durability still
+/// comes from the fsyncs, and errors are ignored.
+fn start_writeback(disk: &std::fs::File, offset: u64, len: u64) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    let _ = posix_fadvise(disk.as_raw_fd(), offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
 fn sync(disk: &std::fs::File, label: &str) -> Result<(), InstallError> {
@@ -834,21 +854,22 @@ fn sync(disk: &std::fs::File, label: &str) -> Result<(), InstallError> {
     Ok(())
 }
 
-/// Feeds the first `len` bytes of `part` (already written and fsynced) into `hasher`.
+/// Reads back the first chunks of `part` (`prefix`, already written and fsynced), hashes each
+/// as it is on the partition and feeds it into `tree`: the final check then covers them too.
 fn rehash_prefix(
     disk: &std::fs::File,
     part: &Partition,
-    len: u64,
-    hasher: &mut Sha256,
+    prefix: &[ChunkEntry],
+    tree: &mut TreeHasher,
 ) -> Result<(), InstallError> {
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; CHUNK_MAX as usize];
     let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
-        disk.read_exact_at(&mut buf[..n], part.start + pos)
+    for c in prefix {
+        let data = &mut buf[..c.len as usize];
+        disk.read_exact_at(data, part.start + pos)
             .map_err(|e| disk_err(e, format!("reading back {}", part.label)))?;
-        hasher.update(&buf[..n]);
-        pos += n as u64;
+        tree.chunk(&Sha256::digest(&*data).into(), c.len);
+        pos += u64::from(c.len);
     }
     Ok(())
 }

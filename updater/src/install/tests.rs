@@ -290,6 +290,31 @@ fn http_install_survives_dropped_connections_and_servers_that_ignore_range() {
 }
 
 #[test]
+fn https_install_trusts_a_ca_bundle_and_resumes_over_tls() {
+    let f = Fixture::new();
+    let (ca_pem, tls) = crate::http::testserver::test_tls();
+    let ca = f.dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let before = std::fs::read(&f.disk).unwrap();
+    let cut = Mode::Cut { after: 40_000, times: 1, ignore_range: false };
+    let server = TestServer::start_tls(f.bundle.clone(), cut, tls);
+    // Without the CA bundle the server is not trusted: an error before anything is written.
+    let err =
+        install_bundle(Source::Url(server.url.clone()), &f.request(&AcceptAll), &mut NoProgress)
+            .unwrap_err();
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    assert!(std::fs::read(&f.disk).unwrap() == before);
+    let mut req = f.request(&AcceptAll);
+    req.ca_bundle = Some(ca);
+    let mut events = Vec::new();
+    install_bundle(Source::Url(server.url.clone()), &req, &mut events).unwrap();
+    f.assert_installed();
+    // The cut connection was resumed with a Range request.
+    assert!(events.iter().any(|e| matches!(e, ProgressEvent::Retrying { .. })), "{events:?}");
+    assert!(server.ranges().iter().any(|r| r.as_deref().is_some_and(|r| r != "bytes=0-")));
+}
+
+#[test]
 fn http_errors_are_clear() {
     let f = Fixture::new();
     let before = std::fs::read(&f.disk).unwrap();
