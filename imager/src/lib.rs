@@ -3,6 +3,7 @@
 //! Pure logic (recipe checks, layout math, bmap ranges) sits beside the I/O that uses it;
 //! external tools are only e2fsprogs (`mke2fs`, `debugfs`) and `dpkg-deb`.
 
+pub mod bmap;
 pub mod build;
 pub mod bundle;
 pub mod cli;
