@@ -65,6 +65,19 @@ impl Bmap {
         if version.split('.').next() != Some("2") {
             return Err(BmapError::Version(version.to_string()));
         }
+        // First the file's own checksum: an edited or damaged file is reported as such.
+        let file_sum = doc.bmap_file_checksum.trim();
+        let file_sum_bytes = digest("BmapFileChecksum", file_sum)?;
+        // bmaptool's rule: the sha256 of the file with this field's value set to zeros.
+        let zeroed = text.replace(file_sum, &"0".repeat(file_sum.len()));
+        let actual: [u8; 32] = Sha256::digest(zeroed.as_bytes()).into();
+        if actual != file_sum_bytes {
+            return Err(BmapError::FileChecksum {
+                expected: file_sum.to_string(),
+                actual: hex::encode(actual),
+            });
+        }
+
         let image_size = number("ImageSize", &doc.image_size)?;
         let block_size = number("BlockSize", &doc.block_size)?;
         if block_size == 0 || block_size % 512 != 0 {
@@ -82,18 +95,6 @@ impl Bmap {
         if doc.checksum_type.trim() != "sha256" {
             return Err(field("ChecksumType", "sha256", &doc.checksum_type));
         }
-        let file_sum = doc.bmap_file_checksum.trim();
-        let file_sum_bytes = digest("BmapFileChecksum", file_sum)?;
-        // bmaptool's rule: the sha256 of the file with this field's value set to zeros.
-        let zeroed = text.replace(file_sum, &"0".repeat(file_sum.len()));
-        let actual: [u8; 32] = Sha256::digest(zeroed.as_bytes()).into();
-        if actual != file_sum_bytes {
-            return Err(BmapError::FileChecksum {
-                expected: file_sum.to_string(),
-                actual: hex::encode(actual),
-            });
-        }
-
         let mut ranges: Vec<MappedRange> = Vec::new();
         let mut counted = 0u64;
         for (i, r) in doc.block_map.ranges.iter().enumerate() {
