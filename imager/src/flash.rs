@@ -225,8 +225,16 @@ impl Source {
             Source::Raw(f) => {
                 for (index, r) in bmap.ranges.iter().enumerate() {
                     let mut pos = r.start;
+                    read_ahead(f, r.start, (r.end - r.start).min(READ_AHEAD));
                     while pos < r.end {
                         let n = (r.end - pos).min(CHUNK as u64) as usize;
+                        if pos + READ_AHEAD < r.end {
+                            read_ahead(
+                                f,
+                                pos + READ_AHEAD,
+                                (r.end - pos - READ_AHEAD).min(CHUNK as u64),
+                            );
+                        }
                         f.read_exact_at(&mut buf[..n], pos)
                             .with_context(|| format!("reading {} at {pos}", image.display()))?;
                         sink(Piece {
@@ -443,6 +451,20 @@ fn open_target(target: &Target, image_size: u64) -> Result<File> {
     }
 }
 
+/// Chunks read ahead of the one being read (`posix_fadvise(WILLNEED)`): keeps several reads in
+/// flight, which a virtio disk or an SSD serves faster than one at a time.
+const READ_AHEAD: u64 = 8 * CHUNK as u64;
+
+/// Asks the kernel to start reading `len` bytes of `f` at `offset` (advisory).
+fn read_ahead(f: &File, offset: u64, len: u64) {
+    let _ = nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        offset as libc::off_t,
+        len as libc::off_t,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+    );
+}
+
 /// Drops the cached pages of `f`, so that what follows is read from the device.
 fn drop_cache(f: &File) {
     // Advisory: where it is not supported the read-back still checks the written data.
@@ -469,8 +491,12 @@ fn verify(
     for r in ranges {
         let mut h = Sha256::new();
         let mut pos = r.start;
+        read_ahead(f, r.start, (r.end - r.start).min(READ_AHEAD));
         while pos < r.end {
             let n = (r.end - pos).min(CHUNK as u64) as usize;
+            if pos + READ_AHEAD < r.end {
+                read_ahead(f, pos + READ_AHEAD, (r.end - pos - READ_AHEAD).min(CHUNK as u64));
+            }
             f.read_exact_at(&mut buf[..n], pos)
                 .with_context(|| format!("reading {} back at {pos}", target.display()))?;
             h.update(&buf[..n]);
