@@ -191,7 +191,7 @@ fn run(cli: Cli) -> Result<()> {
             let progress = Progress::detect();
             let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
             let report =
-                crate::flash::flash(&opts, &mut *crate::flash::confirmation(yes), &progress)?;
+                crate::flash::flash(&opts, None, &mut *crate::flash::confirmation(yes), &progress)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }

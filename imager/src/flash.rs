@@ -349,71 +349,86 @@ fn mismatch(what: &Path, bmap_path: &Path, r: &MappedRange, got: &[u8; 32]) -> S
     )
 }
 
-/// Everything checked and ready: the image matches its bmap and the target may be written.
+/// An image with its block map: opened and sized ([`Image::open`]), then checked range by
+/// range ([`Image::check`], once, however many targets it is written to).
 #[derive(Debug)]
-pub struct Plan {
-    image: PathBuf,
+pub struct Image {
+    path: PathBuf,
     bmap_path: PathBuf,
     bmap: Bmap,
     source: Source,
-    target: Target,
-    check_seconds: f64,
+    inode: (u64, u64),
+    check_seconds: Option<f64>,
 }
 
-impl Plan {
+impl Image {
+    /// Reads the bmap (given, or found next to the image) and compares the image's size with
+    /// it. Cheap; the checksums are [`Image::check`]'s.
+    pub fn open(path: &Path, bmap: Option<&Path>) -> Result<Image> {
+        let bmap_path = match bmap {
+            Some(p) => p.to_path_buf(),
+            None => find_bmap(path)?,
+        };
+        let map = read_bmap(&bmap_path)?;
+        let (source, size, inode) = Source::open(path)?;
+        if let Some(size) = size {
+            if size != map.image_size {
+                bail!(
+                    "{} does not match its block map {}: the image is {size} bytes, the bmap says {} (ImageSize)",
+                    path.display(),
+                    bmap_path.display(),
+                    map.image_size
+                );
+            }
+        }
+        Ok(Image {
+            path: path.to_path_buf(),
+            bmap_path,
+            bmap: map,
+            source,
+            inode,
+            check_seconds: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn bmap(&self) -> &Bmap {
         &self.bmap
     }
 
-    pub fn target(&self) -> &Target {
-        &self.target
+    /// Checks every mapped range against the bmap (once).
+    pub fn check(&mut self, progress: &Progress) -> Result<()> {
+        if self.check_seconds.is_none() {
+            let t0 = Instant::now();
+            check_image(&self.source, &self.path, &self.bmap_path, &self.bmap, progress)?;
+            self.check_seconds = Some(t0.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 
-    /// The question asked before writing.
-    pub fn question(&self) -> String {
+    /// Looks at `path` and decides whether this image may be written to it; writes nothing.
+    pub fn check_target(&self, path: &Path) -> Result<Target> {
+        let target = Target::probe(path)?;
+        if target.inode == Some(self.inode) {
+            bail!(target::TargetError::IsTheImage { target: path.display().to_string() });
+        }
+        let mounts = target::read_mounts()?;
+        target::check(&target, self.bmap.image_size, &mounts, &target::SysTopology)?;
+        Ok(target)
+    }
+
+    /// The question asked before writing to `target`.
+    pub fn question(&self, target: &Target) -> String {
         format!(
             "This overwrites everything on {} with {} ({:.1} GB).",
-            self.target.describe(),
-            self.image.display(),
+            target.describe(),
+            self.path.display(),
             self.bmap.image_size as f64 / 1e9
         )
     }
-}
-
-/// Reads the bmap, checks the target and the image; writes nothing.
-pub fn prepare(opts: &FlashOptions, progress: &Progress) -> Result<Plan> {
-    let bmap_path = match &opts.bmap {
-        Some(p) => p.clone(),
-        None => find_bmap(&opts.image)?,
-    };
-    let bmap = read_bmap(&bmap_path)?;
-    let (source, size, image_inode) = Source::open(&opts.image)?;
-    if let Some(size) = size {
-        if size != bmap.image_size {
-            bail!(
-                "{} does not match its block map {}: the image is {size} bytes, the bmap says {} (ImageSize)",
-                opts.image.display(),
-                bmap_path.display(),
-                bmap.image_size
-            );
-        }
-    }
-    let target = Target::probe(&opts.target)?;
-    if target.inode == Some(image_inode) {
-        bail!(target::TargetError::IsTheImage { target: opts.target.display().to_string() });
-    }
-    let mounts = target::read_mounts()?;
-    target::check(&target, bmap.image_size, &mounts, &target::SysTopology)?;
-    let t0 = Instant::now();
-    check_image(&source, &opts.image, &bmap_path, &bmap, progress)?;
-    Ok(Plan {
-        image: opts.image.clone(),
-        bmap_path,
-        bmap,
-        source,
-        target,
-        check_seconds: t0.elapsed().as_secs_f64(),
-    })
 }
 
 /// Opens (or creates) the target for writing.
@@ -518,18 +533,23 @@ fn verify(
     Ok(())
 }
 
-/// Asks, then writes, syncs and verifies. Nothing is written when `confirm` says no.
-pub fn execute(
-    plan: Plan,
+/// Asks, then writes, syncs and verifies a checked image to a checked target. Nothing is
+/// written when `confirm` says no.
+pub fn write(
+    image: &Image,
+    target: &Target,
     verify_after: bool,
     overlay: Option<&Overlay>,
     confirm: &mut dyn Confirm,
     progress: &Progress,
 ) -> Result<FlashReport> {
-    if !confirm.confirm(&plan.question())? {
-        bail!("not confirmed: nothing written to {}", plan.target.path.display());
+    let Some(check_seconds) = image.check_seconds else {
+        bail!("{}: not checked against its bmap yet", image.path.display());
+    };
+    if !confirm.confirm(&image.question(target))? {
+        bail!("not confirmed: nothing written to {}", target.path.display());
     }
-    let image_size = plan.bmap.image_size;
+    let image_size = image.bmap.image_size;
     if let Some(o) = overlay {
         if o.offset + o.bytes.len() as u64 > image_size {
             bail!(
@@ -540,14 +560,14 @@ pub fn execute(
             );
         }
     }
-    let out = open_target(&plan.target, image_size)?;
-    let is_block = matches!(plan.target.kind, Kind::Block { .. });
-    let tpath = plan.target.path.clone();
+    let out = open_target(target, image_size)?;
+    let is_block = matches!(target.kind, Kind::Block { .. });
+    let tpath = target.path.clone();
 
     let t0 = Instant::now();
-    let step = progress.bytes(plan.bmap.mapped_bytes(), "writing");
+    let step = progress.bytes(image.bmap.mapped_bytes(), "writing");
     let mut since_sync = 0u64;
-    plan.source.stream(&plan.image, &plan.bmap_path, &plan.bmap, &mut |p| {
+    image.source.stream(&image.path, &image.bmap_path, &image.bmap, &mut |p| {
         out.write_all_at(p.bytes, p.offset)
             .with_context(|| format!("writing {} at {}", tpath.display(), p.offset))?;
         step.inc(p.bytes.len() as u64);
@@ -566,7 +586,7 @@ pub fn execute(
     if verify_after {
         let t1 = Instant::now();
         drop_cache(&out);
-        verify(&out, &tpath, &plan.bmap_path, &plan.bmap.ranges, progress, "verifying")?;
+        verify(&out, &tpath, &image.bmap_path, &image.bmap.ranges, progress, "verifying")?;
         verify_seconds = Some(t1.elapsed().as_secs_f64());
     }
 
@@ -589,25 +609,29 @@ pub fn execute(
         overlay_bytes = o.bytes.len() as u64;
     }
     Ok(FlashReport {
-        image: plan.image,
+        image: image.path.clone(),
         target: tpath,
         image_size,
-        mapped_bytes: plan.bmap.mapped_bytes(),
-        check_seconds: plan.check_seconds,
+        mapped_bytes: image.bmap.mapped_bytes(),
+        check_seconds,
         write_seconds,
         verify_seconds,
         overlay_bytes,
     })
 }
 
-/// `imager flash` without provisioning: prepare, ask, write, verify.
+/// `imager flash`: open the image and its bmap, check the target, check the image, ask,
+/// write, verify, and write the overlay (provisioning) if any.
 pub fn flash(
     opts: &FlashOptions,
+    overlay: Option<&Overlay>,
     confirm: &mut dyn Confirm,
     progress: &Progress,
 ) -> Result<FlashReport> {
-    let plan = prepare(opts, progress)?;
-    execute(plan, opts.verify, None, confirm, progress)
+    let mut image = Image::open(&opts.image, opts.bmap.as_deref())?;
+    let target = image.check_target(&opts.target)?;
+    image.check(progress)?;
+    write(&image, &target, opts.verify, overlay, confirm, progress)
 }
 
 #[cfg(test)]
@@ -652,7 +676,7 @@ mod tests {
     }
 
     fn run(o: &FlashOptions) -> Result<FlashReport> {
-        flash(o, &mut AssumeYes, &Progress::quiet())
+        flash(o, None, &mut AssumeYes, &Progress::quiet())
     }
 
     fn err(o: &FlashOptions) -> String {
@@ -788,6 +812,7 @@ mod tests {
         let mut asked = String::new();
         let e = flash(
             &opts(&fx.img, &out),
+            None,
             &mut |q: &str| {
                 asked = q.to_string();
                 Ok(false)
@@ -804,23 +829,24 @@ mod tests {
     fn writes_and_verifies_an_overlay() {
         let fx = fixture();
         let out = fx.dir.path().join("out.img");
-        let plan = prepare(&opts(&fx.img, &out), &Progress::quiet()).unwrap();
         let overlay = Overlay {
             what: "provision partition".into(),
             offset: 16 << 20,
             bytes: vec![5u8; 1 << 20],
         };
-        let r = execute(plan, true, Some(&overlay), &mut AssumeYes, &Progress::quiet()).unwrap();
+        let r = flash(&opts(&fx.img, &out), Some(&overlay), &mut AssumeYes, &Progress::quiet())
+            .unwrap();
         assert_eq!(r.overlay_bytes, 1 << 20);
         let bytes = std::fs::read(&out).unwrap();
         assert!(bytes[16 << 20..17 << 20].iter().all(|&b| b == 5));
         assert_eq!(&bytes[..70_000], &std::fs::read(&fx.img).unwrap()[..70_000]);
         // One outside the image is refused before writing.
         let out2 = fx.dir.path().join("out2.img");
-        let plan = prepare(&opts(&fx.img, &out2), &Progress::quiet()).unwrap();
         let far =
             Overlay { what: "provision partition".into(), offset: 24 << 20, bytes: vec![1; 4096] };
-        assert!(execute(plan, true, Some(&far), &mut AssumeYes, &Progress::quiet()).is_err());
+        assert!(
+            flash(&opts(&fx.img, &out2), Some(&far), &mut AssumeYes, &Progress::quiet()).is_err()
+        );
         assert!(!out2.exists());
     }
 
