@@ -14,6 +14,7 @@ pub mod history;
 pub mod http;
 pub mod install;
 pub mod layout;
+pub mod provision;
 pub mod reboot;
 pub mod release;
 pub mod sign;
