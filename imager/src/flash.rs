@@ -313,7 +313,7 @@ impl Source {
 }
 
 /// Checks every mapped range of the image against the bmap's checksums; the error names the
-/// first range that differs.
+/// first range that differs. A raw image is hashed on every core, a range per thread.
 fn check_image(
     source: &Source,
     image: &Path,
@@ -322,6 +322,13 @@ fn check_image(
     progress: &Progress,
 ) -> Result<()> {
     let step = progress.bytes(bmap.mapped_bytes(), "checking image");
+    if let Source::Raw(f) = source {
+        if let Some((r, got)) = first_mismatch(f, image, &bmap.ranges, &step)? {
+            bail!(mismatch(image, bmap_path, r, &got));
+        }
+        step.finish();
+        return Ok(());
+    }
     let mut h = Sha256::new();
     source.stream(image, bmap_path, bmap, &mut |p| {
         h.update(p.bytes);
@@ -337,6 +344,52 @@ fn check_image(
     })?;
     step.finish();
     Ok(())
+}
+
+/// Hashes the ranges of `f` (a range per thread, as many threads as cores, reading ahead) and
+/// returns the first range, in order, whose sha256 differs from the bmap's.
+fn first_mismatch<'r>(
+    f: &File,
+    name: &Path,
+    ranges: &'r [MappedRange],
+    step: &crate::progress::Step,
+) -> Result<Option<(&'r MappedRange, [u8; 32])>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let found: Mutex<Vec<(usize, [u8; 32])>> = Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let work = || -> Result<()> {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(r) = ranges.get(i) else { return Ok(()) };
+            let mut h = Sha256::new();
+            let mut pos = r.start;
+            read_ahead(f, r.start, r.len().min(READ_AHEAD));
+            while pos < r.end {
+                let n = (r.end - pos).min(CHUNK as u64) as usize;
+                if pos + READ_AHEAD < r.end {
+                    read_ahead(f, pos + READ_AHEAD, (r.end - pos - READ_AHEAD).min(CHUNK as u64));
+                }
+                f.read_exact_at(&mut buf[..n], pos)
+                    .with_context(|| format!("reading {} at {pos}", name.display()))?;
+                h.update(&buf[..n]);
+                step.inc(n as u64);
+                pos += n as u64;
+            }
+            let got: [u8; 32] = h.finalize().into();
+            if got != r.sha256 {
+                found.lock().expect("no panics while held").push((i, got));
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+        handles.into_iter().try_for_each(|h| h.join().expect("hashing thread panicked"))
+    })?;
+    let found = found.into_inner().expect("no panics while held");
+    Ok(found.into_iter().min_by_key(|(i, _)| *i).map(|(i, got)| (&ranges[i], got)))
 }
 
 fn mismatch(what: &Path, bmap_path: &Path, r: &MappedRange, got: &[u8; 32]) -> String {
@@ -502,32 +555,14 @@ fn verify(
 ) -> Result<()> {
     let total = ranges.iter().map(MappedRange::len).sum();
     let step = progress.bytes(total, what);
-    let mut buf = vec![0u8; CHUNK];
-    for r in ranges {
-        let mut h = Sha256::new();
-        let mut pos = r.start;
-        read_ahead(f, r.start, (r.end - r.start).min(READ_AHEAD));
-        while pos < r.end {
-            let n = (r.end - pos).min(CHUNK as u64) as usize;
-            if pos + READ_AHEAD < r.end {
-                read_ahead(f, pos + READ_AHEAD, (r.end - pos - READ_AHEAD).min(CHUNK as u64));
-            }
-            f.read_exact_at(&mut buf[..n], pos)
-                .with_context(|| format!("reading {} back at {pos}", target.display()))?;
-            h.update(&buf[..n]);
-            step.inc(n as u64);
-            pos += n as u64;
-        }
-        let got: [u8; 32] = h.finalize().into();
-        if got != r.sha256 {
-            bail!(
-                "verification failed: {} read back differs from what was written: {r} has sha256 {}, expected {} (from {}); the card may be faulty or fake",
-                target.display(),
-                hex::encode(got),
-                hex::encode(r.sha256),
-                bmap_path.display()
-            );
-        }
+    if let Some((r, got)) = first_mismatch(f, target, ranges, &step)? {
+        bail!(
+            "verification failed: {} read back differs from what was written: {r} has sha256 {}, expected {} (from {}); the card may be faulty or fake",
+            target.display(),
+            hex::encode(got),
+            hex::encode(r.sha256),
+            bmap_path.display()
+        );
     }
     step.finish();
     Ok(())

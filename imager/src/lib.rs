@@ -18,6 +18,7 @@ pub mod keys;
 pub mod output;
 pub mod packages;
 pub mod progress;
+pub mod provision;
 pub mod recipe;
 pub mod rootfs;
 pub mod target;
