@@ -528,9 +528,22 @@ pub fn batch(csv_path: &Path, args: &DeviceArgs) -> Result<Vec<Device>> {
     }
     let template = args.device.as_deref().map(Template::load).transpose()?;
     let flags: Vec<(&'static str, String)> = args.values();
-    let file = File::open(csv_path).with_context(|| format!("reading {}", csv_path.display()))?;
-    let mut reader =
-        csv::ReaderBuilder::new().trim(csv::Trim::All).comment(Some(b'#')).from_reader(file);
+    let text =
+        std::fs::read(csv_path).with_context(|| format!("reading {}", csv_path.display()))?;
+    // The file's line of a record at a byte offset. csv's own line count skips comment lines,
+    // and a record's offset is where reading started: before the comments and blank lines
+    // skipped to reach it.
+    let line_at = |byte: u64| {
+        let mut at = (byte as usize).min(text.len());
+        while at < text.len() && matches!(text[at], b'#' | b'\n' | b'\r') {
+            at = text[at..].iter().position(|&b| b == b'\n').map_or(text.len(), |n| at + n + 1);
+        }
+        text[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_reader(text.as_slice());
     let headers = reader
         .headers()
         .with_context(|| format!("{}: reading the header line", csv_path.display()))?
@@ -562,12 +575,12 @@ pub fn batch(csv_path: &Path, args: &DeviceArgs) -> Result<Vec<Device>> {
         let record = match record {
             Ok(r) => r,
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
+                let line = e.position().map_or(0, |p| line_at(p.byte()));
                 errs.push(format!("{}: row {row} (line {line}): {e}", csv_path.display()));
                 continue;
             }
         };
-        let line = record.position().map_or(0, |p| p.line());
+        let line = record.position().map_or(0, |p| line_at(p.byte()));
         let cell =
             |column: &'static str| Origin::Cell { csv: csv_path.to_path_buf(), row, line, column };
         let mut values: BTreeMap<&'static str, (String, Origin)> = flags
@@ -934,7 +947,7 @@ pub fn cards(
 // Inspect
 
 /// What `imager inspect` shows of a provision partition (never a secret's content).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ProvisionInfo {
     /// Files present, with sizes.
     pub files: Vec<(String, u64)>,
@@ -1005,7 +1018,7 @@ pub fn inspect(image: &Path) -> Result<ProvisionInfo> {
 /// Text for `imager inspect`.
 pub fn render(info: &ProvisionInfo) -> String {
     let mut s = String::from("\nprovision partition:\n");
-    if info.is_empty() {
+    if info.is_empty() && info.problems.is_empty() {
         s += "  (empty: not provisioned)\n";
         return s;
     }
@@ -1037,4 +1050,301 @@ pub fn render(info: &ProvisionInfo) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{write_gpt, Ids, Layout};
+    use crate::output::{sha256_file, write_bmap};
+    use crate::recipe::Partitions;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr ops@example";
+    const SECRET: &str = "correct horse battery staple";
+
+    /// A small image as `imager build` lays it out (GPT, a formatted provision partition, data
+    /// in root_a), with its bmap and .zst.
+    fn golden(dir: &Path, provision: u64) -> PathBuf {
+        let layout = Layout::new(&Partitions {
+            config: 4 << 20,
+            boot: 4 << 20,
+            root: 8 << 20,
+            provision,
+            data: 4 << 20,
+        });
+        std::fs::create_dir_all(dir).unwrap();
+        let img = dir.join("fleet-1.0.0.img");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&img)
+            .unwrap();
+        f.set_len(layout.disk_size).unwrap();
+        write_gpt(&f, &layout, &Ids::new("fleet", &"1.0.0".parse().unwrap())).unwrap();
+        let p = layout.get(PARTITION);
+        fat::format(Region { file: &f, start: p.start, len: p.len }, PARTITION, 7).unwrap();
+        f.write_all_at(&[0x5a; 300_000], layout.get("root_a").start).unwrap();
+        f.sync_all().unwrap();
+        write_bmap(&img, &dir.join("fleet-1.0.0.bmap")).unwrap();
+        crate::output::compress_zstd(&img, &dir.join("fleet-1.0.0.img.zst"), 3, &Progress::quiet())
+            .unwrap();
+        img
+    }
+
+    /// A site folder: template, keys, wifi, secrets, recipients.
+    fn site(dir: &Path) -> PathBuf {
+        let site = dir.join("site");
+        std::fs::create_dir_all(site.join("keys")).unwrap();
+        std::fs::write(
+            site.join("template.toml"),
+            "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n",
+        )
+        .unwrap();
+        std::fs::write(site.join("keys/ops.pub"), format!("{KEY}\n")).unwrap();
+        std::fs::write(
+            site.join("wifi.toml"),
+            "country = \"DE\"\n[[network]]\nssid = \"Shop floor\"\npsk_secret = \"wifi_shop\"\n",
+        )
+        .unwrap();
+        std::fs::write(site.join("secrets.toml"), format!("wifi_shop = \"{SECRET}\"\n")).unwrap();
+        let r1 = prov::identity::recipient_from_otp_key(&[1; 32]);
+        let r2 = prov::identity::recipient_from_otp_key(&[2; 32]);
+        std::fs::write(site.join("recipients.txt"), format!("# the board\n{r1}\n# escrow\n{r2}\n"))
+            .unwrap();
+        site
+    }
+
+    fn csv(site: &Path, text: &str) -> PathBuf {
+        let p = site.join("fleet.csv");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn template_args(site: &Path) -> DeviceArgs {
+        DeviceArgs { device: Some(site.join("template.toml")), ..Default::default() }
+    }
+
+    const HEADER: &str =
+        "device_id,hostname,segment,authorized_keys,wifi,secrets,recipients_file\n";
+
+    #[test]
+    fn a_batch_is_completed_from_template_flags_and_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path());
+        let fleet = csv(
+            &site,
+            &format!(
+                "{HEADER}cam-1,cam-1,,keys/ops.pub,wifi.toml,secrets.toml,recipients.txt\n# a comment\ncam-2,cam-2,general,,,,\n"
+            ),
+        );
+        let mut args = template_args(&site);
+        args.timezone = Some("Europe/Berlin".into());
+        args.mirrors = vec!["https://m1.example.net/f".into(), "https://m2.example.net/f".into()];
+        let devices = batch(&fleet, &args).unwrap();
+        assert_eq!(devices.len(), 2);
+        let one = &devices[0];
+        assert_eq!((one.id.as_str(), one.hostname.as_str()), ("cam-1", "cam-1"));
+        let names: Vec<_> = one.files().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["device.toml", "wifi.toml", "authorized_keys", "secrets.age"]);
+        let p = &one.provisioning;
+        assert_eq!(p.device.segment.as_str(), "canary", "from the template");
+        assert_eq!(p.device.timezone, "Europe/Berlin", "from the flag");
+        assert_eq!(p.device.channel.urls.len(), 3, "url and two mirrors");
+        // The secret is encrypted to both recipients: each board's identity opens it; the
+        // plain text is nowhere in the files.
+        let age = p.secrets.as_ref().unwrap();
+        for otp in [[1u8; 32], [2; 32]] {
+            let s = age.decrypt(&prov::identity::from_otp_key(&otp)).unwrap();
+            assert_eq!(s.get("wifi_shop"), Some(SECRET));
+        }
+        assert!(one
+            .files()
+            .iter()
+            .all(|(_, b)| !b.windows(SECRET.len()).any(|w| w == SECRET.as_bytes())));
+        let two = &devices[1];
+        assert_eq!(two.provisioning.device.segment.as_str(), "general", "the cell wins");
+        assert_eq!(two.files().len(), 1);
+        assert_eq!(two.label, format!("{}: row 2 (line 4)", fleet.display()));
+    }
+
+    #[test]
+    fn bad_batches_name_file_row_and_column_and_report_every_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path());
+        std::fs::write(site.join("keys/bad.pub"), "ssh-ed25519 AAAAnotbase64!! x\n").unwrap();
+        let good = "keys/ops.pub,wifi.toml,secrets.toml,recipients.txt";
+        let f = |rows: &str| format!("{HEADER}{rows}");
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (f(&format!(",cam-1,,{good}\n")), vec!["row 1 (line 2), column device_id: missing; every row needs a device_id"]),
+            (
+                f(&format!("cam-1,cam-1,,{good}\ncam-2,cam-2,,,,,\ncam-1,cam-3,,,,,\n")),
+                vec!["row 3 (line 4), column device_id: \"cam-1\" is already the device_id of row 1 (line 2); device ids must be unique"],
+            ),
+            (f("cam-1,cam_1,,,,,\n"), vec!["row 1 (line 2), column hostname: \"cam_1\" is not a valid host name"]),
+            (f("cam-1,cam-1,beta,,,,\n"), vec!["row 1 (line 2), column segment: unknown segment \"beta\""]),
+            (f("cam-1,cam-1,,keys/missing.pub,,,\n"), vec!["row 1 (line 2), column authorized_keys: cannot read", "keys/missing.pub"]),
+            (
+                f("cam-1,cam-1,,,wifi.toml,secrets.toml,nope.txt\n"),
+                vec!["row 1 (line 2), column recipients_file: cannot read", "nope.txt"],
+            ),
+            (
+                f("cam-1,cam-1,,keys/bad.pub,,,\n"),
+                vec!["row 1 (line 2), column authorized_keys (", "keys/bad.pub): authorized_keys: line 1: not an SSH public key"],
+            ),
+            (
+                f("cam-1,cam-1,,,wifi.toml,secrets.toml,\n"),
+                vec!["row 1 (line 2), column secrets: ", "must be encrypted to the device: give its age recipient"],
+            ),
+            (
+                "device_id,hostnme\ncam-1,cam-1\n".to_string(),
+                vec!["line 1, column 2 \"hostnme\" is not a known column"],
+            ),
+            ("hostname\ncam-1\n".to_string(), vec!["line 1: no device_id column"]),
+            (f("cam-1,cam-1\n"), vec!["row 1 (line 2): CSV error"]),
+            // Every bad row is reported, not just the first.
+            (
+                f("cam-1,cam_1,,,,,\ncam-2,cam-2,beta,,,,\n"),
+                vec!["2 problems found, nothing written", "row 1 (line 2), column hostname", "row 2 (line 3), column segment"],
+            ),
+        ];
+        for (text, wants) in cases {
+            let fleet = csv(&site, &text);
+            let e = format!("{:#}", batch(&fleet, &template_args(&site)).unwrap_err());
+            assert!(e.contains(&fleet.display().to_string()), "names the file: {e}");
+            for want in wants {
+                assert!(e.contains(want), "want {want:?} in:\n{e}");
+            }
+        }
+        // A value missing everywhere names the ways to give it.
+        let fleet = csv(&site, "device_id,hostname\ncam-1,cam-1\n");
+        let e = format!("{:#}", batch(&fleet, &DeviceArgs::default()).unwrap_err());
+        assert!(
+            e.contains(
+                "row 1 (line 2): role: missing; give it as a role column or role in --device"
+            ),
+            "{e}"
+        );
+        // A flag's bad value names the flag; a template's names the file and field.
+        let args = DeviceArgs {
+            segment: Some("beta".into()),
+            device_id: Some("x".into()),
+            hostname: Some("x".into()),
+            ..template_args(&site)
+        };
+        let e = format!("{:#}", single(&args).unwrap_err());
+        assert!(e.contains("--segment: unknown segment \"beta\""), "{e}");
+        std::fs::write(site.join("t2.toml"), "role = \"Bad Role\"\nsegment = \"canary\"\n[channel]\nname = \"s\"\nurl = \"https://x.example\"\n").unwrap();
+        let args = DeviceArgs {
+            device: Some(site.join("t2.toml")),
+            device_id: Some("x".into()),
+            hostname: Some("x".into()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", single(&args).unwrap_err());
+        assert!(e.contains("t2.toml: role: "), "{e}");
+        std::fs::write(site.join("t3.toml"), "rolle = \"x\"\n").unwrap();
+        let args = DeviceArgs { device: Some(site.join("t3.toml")), ..Default::default() };
+        let e = format!("{:#}", single(&args).unwrap_err());
+        assert!(e.contains("t3.toml: unknown field `rolle`"), "{e}");
+    }
+
+    #[test]
+    fn in_place_then_inspect_and_flash_with_the_new_bmap() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path());
+        let img = golden(dir.path(), 16 << 20);
+        let args = DeviceArgs {
+            device_id: Some("pi-0042".into()),
+            hostname: Some("cam-0042".into()),
+            authorized_keys: Some(site.join("keys/ops.pub")),
+            wifi: Some(site.join("wifi.toml")),
+            secrets: Some(site.join("secrets.toml")),
+            recipients: vec![prov::identity::recipient_from_otp_key(&[1; 32])],
+            ..template_args(&site)
+        };
+        let device = single(&args).unwrap();
+        let before = inspect(&img).unwrap();
+        assert!(before.is_empty(), "{before:?}");
+        in_place(&img, &device, &mut flash::AssumeYes, &Progress::quiet()).unwrap();
+        let info = inspect(&img).unwrap();
+        assert_eq!(info.device_id.as_deref(), Some("pi-0042"));
+        assert_eq!(info.hostname.as_deref(), Some("cam-0042"));
+        assert_eq!(info.segment.as_deref(), Some("canary"));
+        assert!(info.secrets && info.problems.is_empty(), "{info:?}");
+        assert_eq!(info.wifi_networks, ["Shop floor"]);
+        assert_eq!(info.ssh_keys.len(), 1);
+        let text = render(&info);
+        assert!(
+            text.contains("device_id:   pi-0042") && text.contains("content not shown"),
+            "{text}"
+        );
+        let bytes = std::fs::read(&img).unwrap();
+        assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "no plain secret");
+        // The bmap next to it was rewritten: flashing the provisioned image works.
+        let out = dir.path().join("card.img");
+        let opts =
+            flash::FlashOptions { image: img, bmap: None, target: out.clone(), verify: true };
+        flash::flash(&opts, None, &mut flash::AssumeYes, &Progress::quiet()).unwrap();
+        assert_eq!(inspect(&out).unwrap().device_id.as_deref(), Some("pi-0042"));
+    }
+
+    #[test]
+    fn a_full_partition_or_a_bad_device_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path());
+        // 4 MiB: formatted, but too small for a megabyte of keys three times over... the
+        // largest file accepted is 1 MiB, so the files are sized to the partition instead.
+        let img = golden(dir.path(), 4 << 20);
+        let before = sha256_file(&img).unwrap();
+        let mut keys = String::new();
+        while keys.len() < (1 << 20) - 200 {
+            keys += KEY;
+            keys.push('\n');
+        }
+        std::fs::write(site.join("keys/many.pub"), &keys).unwrap();
+        let mut args = template_args(&site);
+        args.device_id = Some("pi-1".into());
+        args.hostname = Some("pi-1".into());
+        args.authorized_keys = Some(site.join("keys/many.pub"));
+        let device = single(&args).unwrap();
+        let part = find_partition(&img).unwrap();
+        // Fill the room: a partition just larger than the files, so that FAT's own overhead
+        // makes it overflow.
+        let tight = device.files().iter().map(|(_, b)| b.len() as u64).sum::<u64>() + 4096;
+        let e = format!("{:#}", build_partition(&img, tight, &device).unwrap_err());
+        assert!(
+            e.contains("the provision partition (1.0 MiB) is full") && e.contains("pi-1"),
+            "{e}"
+        );
+        assert!(e.contains("device.toml, authorized_keys"), "{e}");
+        assert!(part.len > tight);
+        // In place, on an image whose provision partition is too small: refused before
+        // anything is written (the image, its bmap and its .zst are unchanged).
+        let small_dir = dir.path().join("small");
+        let small = golden(&small_dir, 1 << 20);
+        let sums = |d: &Path| {
+            ["fleet-1.0.0.img", "fleet-1.0.0.bmap"].map(|n| sha256_file(&d.join(n)).unwrap())
+        };
+        let small_before = sums(&small_dir);
+        let e = format!(
+            "{:#}",
+            in_place(&small, &device, &mut flash::AssumeYes, &Progress::quiet()).unwrap_err()
+        );
+        assert!(
+            e.contains("small/fleet-1.0.0.img: the provision partition (1.0 MiB) is full"),
+            "{e}"
+        );
+        assert_eq!(sums(&small_dir), small_before);
+        // So is flashing it with that device: the target is never created.
+        let e = format!("{:#}", overlay(&small, &device).unwrap_err());
+        assert!(e.contains("is full"), "{e}");
+        // A bad device (unknown segment) writes nothing either.
+        let mut bad = args;
+        bad.segment = Some("beta".into());
+        assert!(single(&bad).is_err());
+        assert_eq!(sha256_file(&img).unwrap(), before);
+    }
 }
