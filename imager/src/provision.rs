@@ -1347,4 +1347,106 @@ mod tests {
         assert!(single(&bad).is_err());
         assert_eq!(sha256_file(&img).unwrap(), before);
     }
+
+    fn two_devices(site: &Path) -> Vec<Device> {
+        let fleet = csv(
+            site,
+            "device_id,hostname,authorized_keys\ncam-1,cam-1,keys/ops.pub\ncam-2,cam-2,\n",
+        );
+        batch(&fleet, &template_args(site)).unwrap()
+    }
+
+    #[test]
+    fn a_batch_into_per_device_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path());
+        let img = golden(dir.path(), 16 << 20);
+        let zst = dir.path().join("fleet-1.0.0.img.zst");
+        let golden_sum = sha256_file(&img).unwrap();
+        let out = dir.path().join("out");
+        // From the compressed image: its GPT is read from the stream's head.
+        let written = to_folder(&zst, None, &two_devices(&site), &out, &Progress::quiet()).unwrap();
+        assert_eq!(written.len(), 2);
+        for (w, id) in written.iter().zip(["cam-1", "cam-2"]) {
+            assert_eq!(w.image, out.join(format!("fleet-1.0.0-{id}.img")));
+            assert_eq!(inspect(&w.image).unwrap().device_id.as_deref(), Some(id));
+            // Each comes with a bmap that bmaptool accepts, and stays sparse.
+            let copy = dir.path().join(format!("{id}.copy"));
+            let st = std::process::Command::new("bmaptool")
+                .args(["-q", "copy", "--bmap"])
+                .arg(&w.bmap)
+                .arg(&w.image)
+                .arg(&copy)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            assert_eq!(sha256_file(&copy).unwrap(), sha256_file(&w.image).unwrap());
+            let f = File::open(&w.image).unwrap();
+            let data: u64 =
+                crate::output::data_ranges(&f).unwrap().iter().map(|(a, b)| b - a).sum();
+            assert!(data < 4 << 20, "{data} bytes of data: not sparse");
+        }
+        assert_eq!(inspect(&written[0].image).unwrap().ssh_keys.len(), 1);
+        assert!(inspect(&written[1].image).unwrap().ssh_keys.is_empty());
+        assert_eq!(sha256_file(&img).unwrap(), golden_sum, "the golden image is untouched");
+        assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
+    }
+
+    /// Answers the card prompts from a script, and can change the "card" between tries.
+    struct Script<F: FnMut(&str, Option<&str>) -> CardAction>(F, Vec<String>);
+
+    impl<F: FnMut(&str, Option<&str>) -> CardAction> CardPrompt for Script<F> {
+        fn next(
+            &mut self,
+            d: &Device,
+            _: usize,
+            _: usize,
+            _: &Path,
+            problem: Option<&str>,
+        ) -> Result<CardAction> {
+            self.1.push(format!("{}:{}", d.id, problem.unwrap_or("-")));
+            Ok((self.0)(&d.id, problem))
+        }
+    }
+
+    #[test]
+    fn card_after_card_with_a_retry_a_skip_and_a_quit() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = site(dir.path());
+        let img = golden(dir.path(), 16 << 20);
+        let card = dir.path().join("card.img");
+        let mut devices = two_devices(&site);
+        devices.push(devices[0].clone());
+        devices[2].id = "cam-3".into();
+        // cam-1: the first "card" is too small; the operator swaps it and it is written.
+        // cam-2: skipped. cam-3: quit.
+        std::fs::write(&card, vec![1u8; 1 << 20]).unwrap();
+        let card2 = card.clone();
+        let mut script = Script(
+            move |id: &str, problem: Option<&str>| match (id, problem) {
+                ("cam-1", Some(_)) => {
+                    std::fs::remove_file(&card2).unwrap();
+                    CardAction::Write
+                }
+                ("cam-1", None) => CardAction::Write,
+                ("cam-2", _) => CardAction::Skip,
+                _ => CardAction::Quit,
+            },
+            Vec::new(),
+        );
+        let done =
+            cards(&img, None, &devices, &card, true, &mut script, &Progress::quiet()).unwrap();
+        assert_eq!(done, ["cam-1"]);
+        assert_eq!(script.1.len(), 4, "{:?}", script.1);
+        assert!(
+            script.1[1].starts_with("cam-1:") && script.1[1].contains("too small"),
+            "{:?}",
+            script.1
+        );
+        assert_eq!(inspect(&card).unwrap().device_id.as_deref(), Some("cam-1"));
+    }
 }
