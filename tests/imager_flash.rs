@@ -88,3 +88,208 @@ fn refuses_a_folder_and_a_missing_image() {
     assert!(!out.status.success());
     assert!(stderr.contains("opening") && stderr.contains("nope.img"), "{stderr}");
 }
+
+/// A small image laid out as `imager build` does (GPT, an empty provision FAT), with its bmap.
+fn golden(dir: &Path) -> PathBuf {
+    use imager::image::{write_gpt, Ids, Layout};
+    let layout = Layout::new(&imager::recipe::Partitions {
+        config: 4 << 20,
+        boot: 4 << 20,
+        root: 8 << 20,
+        provision: 16 << 20,
+        data: 4 << 20,
+    });
+    let img = dir.join("fleet-1.0.0.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
+    f.set_len(layout.disk_size).unwrap();
+    write_gpt(&f, &layout, &Ids::new("fleet", &"1.0.0".parse().unwrap())).unwrap();
+    let p = layout.get("provision");
+    let region = imager::fat::Region { file: &f, start: p.start, len: p.len };
+    imager::fat::format(region, "provision", 7).unwrap();
+    f.sync_all().unwrap();
+    imager::output::write_bmap(&img, &dir.join("fleet-1.0.0.bmap")).unwrap();
+    img
+}
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr ops@example";
+
+fn site(dir: &Path) -> PathBuf {
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(
+        site.join("device.toml"),
+        "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n",
+    )
+    .unwrap();
+    std::fs::write(site.join("ops.pub"), format!("{KEY}\n")).unwrap();
+    std::fs::write(site.join("secrets.toml"), "api_token = \"s3cr3t-do-not-show\"\n").unwrap();
+    site
+}
+
+#[test]
+fn flash_and_provision_in_one_pass_then_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = golden(dir.path());
+    let site = site(dir.path());
+    let card = dir.path().join("card.img");
+    let recipient = updater::provision::identity::recipient_from_otp_key(&[9; 32]);
+    let out = imager()
+        .arg("flash")
+        .arg(&img)
+        .arg(&card)
+        .arg("--yes")
+        .arg("--device")
+        .arg(site.join("device.toml"))
+        .args(["--device-id", "pi-0042", "--hostname", "cam-0042"])
+        .arg("--authorized-keys")
+        .arg(site.join("ops.pub"))
+        .arg("--secrets")
+        .arg(site.join("secrets.toml"))
+        .args(["--recipient", &recipient])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("provision partition written and verified"), "{stderr}");
+
+    let out = imager().arg("inspect").arg(&card).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "device_id:   pi-0042",
+        "hostname:    cam-0042",
+        "segment:     canary",
+        "secrets.age (encrypted; content not shown)",
+        "valid:       yes",
+    ] {
+        assert!(text.contains(want), "{want:?} in:\n{text}");
+    }
+    let card_bytes = std::fs::read(&card).unwrap();
+    assert!(
+        !text.contains("s3cr3t") && !card_bytes.windows(6).any(|w| w == b"s3cr3t"),
+        "no plain secret anywhere"
+    );
+    let out = imager().arg("inspect").arg(&card).arg("--json").output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["provision"]["device_id"], "pi-0042");
+}
+
+#[test]
+fn provision_batches_validate_every_row_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = golden(dir.path());
+    let site = site(dir.path());
+    let tmpl = site.join("device.toml");
+    let fleet = site.join("fleet.csv");
+    std::fs::write(
+        &fleet,
+        "device_id,hostname,authorized_keys\ncam-1,cam-1,ops.pub\ncam-2,cam-2,\n",
+    )
+    .unwrap();
+
+    // --check: validates, writes nothing.
+    let out = imager()
+        .arg("provision")
+        .arg(&img)
+        .arg("--batch")
+        .arg(&fleet)
+        .arg("--device")
+        .arg(&tmpl)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+
+    // A bad row anywhere: nothing written, every problem named.
+    std::fs::write(&fleet, "device_id,hostname,authorized_keys\ncam-1,cam-1,ops.pub\ncam-2,cam_2,missing.pub\ncam-1,cam-3,\n").unwrap();
+    let outdir = dir.path().join("out");
+    let out = imager()
+        .arg("provision")
+        .arg(&img)
+        .arg("--batch")
+        .arg(&fleet)
+        .arg("--device")
+        .arg(&tmpl)
+        .arg("-o")
+        .arg(&outdir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for want in [
+        "3 problems found, nothing written",
+        "fleet.csv: row 2 (line 3), column hostname: \"cam_2\" is not a valid host name",
+        "fleet.csv: row 2 (line 3), column authorized_keys: cannot read",
+        "fleet.csv: row 3 (line 4), column device_id: \"cam-1\" is already the device_id of row 1 (line 2)",
+    ] {
+        assert!(stderr.contains(want), "{want:?} in:\n{stderr}");
+    }
+    assert!(!outdir.exists(), "nothing written");
+
+    // Good rows into per-device images.
+    std::fs::write(
+        &fleet,
+        "device_id,hostname,authorized_keys\ncam-1,cam-1,ops.pub\ncam-2,cam-2,\n",
+    )
+    .unwrap();
+    let out = imager()
+        .arg("provision")
+        .arg(&img)
+        .arg("--batch")
+        .arg(&fleet)
+        .arg("--device")
+        .arg(&tmpl)
+        .arg("-o")
+        .arg(&outdir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for id in ["cam-1", "cam-2"] {
+        let out = imager()
+            .arg("inspect")
+            .arg(outdir.join(format!("fleet-1.0.0-{id}.img")))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("device_id:   {id}")));
+    }
+
+    // Card after card needs a terminal; a batch needs somewhere to go.
+    let out = imager()
+        .arg("provision")
+        .arg(&img)
+        .arg(dir.path().join("card.img"))
+        .arg("--batch")
+        .arg(&fleet)
+        .arg("--device")
+        .arg(&tmpl)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("card after card needs a terminal"), "{stderr}");
+    assert!(!dir.path().join("card.img").exists());
+    let out = imager()
+        .arg("provision")
+        .arg(&img)
+        .arg("--batch")
+        .arg(&fleet)
+        .arg("--device")
+        .arg(&tmpl)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give one of them"));
+
+    // One device in place on the image file.
+    let out = imager()
+        .arg("provision")
+        .arg(&img)
+        .arg("--device")
+        .arg(&tmpl)
+        .args(["--device-id", "solo", "--hostname", "solo"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = imager().arg("inspect").arg(&img).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("device_id:   solo"));
+}

@@ -951,7 +951,22 @@ mod tests {
         }
         let e = err(&opts(&fx.img, &dev));
         let e2 = err(&opts(&fx.img, &backing));
+        // Provisioning in place refuses it too.
+        let args = crate::provision::DeviceArgs {
+            device_id: Some("pi-1".into()),
+            role: Some("camera-single".into()),
+            segment: Some("canary".into()),
+            hostname: Some("pi-1".into()),
+            channel: Some("stable".into()),
+            channel_url: Some("https://updates.example.com/fleet".into()),
+            ..Default::default()
+        };
+        let device = crate::provision::single(&args).unwrap();
+        let e3 = crate::provision::in_place(&dev, &device, &mut AssumeYes, &Progress::quiet())
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
         let _ = std::process::Command::new("umount").arg(&mnt).status();
+        assert!(e3.contains("is mounted"), "{e3}");
         assert!(e.contains("is mounted") && e.contains(&mnt.display().to_string()), "{e}");
         assert!(e2.contains("backed by this file is mounted"), "{e2}");
     }
