@@ -65,6 +65,29 @@ pub enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Write an image to an SD card (block device) or a file through its block map, then read
+    /// it back against the map's checksums. Refuses a mounted target, the disk this machine
+    /// runs from, a target smaller than the image, and an image that does not match its map.
+    Flash {
+        /// The image: `.img`, or `.img.zst` (decompressed as it streams, no temporary copy).
+        image: PathBuf,
+        /// A block device (e.g. /dev/sdX, /dev/mmcblkN) or a file: a missing or empty file is
+        /// created sparse with the image's size; a larger file is written like a card.
+        target: PathBuf,
+        /// The block map; default: NAME.bmap or NAME.img.bmap next to NAME.img[.zst].
+        #[arg(long, value_name = "FILE")]
+        bmap: Option<PathBuf>,
+        /// Do not ask before writing (without it, flash asks on a terminal and refuses
+        /// without one).
+        #[arg(long, short)]
+        yes: bool,
+        /// Skip reading the written ranges back.
+        #[arg(long)]
+        no_verify: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a signed OS bundle (.mfb) from an image built by `imager build`.
     Bundle {
         /// The disk image; its boot_a and root_a partitions go into the bundle.
@@ -162,6 +185,17 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", crate::inspect::render(&info));
             }
+            Ok(())
+        }
+        Command::Flash { image, target, bmap, yes, no_verify, json } => {
+            let progress = Progress::detect();
+            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+            let report =
+                crate::flash::flash(&opts, None, &mut *crate::flash::confirmation(yes), &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            eprintln!("{}", report.summary());
             Ok(())
         }
         Command::Keygen { dir, name } => {
