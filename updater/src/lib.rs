@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cmdline;
 pub mod disk;
 pub mod failpoint;
+pub mod firstboot;
 pub mod health;
 pub mod history;
 pub mod http;
