@@ -680,7 +680,7 @@ pub fn build_partition(image: &Path, len: u64, device: &Device) -> Result<Vec<u8
     let names = device.files().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
     let full = || {
         anyhow::anyhow!(
-            "{}: the provision partition ({:.1} MiB) is full: {}'s files ({names}: {needed} bytes) do not fit; nothing written",
+            "{}: the provision partition ({:.1} MiB) is full: the files of {} ({names}: {needed} bytes) do not fit; nothing written",
             image.display(),
             len as f64 / (1 << 20) as f64,
             device.label
