@@ -287,6 +287,10 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
                 }
                 (None, Some(target)) if batch.is_some() => {
+                    use std::io::IsTerminal;
+                    if !std::io::stdin().is_terminal() {
+                        anyhow::bail!("writing card after card needs a terminal to ask for the next card; standard input is not one (use --output DIR for per-device images instead)");
+                    }
                     let done = p::cards(
                         &image,
                         bmap.as_deref(),

@@ -1268,6 +1268,12 @@ mod tests {
         let device = single(&args).unwrap();
         let before = inspect(&img).unwrap();
         assert!(before.is_empty(), "{before:?}");
+        let zst = dir.path().join("fleet-1.0.0.img.zst");
+        let e = format!(
+            "{:#}",
+            in_place(&zst, &device, &mut flash::AssumeYes, &Progress::quiet()).unwrap_err()
+        );
+        assert!(e.contains("a compressed image cannot be provisioned in place"), "{e}");
         in_place(&img, &device, &mut flash::AssumeYes, &Progress::quiet()).unwrap();
         let info = inspect(&img).unwrap();
         assert_eq!(info.device_id.as_deref(), Some("pi-0042"));
