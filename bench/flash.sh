@@ -45,33 +45,37 @@ mapped=$(python3 -c "import re,sys; t=open(sys.argv[1]).read(); m=re.search(r'<M
 size=$(stat -c %s "$IMG")
 echo "image: $SIZE_MIB MiB, $(( mapped * 100 / size ))% mapped, in $WORK" >&2
 
-now() { date +%s.%N; }
-secs() { python3 -c "print(round($2 - $1, 3))"; }
+# Each command runs under /usr/bin/time: wall seconds, and CPU seconds (user + system), since on
+# a shared machine a command that needs the CPU (hashing) waits for it and one that waits for
+# the disk (dd) does not.
+timed() { /usr/bin/time -f "%e %U %S" -o "$WORK/time" "$@"; read -r wall user sys < "$WORK/time"; cpu=$(python3 -c "print(round($user + $sys, 2))"); }
 best() { python3 -c "import sys; print(min(float(x) for x in sys.argv[1:]))" "$@"; }
-dd_times=(); flash_times=(); noverify_times=()
+dd_t=(); fl_t=(); nv_t=(); dd_c=(); fl_c=(); nv_c=(); steps=""
 for r in $(seq "$ROUNDS"); do
   rm -f "$WORK/dd.out" "$WORK/flash.out" "$WORK/noverify.out"; sync
-  t0=$(now); dd if="$IMG" of="$WORK/dd.out" bs=4M conv=fsync status=none; t1=$(now)
-  dd_times+=("$(secs "$t0" "$t1")")
-  sync
-  t0=$(now); "$BIN" flash "$IMG" "$WORK/flash.out" --bmap "$WORK/bench.bmap" --yes 2>/dev/null; t1=$(now)
-  flash_times+=("$(secs "$t0" "$t1")")
-  sync
-  t0=$(now); "$BIN" flash "$IMG" "$WORK/noverify.out" --bmap "$WORK/bench.bmap" --yes --no-verify 2>/dev/null; t1=$(now)
-  noverify_times+=("$(secs "$t0" "$t1")")
+  timed dd if="$IMG" of="$WORK/dd.out" bs=4M conv=fsync status=none
+  dd_t+=("$wall"); dd_c+=("$cpu"); sync
+  timed "$BIN" flash "$IMG" "$WORK/flash.out" --bmap "$WORK/bench.bmap" --yes --json 2>/dev/null >"$WORK/report.json"
+  fl_t+=("$wall"); fl_c+=("$cpu"); sync
+  # The imager's own split of its time: check / write (with fsync) / verify.
+  steps="$steps$(python3 -c "import json; r=json.load(open('$WORK/report.json')); print(f\"{r['check_seconds']:.2f}/{r['write_seconds']:.2f}/{r['verify_seconds']:.2f}\")") "
+  timed "$BIN" flash "$IMG" "$WORK/noverify.out" --bmap "$WORK/bench.bmap" --yes --no-verify 2>/dev/null
+  nv_t+=("$wall"); nv_c+=("$cpu")
   cmp -s "$IMG" "$WORK/flash.out" || { echo "flash.out differs from the image" >&2; exit 1; }
   cmp -s "$IMG" "$WORK/dd.out" || { echo "dd.out differs from the image" >&2; exit 1; }
-  echo "round $r: dd ${dd_times[-1]}s, imager flash ${flash_times[-1]}s, imager flash --no-verify ${noverify_times[-1]}s" >&2
+  echo "round $r: dd ${dd_t[-1]}s (cpu ${dd_c[-1]}s), imager flash ${fl_t[-1]}s (cpu ${fl_c[-1]}s; check/write/verify $(echo $steps | awk '{print $NF}') s), --no-verify ${nv_t[-1]}s (cpu ${nv_c[-1]}s)" >&2
 done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores" >&2
 
-python3 - "$size" "$mapped" "$(best "${dd_times[@]}")" "$(best "${flash_times[@]}")" "$(best "${noverify_times[@]}")" <<'EOF'
+python3 - "$size" "$mapped" "$(best "${dd_t[@]}")" "$(best "${fl_t[@]}")" "$(best "${nv_t[@]}")" \
+  "$(best "${dd_c[@]}")" "$(best "${fl_c[@]}")" "$(best "${nv_c[@]}")" <<'EOF'
 import sys
 size, mapped = int(sys.argv[1]), int(sys.argv[2])
-dd, fl, nv = map(float, sys.argv[3:6])
+dd, fl, nv, ddc, flc, nvc = map(float, sys.argv[3:9])
 mb = lambda b, s: b / 1e6 / s
 print(f"image                          {size/2**20:.0f} MiB, {mapped/2**20:.0f} MiB mapped ({100*mapped/size:.0f}%)")
-print(f"dd bs=4M conv=fsync            {dd:6.2f} s  {mb(size, dd):8.1f} MB/s written")
-print(f"imager flash (verified)        {fl:6.2f} s  {mb(size, fl):8.1f} MB/s effective, {mb(mapped, fl):.1f} MB/s written")
-print(f"imager flash --no-verify       {nv:6.2f} s  {mb(size, nv):8.1f} MB/s effective, {mb(mapped, nv):.1f} MB/s written")
+print(f"dd bs=4M conv=fsync            {dd:6.2f} s  {mb(size, dd):8.1f} MB/s written            (cpu {ddc:.2f} s)")
+print(f"imager flash (verified)        {fl:6.2f} s  {mb(size, fl):8.1f} MB/s effective, {mb(mapped, fl):.1f} MB/s written (cpu {flc:.2f} s)")
+print(f"imager flash --no-verify       {nv:6.2f} s  {mb(size, nv):8.1f} MB/s effective, {mb(mapped, nv):.1f} MB/s written (cpu {nvc:.2f} s)")
 print(f"time ratio flash / dd          {fl/dd:6.2f}x (target <= 0.5x; --no-verify: {nv/dd:.2f}x)")
 EOF
