@@ -293,3 +293,48 @@ fn provision_batches_validate_every_row_before_writing() {
     let out = imager().arg("inspect").arg(&img).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("device_id:   solo"));
 }
+
+/// An image built by `imager build` (the mini recipe): its `.img.zst` flashed and provisioned
+/// onto a larger "card" in one pass, then inspected; the card boots the same slots.
+#[test]
+fn a_built_image_flashed_and_provisioned_from_its_zst() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = common::mini_recipe(dir.path());
+    let out = dir.path().join("out");
+    common::run(
+        Command::new(env!("CARGO_BIN_EXE_imager"))
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .arg("build")
+            .arg(&recipe)
+            .arg("-o")
+            .arg(&out),
+    );
+    let img = out.join("mini-1.0.0.img");
+    let site = site(dir.path());
+    let card = dir.path().join("card.img");
+    let img_len = std::fs::metadata(&img).unwrap().len();
+    std::fs::File::create(&card).unwrap().set_len(img_len + (64 << 20)).unwrap();
+    let out = imager()
+        .arg("flash")
+        .arg(img.with_extension("img.zst"))
+        .arg(&card)
+        .arg("-y")
+        .arg("--device")
+        .arg(site.join("device.toml"))
+        .args(["--device-id", "mini-1", "--hostname", "mini-1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::metadata(&card).unwrap().len(),
+        img_len + (64 << 20),
+        "a card keeps its size"
+    );
+    let text = String::from_utf8(common::run(imager().arg("inspect").arg(&card)).stdout).unwrap();
+    for want in ["committed slot: a", "mini 1.0.0", "device_id:   mini-1", "valid:       yes"] {
+        assert!(text.contains(want), "{want:?} in:\n{text}");
+    }
+    // The image itself was not provisioned.
+    let text = String::from_utf8(common::run(imager().arg("inspect").arg(&img)).stdout).unwrap();
+    assert!(text.contains("(empty: not provisioned)"), "{text}");
+}
