@@ -196,9 +196,20 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
         let st = s.last_status().with_context(|| format!("boot {i} printed no status"))?;
         let p = &st["provisioning"];
         ensure!(p["device_id"] == DEVICE_ID, "boot {i}: status reports {p} (log {log})");
-        let want = if i == 1 { "ok" } else { "already-provisioned" };
-        ensure!(p["result"] == want, "boot {i}: provisioning result {} not {want}", p["result"]);
+        ensure!(p["result"] == "ok", "boot {i}: provisioning result {} (log {log})", p["result"]);
+        ensure!(p["hostname"] == HOSTNAME, "boot {i}: status reports {p} (log {log})");
     }
+    // First boot ran once; the second boot found it done.
+    let console = std::fs::read_to_string(&report.console_log)
+        .with_context(|| format!("reading {}", report.console_log.display()))?;
+    let lines: Vec<&str> = console.lines().filter(|l| !l.starts_with('{')).collect();
+    let done = lines.iter().filter(|l| l.contains("metrica: first boot done: ")).count();
+    let again =
+        lines.iter().filter(|l| l.contains(&format!("metrica: provisioned ({DEVICE_ID})"))).count();
+    ensure!(
+        (done, again) == (1, 1),
+        "expected one first boot and one provisioned boot, saw {done} and {again} (log {log})"
+    );
 
     // The host's view of the card after the run.
     let after = crate::disk::partitions(&card)?;

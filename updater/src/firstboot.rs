@@ -595,8 +595,19 @@ impl Platform for Linux {
         )
     }
 
-    fn grow_fs(&self, _disk: &Path, part: &Partition, data_dir: &Path) -> Result<()> {
+    fn grow_fs(&self, disk: &Path, part: &Partition, data_dir: &Path) -> Result<()> {
         use std::os::fd::AsFd;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        // Resize only the file system of this very partition: if /data is not mounted, the
+        // folder belongs to the root file system, which must never be touched.
+        let node = disk::partition_node(disk, part.number);
+        let dev =
+            std::fs::metadata(&node).with_context(|| format!("reading {}", node.display()))?;
+        let mounted = std::fs::metadata(data_dir)
+            .with_context(|| format!("reading {}", data_dir.display()))?;
+        if !dev.file_type().is_block_device() || dev.rdev() != mounted.dev() {
+            bail!("{} is not mounted at {}", node.display(), data_dir.display());
+        }
         let st = nix::sys::statvfs::statvfs(data_dir)
             .with_context(|| format!("statvfs {}", data_dir.display()))?;
         let block = st.fragment_size();

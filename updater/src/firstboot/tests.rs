@@ -194,6 +194,7 @@ fn a_power_cut_at_every_failpoint_then_a_good_boot_provisions_the_device() {
     for step in STEPS {
         assert!(names.iter().any(|n| n == step), "{step} not hit: {names:?}");
     }
+    eprintln!("first boot passes {} failpoints; cutting the power at each", names.len());
 
     for (i, name) in names.iter().enumerate() {
         let skip = names[..i].iter().filter(|n| *n == name).count();
