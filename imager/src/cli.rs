@@ -66,6 +66,67 @@ pub enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Write an image to an SD card (block device) or a file through its block map, then read
+    /// it back against the map's checksums. Refuses a mounted target, the disk this machine
+    /// runs from, a target smaller than the image, and an image that does not match its map.
+    Flash {
+        /// The image: `.img`, or `.img.zst` (decompressed as it streams, no temporary copy).
+        image: PathBuf,
+        /// A block device (e.g. /dev/sdX, /dev/mmcblkN) or a file: a missing or empty file is
+        /// created sparse with the image's size; a larger file is written like a card.
+        target: PathBuf,
+        /// The block map; default: NAME.bmap or NAME.img.bmap next to NAME.img[.zst].
+        #[arg(long, value_name = "FILE")]
+        bmap: Option<PathBuf>,
+        /// Do not ask before writing (without it, flash asks on a terminal and refuses
+        /// without one).
+        #[arg(long, short)]
+        yes: bool,
+        /// Skip reading the written ranges back.
+        #[arg(long)]
+        no_verify: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Provision in the same pass: any of these writes the provision partition for one
+        /// device after the image (see `imager provision`).
+        #[command(flatten, next_help_heading = "Provisioning (one device)")]
+        device: crate::provision::DeviceArgs,
+    },
+    /// Write the provision partition: of an image file or card in place, of per-device copies
+    /// of an image (--output), or onto cards flashed one after the other (TARGET). Every device
+    /// and file is validated before anything is written.
+    Provision {
+        /// The image (.img or .img.zst). Without TARGET or --output: the image file or card
+        /// (block device) whose provision partition is rewritten in place.
+        image: PathBuf,
+        /// A card (block device) or file to flash with the image and provision; with --batch,
+        /// card after card (asks for each).
+        target: Option<PathBuf>,
+        /// One device per row of this CSV (columns: docs/provisioning.md, "imager provision").
+        #[arg(long, value_name = "FLEET.CSV")]
+        batch: Option<PathBuf>,
+        /// Write DIR/NAME-DEVICE_ID.img and .bmap per device instead of a TARGET.
+        #[arg(long, short, value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// The image's block map (for TARGET and --output); default: next to the image.
+        #[arg(long, value_name = "FILE")]
+        bmap: Option<PathBuf>,
+        /// Do not ask before writing a card.
+        #[arg(long, short)]
+        yes: bool,
+        /// Skip reading the image back from a TARGET.
+        #[arg(long)]
+        no_verify: bool,
+        /// Only validate (every device, every file, the partition's room) and write nothing.
+        #[arg(long)]
+        check: bool,
+        #[command(
+            flatten,
+            next_help_heading = "Device (flags; with --batch, defaults for every row)"
+        )]
+        device: crate::provision::DeviceArgs,
+    },
     /// Make a signed OS bundle (.mfb) from an image built by `imager build`.
     Bundle {
         /// The disk image; its boot_a and root_a partitions go into the bundle.
@@ -446,6 +507,103 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 print!("{}", crate::inspect::render(&info));
+            }
+            Ok(())
+        }
+        Command::Flash { image, target, bmap, yes, no_verify, json, device } => {
+            let progress = Progress::detect();
+            let overlay = if device.any() {
+                let d = crate::provision::single(&device)?;
+                Some(crate::provision::overlay(&image, &d)?)
+            } else {
+                None
+            };
+            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+            let report = crate::flash::flash(
+                &opts,
+                overlay.as_ref(),
+                &mut *crate::flash::confirmation(yes),
+                &progress,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            eprintln!("{}", report.summary());
+            Ok(())
+        }
+        Command::Provision {
+            image,
+            target,
+            batch,
+            output,
+            bmap,
+            yes,
+            no_verify,
+            check,
+            device,
+        } => {
+            use crate::provision as p;
+            let progress = Progress::detect();
+            if target.is_some() && output.is_some() {
+                anyhow::bail!("give either a TARGET or --output DIR, not both");
+            }
+            let devices = match &batch {
+                Some(csv) => p::batch(csv, &device)?,
+                None if device.any() => vec![p::single(&device)?],
+                None => anyhow::bail!(
+                    "nothing to provision: give --device FILE and/or device flags, or --batch FLEET.CSV"
+                ),
+            };
+            // The partition's room, for every device, before anything is written.
+            let part = p::find_partition(&image)?;
+            for d in &devices {
+                p::build_partition(&image, part.len, d)?;
+            }
+            if check {
+                for d in &devices {
+                    println!("{}	{}	{}", d.id, d.hostname, d.label);
+                }
+                eprintln!("{} device(s) valid; nothing written (--check)", devices.len());
+                return Ok(());
+            }
+            match (output, target) {
+                (Some(out), _) => {
+                    let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, &progress)?;
+                    eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
+                }
+                (None, Some(target)) if batch.is_some() => {
+                    use std::io::IsTerminal;
+                    if !std::io::stdin().is_terminal() {
+                        anyhow::bail!("writing card after card needs a terminal to ask for the next card; standard input is not one (use --output DIR for per-device images instead)");
+                    }
+                    let done = p::cards(
+                        &image,
+                        bmap.as_deref(),
+                        &devices,
+                        &target,
+                        !no_verify,
+                        &mut p::TerminalCards,
+                        &progress,
+                    )?;
+                    eprintln!("wrote {} of {} card(s): {}", done.len(), devices.len(), done.join(", "));
+                }
+                (None, Some(target)) => {
+                    let overlay = p::overlay(&image, &devices[0])?;
+                    let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+                    let report = crate::flash::flash(
+                        &opts,
+                        Some(&overlay),
+                        &mut *crate::flash::confirmation(yes),
+                        &progress,
+                    )?;
+                    eprintln!("{}", report.summary());
+                }
+                (None, None) if batch.is_some() => anyhow::bail!(
+                    "a batch writes per-device images (--output DIR) or cards (TARGET); give one of them"
+                ),
+                (None, None) => {
+                    p::in_place(&image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
+                }
             }
             Ok(())
         }

@@ -44,6 +44,8 @@ pub struct ImageInfo {
     pub autoboot: Option<String>,
     pub committed_slot: Option<Slot>,
     pub slots: Vec<SlotInfo>,
+    /// What the provision partition holds (never a secret's content).
+    pub provision: Option<crate::provision::ProvisionInfo>,
 }
 
 fn region<'a>(file: &'a File, p: &Partition) -> Region<'a> {
@@ -98,6 +100,12 @@ pub fn inspect_image(image: &Path) -> Result<ImageInfo> {
             .and_then(|t| Release::from_toml(&t).ok());
         slots.push(SlotInfo { slot, cmdline, release });
     }
+    let provision = find(crate::provision::PARTITION).map(|_| {
+        crate::provision::inspect(image).unwrap_or_else(|e| crate::provision::ProvisionInfo {
+            problems: vec![format!("{e:#}")],
+            ..Default::default()
+        })
+    });
     Ok(ImageInfo {
         path: image.display().to_string(),
         size,
@@ -105,6 +113,7 @@ pub fn inspect_image(image: &Path) -> Result<ImageInfo> {
         autoboot,
         committed_slot,
         slots,
+        provision,
     })
 }
 
@@ -160,6 +169,9 @@ pub fn render(info: &ImageInfo) -> String {
                 let _ = writeln!(s, "  version:     (no readable {RELEASE_PATH})");
             }
         }
+    }
+    if let Some(p) = &info.provision {
+        s += &crate::provision::render(p);
     }
     s
 }

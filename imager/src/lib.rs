@@ -3,12 +3,14 @@
 //! Pure logic (recipe checks, layout math, bmap ranges) sits beside the I/O that uses it;
 //! external tools are only e2fsprogs (`mke2fs`, `debugfs`) and `dpkg-deb`.
 
+pub mod bmap;
 pub mod build;
 pub mod bundle;
 pub mod cli;
 pub mod cmd;
 pub mod ext4;
 pub mod fat;
+pub mod flash;
 pub mod image;
 pub mod initramfs;
 pub mod inspect;
@@ -16,6 +18,8 @@ pub mod keys;
 pub mod output;
 pub mod packages;
 pub mod progress;
+pub mod provision;
 pub mod publish;
 pub mod recipe;
 pub mod rootfs;
+pub mod target;

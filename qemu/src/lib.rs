@@ -21,6 +21,7 @@ pub mod fixtures;
 pub mod flows;
 pub mod harness;
 pub mod machine;
+pub mod provisioning;
 pub mod qmp;
 pub mod reset;
 pub mod scenario;

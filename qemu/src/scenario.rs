@@ -202,6 +202,11 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "SIGKILL at random moments during a commit (--cuts N): a good slot boots, a new install succeeds",
         body: Some(power_cut_commit),
     },
+    Scenario {
+        name: "provision-grow",
+        summary: "2 GiB image flashed to a 4 GiB card and provisioned: first boot grows /data to the card, applies host name and SSH keys; status reports the device_id",
+        body: Some(crate::provisioning::provision_grow),
+    },
 ];
 
 /// Looks a scenario up by name.

@@ -135,8 +135,15 @@ pub enum Command {
         #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_LISTEN)]
         listen: String,
     },
-    /// Show slots, versions, committed and booted slot, trial, channel, connectivity, last
-    /// error and recent history (`--json`: the same JSON as the daemon's /status).
+    /// Zero-touch first boot, run by init before anything else: validate the provision
+    /// partition, grow `data` to the end of the card, create the /data layout, apply host
+    /// name, SSH keys and Wi-Fi, set up the device identity, record provisioning done.
+    /// Resumable after a power cut; a no-op once done. Missing or invalid provisioning:
+    /// degraded (exit 1, reason in the log and `updater status`), /data is never wiped.
+    Firstboot,
+    /// Show slots, versions, committed and booted slot, trial, provisioning, channel,
+    /// connectivity, last error and recent history (`--json`: the same JSON as the daemon's
+    /// /status).
     Status {
         #[arg(long)]
         json: bool,
@@ -299,12 +306,56 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
         }
         Command::Status { json, history } => {
             let status = device.status(booted, *history);
+            let prov = crate::firstboot::read_outcome(&cli.data_dir);
             if *json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+                let mut j = serde_json::to_value(&status)?;
+                j["provisioning"] = provisioning_json(prov.as_ref());
+                writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
             } else {
                 write!(out, "{}", render_status(&status))?;
+                write!(out, "{}", render_provisioning(prov.as_ref()))?;
             }
             Ok(status.state_error.is_none())
+        }
+        Command::Firstboot => {
+            // Growing a large card can take a while: feed the watchdog the initramfs armed.
+            let _watchdog = crate::watchdog::Feeder::open(
+                &cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/')),
+                crate::watchdog::FEED_EVERY,
+                Duration::from_secs(600),
+            )
+            .unwrap_or_else(|e| {
+                log.event("warning", &format!("watchdog: {e}; not feeding it"));
+                None
+            });
+            let platform: Box<dyn crate::firstboot::Platform> = if is_block_device(&disk) {
+                Box::new(crate::firstboot::Linux)
+            } else {
+                Box::new(crate::firstboot::ImageFile)
+            };
+            let fb = crate::firstboot::Firstboot {
+                disk: &disk,
+                data_dir: &cli.data_dir,
+                platform: platform.as_ref(),
+                now,
+            };
+            let o = fb.run().context("first boot")?;
+            let who = o.device_id.as_deref().unwrap_or("unknown device");
+            let summary = match (o.result.as_str(), &o.reason) {
+                ("already-provisioned", _) => format!("metrica: provisioned ({who})"),
+                ("ok", _) => format!(
+                    "metrica: first boot done: {who}, host {}, data {} MiB",
+                    o.hostname.as_deref().unwrap_or("?"),
+                    o.data_bytes >> 20
+                ),
+                (_, reason) => format!(
+                    "metrica: first boot degraded: {}",
+                    reason.as_deref().unwrap_or("unknown reason")
+                ),
+            };
+            writeln!(out, "{summary}")?;
+            log.event(if o.is_ok() { "info" } else { "error" }, &summary);
+            Ok(o.is_ok())
         }
         Command::Boot { health_deadline, health_dir, check_timeout } => {
             // Feed the hardware watchdog while the checks run; never stop it (see watchdog.rs).
@@ -503,6 +554,55 @@ fn read_release(sysroot: &Path) -> Option<Release> {
 /// A unix time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc(t: u64) -> String {
     crate::bundle::datetime_from_unix(t).to_string()
+}
+
+/// The `provisioning` object of `updater status --json`: the last first boot's outcome.
+fn provisioning_json(o: Option<&Result<crate::firstboot::Outcome, String>>) -> serde_json::Value {
+    match o {
+        None => serde_json::json!({ "result": "not-run" }),
+        Some(Ok(o)) => serde_json::to_value(o).unwrap_or_default(),
+        Some(Err(e)) => serde_json::json!({ "result": "unknown", "reason": e }),
+    }
+}
+
+/// The provisioning lines of `updater status`.
+pub fn render_provisioning(o: Option<&Result<crate::firstboot::Outcome, String>>) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    match o {
+        None => {
+            let _ = writeln!(s, "provisioning: not run yet (`updater firstboot`)");
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(s, "provisioning: unknown ({e})");
+        }
+        Some(Ok(o)) => {
+            match &o.reason {
+                Some(r) => {
+                    let _ = writeln!(s, "provisioning: {}: {r}", o.result);
+                }
+                None => {
+                    let _ = writeln!(s, "provisioning: {} at {}", o.result, utc(o.time));
+                }
+            }
+            if let Some(d) = &o.device_id {
+                let _ = writeln!(s, "device id:   {d}");
+            }
+            if let Some(h) = &o.hostname {
+                let _ = writeln!(s, "hostname:    {h}");
+            }
+            if let Some(r) = &o.recipient {
+                let src = match o.identity_source {
+                    Some(crate::provision::identity::Source::Otp) => " (from the OTP key)",
+                    Some(crate::provision::identity::Source::Generated) => " (generated)",
+                    None => "",
+                };
+                let _ = writeln!(s, "identity:    {r}{src}");
+            }
+            let _ = writeln!(s, "data:        {} MiB", o.data_bytes >> 20);
+        }
+    }
+    s
 }
 
 /// `updater status` for a person.
@@ -833,6 +933,66 @@ mod tests {
         assert!(out.contains("epoch:       1"), "{out}");
         let (r, _) = cmd(&h, &["--keyring", &k, "install", &b]);
         assert!(format!("{:#}", r.unwrap_err()).contains("not newer"));
+    }
+
+    #[test]
+    fn firstboot_without_provisioning_is_degraded_and_status_says_why() {
+        let h = host("metrica.boot_partition=2");
+        let (_, out) = cmd(&h, &["status"]);
+        assert!(out.contains("provisioning: not run yet"), "{out}");
+        let (r, out) = cmd(&h, &["firstboot"]);
+        assert!(!r.unwrap(), "degraded is a failure exit");
+        assert!(
+            out.starts_with(
+                "metrica: first boot degraded: invalid provisioning: device.toml: missing"
+            ),
+            "{out}"
+        );
+        let log = std::fs::read_to_string(&h.args[8]).unwrap();
+        assert!(
+            log.contains("first boot degraded") && log.contains("\"level\":\"error\""),
+            "{log}"
+        );
+        let (r, out) = cmd(&h, &["status"]);
+        assert!(r.unwrap());
+        assert!(
+            out.contains("provisioning: degraded: invalid provisioning: device.toml: missing"),
+            "{out}"
+        );
+        assert!(out.contains("identity:    age1") && out.contains("(generated)"), "{out}");
+        let (_, out) = cmd(&h, &["status", "--json"]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["provisioning"]["result"], "degraded");
+        assert!(j["provisioning"]["reason"].as_str().unwrap().contains("device.toml: missing"));
+    }
+
+    #[test]
+    fn firstboot_of_a_provisioned_image_and_status_shows_the_device_id() {
+        let h = host("metrica.boot_partition=2");
+        let disk = PathBuf::from(&h.args[2]);
+        let prov = crate::disk::find_label(&disk, "provision").unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let fs = fatfs::FileSystem::new(
+            crate::disk::partition_stream(file, &prov).unwrap(),
+            fatfs::FsOptions::new(),
+        )
+        .unwrap();
+        fs.root_dir()
+            .create_file("device.toml")
+            .unwrap()
+            .write_all(crate::provision::tests::DEVICE.as_bytes())
+            .unwrap();
+        fs.unmount().unwrap();
+        // The test disk's data partition has no ext4: growing the file system is reported.
+        let (r, out) = cmd(&h, &["firstboot"]);
+        assert!(!r.unwrap());
+        assert!(out.contains("data not grown"), "{out}");
+        let (_, out) = cmd(&h, &["status", "--json"]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["provisioning"]["device_id"], "pi-0042");
+        assert_eq!(j["provisioning"]["hostname"], "cam-0042");
+        let (_, out) = cmd(&h, &["status"]);
+        assert!(out.contains("device id:   pi-0042"), "{out}");
     }
 
     #[test]
