@@ -213,7 +213,7 @@ impl FromStr for Segment {
         Segment::ALL
             .into_iter()
             .find(|seg| seg.as_str() == s)
-            .ok_or_else(|| format!("segment {s:?} is not one of canary, early, general"))
+            .ok_or_else(|| format!("unknown segment {s:?}; expected one of canary, early, general"))
     }
 }
 

@@ -86,6 +86,10 @@ pub enum Command {
         /// Install a version even though it failed before.
         #[arg(long)]
         allow_bad: bool,
+        /// For an https:// SOURCE: trust only the CA certificates in this PEM file instead of
+        /// the built-in roots (a private update server).
+        #[arg(long, value_name = "PEM")]
+        ca_bundle: Option<PathBuf>,
     },
     /// Reboot into the installed inactive slot for one trial boot (tryboot).
     Trial,
@@ -101,15 +105,18 @@ pub enum Command {
     /// trial; serve /health, /metrics, /status and /check-now on --listen. Stops on SIGTERM.
     Run {
         /// Base URL of a published folder (holding channels/ and bundles/); repeat the flag
-        /// for mirrors, tried in order.
-        #[arg(long = "mirror", value_name = "URL", required = true)]
+        /// for mirrors, tried in order. Default: `channel.url` and `channel.mirrors` of the
+        /// provisioned device.toml.
+        #[arg(long = "mirror", value_name = "URL")]
         mirrors: Vec<String>,
-        /// The channel to follow (channels/<CHANNEL>.toml).
-        #[arg(long, default_value = "stable")]
-        channel: String,
-        /// Seconds between polls; each wait is spread by ±20 %.
-        #[arg(long, value_name = "SECONDS", default_value_t = crate::daemon::DEFAULT_INTERVAL.as_secs())]
-        interval: u64,
+        /// The channel to follow (channels/<CHANNEL>.toml). Default: the provisioned
+        /// `channel.name`, else stable.
+        #[arg(long)]
+        channel: Option<String>,
+        /// Seconds between polls; each wait is spread by ±20 %. Default: the provisioned
+        /// `update.interval`, else 300.
+        #[arg(long, value_name = "SECONDS")]
+        interval: Option<u64>,
         /// Local address of the endpoints.
         #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_LISTEN)]
         listen: String,
@@ -119,12 +126,14 @@ pub enum Command {
         /// Deadline of one channel request, whole response included (seconds).
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
         request_timeout: u64,
-        /// The device's id for the rollout. Default: /etc/machine-id.
+        /// The device's id for the rollout. Default: the provisioned `device_id`, else
+        /// /etc/machine-id.
         #[arg(long, value_name = "ID")]
         device_id: Option<String>,
-        /// The device's rollout segment: canary, early or general.
-        #[arg(long, default_value = "general")]
-        segment: String,
+        /// The device's rollout segment: canary, early or general. Default: the provisioned
+        /// `segment`, else general.
+        #[arg(long)]
+        segment: Option<String>,
         /// How many history entries /status shows.
         #[arg(long, default_value_t = 10)]
         history: usize,
@@ -256,20 +265,46 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             segment,
             history,
         } => {
-            let device_id = match device_id {
-                Some(id) => id.clone(),
-                None => machine_id(&cli.sysroot)?,
+            // Flags win; then the provisioned device.toml (zero-touch: init runs `updater run`
+            // with no flags); then the defaults.
+            let provisioned = provisioned_device(&disk);
+            let prov = provisioned.as_ref().ok();
+            let mirrors = match (mirrors.is_empty(), prov) {
+                (false, _) => mirrors.clone(),
+                (true, Some(p)) => p.channel.urls.clone(),
+                (true, None) => bail!(
+                    "--mirror: none given, and no valid provisioning to take them from ({})",
+                    provisioned.as_ref().err().map(|e| format!("{e:#}")).unwrap_or_default()
+                ),
             };
+            let device_id = match (device_id, prov) {
+                (Some(id), _) => id.clone(),
+                (None, Some(p)) => p.device_id.clone(),
+                (None, None) => machine_id(&cli.sysroot)?,
+            };
+            let channel = channel
+                .clone()
+                .or_else(|| prov.map(|p| p.channel.name.clone()))
+                .unwrap_or_else(|| "stable".into());
+            let interval = interval
+                .map(Duration::from_secs)
+                .or_else(|| prov.map(|p| p.interval))
+                .unwrap_or(crate::daemon::DEFAULT_INTERVAL);
+            let segment = segment
+                .clone()
+                .or_else(|| prov.map(|p| p.segment.to_string()))
+                .unwrap_or_else(|| "general".into());
+            let overrides = prov.map(rollout_overrides).unwrap_or_default();
             let config = crate::daemon::Config {
                 mirrors: mirrors.clone(),
                 channel: channel.clone(),
-                interval: Duration::from_secs(*interval),
+                interval,
                 listen: listen.clone(),
                 min_free_bytes: min_free_mib << 20,
                 request_deadline: Duration::from_secs(*request_timeout),
                 no_reboot: cli.no_reboot || !is_block_device(&disk),
                 device_id: device_id.clone(),
-                segment: segment.clone(),
+                segment,
             };
             config.validate()?;
             let keyring = crate::sign::Keyring::load(&cli.keyring)
@@ -278,8 +313,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             let running = read_release(&cli.sysroot);
             let daemon = crate::daemon::Daemon {
                 fetcher: crate::daemon::fetch::ChannelFetcher::new(
-                    mirrors.clone(),
-                    channel,
+                    mirrors,
+                    &channel,
                     config.request_deadline,
                 ),
                 record: crate::daemon::Daemon::open_record(&device, &config, now),
@@ -287,7 +322,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
                 log: crate::daemon::log::Log::new(cli.log_file.clone(), &device_id),
                 planner: Box::new(crate::daemon::ChannelPlanner {
                     keyring: keyring.clone(),
-                    overrides: crate::rollout::Overrides::default(),
+                    overrides,
                 }),
                 installer: Box::new(crate::daemon::BundleInstaller {
                     keyring,
@@ -418,7 +453,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             }
             Ok(report.ok)
         }
-        Command::Install { source, reboot: then_reboot, allow_bad } => {
+        Command::Install { source, reboot: then_reboot, allow_bad, ca_bundle } => {
             let _lock = device.lock()?;
             let keyring = crate::sign::Keyring::load(&cli.keyring)
                 .with_context(|| format!("loading the keyring {}", cli.keyring.display()))?;
@@ -444,6 +479,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             };
             let mut req = crate::install::InstallRequest::new(&disk, target, &keyring, &policy);
             req.resume_file = Some(crate::install::progress_path(&cli.data_dir));
+            req.ca_bundle = ca_bundle.clone();
             let result =
                 if std::io::IsTerminal::is_terminal(&std::io::stderr()) && cli.log_file.is_none() {
                     let mut bar = crate::install::TerminalBar::new(std::io::stderr());
@@ -535,6 +571,35 @@ fn default_disk(sysroot: &Path) -> Result<PathBuf> {
 }
 
 /// The device id: `/etc/machine-id` under the sysroot.
+/// The device.toml on the disk's provision partition, validated.
+fn provisioned_device(disk: &Path) -> Result<crate::provision::DeviceConfig> {
+    let files = crate::provision::read_partition(disk)?;
+    let p = crate::provision::Provisioning::from_files(&files)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("provision partition")?;
+    Ok(p.device)
+}
+
+/// The rollout's per-device overrides from the provisioning. The maintenance window is in
+/// the device's local time; the offset is that of its time zone, and the image carries no
+/// zone database, so only UTC (and `Etc/UTC`) are known: any other zone is applied as UTC
+/// (docs/daemon.md says so).
+fn rollout_overrides(d: &crate::provision::DeviceConfig) -> crate::rollout::Overrides {
+    crate::rollout::Overrides {
+        version_lock: d.overrides.version_lock.clone(),
+        auto_update: (!d.overrides.auto_update).then_some(false),
+        channel: d.overrides.channel.clone(),
+        maintenance_window: d.maintenance_window.as_ref().map(|w| {
+            crate::rollout::MaintenanceWindow {
+                days: Default::default(),
+                start: crate::rollout::TimeOfDay(w.start),
+                end: crate::rollout::TimeOfDay(w.end),
+                utc_offset_minutes: 0,
+            }
+        }),
+    }
+}
+
 fn machine_id(sysroot: &Path) -> Result<String> {
     let path = sysroot.join("etc/machine-id");
     let id = std::fs::read_to_string(&path)
@@ -793,6 +858,46 @@ mod tests {
         let mut out = Vec::new();
         let r = run(&Cli::try_parse_from(args).unwrap(), &mut out);
         (r, String::from_utf8(out).unwrap())
+    }
+
+    /// `updater run` with no flags takes its settings from the provision partition; with
+    /// neither flags nor provisioning it refuses to start, saying what is missing.
+    #[test]
+    fn run_takes_its_settings_from_the_provisioning() {
+        let h = host("metrica.boot_partition=2");
+        let (r, _) = cmd(&h, &["run"]);
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("--mirror: none given, and no valid provisioning"), "{e}");
+        assert!(e.contains("device.toml"), "{e}");
+
+        let disk = Path::new(&h.args[2]);
+        let prov = crate::disk::find_label(disk, "provision").unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
+        let fs = fatfs::FileSystem::new(
+            crate::disk::partition_stream(file, &prov).unwrap(),
+            fatfs::FsOptions::new(),
+        )
+        .unwrap();
+        fs.root_dir()
+            .create_file("device.toml")
+            .unwrap()
+            .write_all(crate::provision::tests::DEVICE.as_bytes())
+            .unwrap();
+        fs.unmount().unwrap();
+        let d = provisioned_device(disk).unwrap();
+        assert_eq!(d.device_id, "pi-0042");
+        assert_eq!(d.segment, crate::channel::Segment::Canary);
+        assert_eq!(
+            d.channel.urls,
+            ["https://updates.example.com/fleet", "https://mirror.example.net/fleet"]
+        );
+        assert_eq!(d.interval, Duration::from_secs(600));
+        let o = rollout_overrides(&d);
+        assert_eq!(o.version_lock, Some("1.4.2".parse().unwrap()));
+        assert_eq!(o.auto_update, Some(false));
+        assert_eq!(o.channel.as_deref(), Some("beta"));
+        let w = o.maintenance_window.unwrap();
+        assert_eq!((w.start.0, w.end.0, w.utc_offset_minutes), (22 * 60 + 30, 120, 0));
     }
 
     #[test]

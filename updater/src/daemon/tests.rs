@@ -427,7 +427,7 @@ fn bad_flags_are_refused_naming_the_flag() {
         ),
         (
             Box::new(|c| c.segment = "beta".into()),
-            "--segment: segment \"beta\" is not one of canary, early, general",
+            "--segment: unknown segment \"beta\"; expected one of canary, early, general",
         ),
         (Box::new(|c| c.interval = Duration::ZERO), "--interval 0"),
         (

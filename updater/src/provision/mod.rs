@@ -245,36 +245,8 @@ pub fn check_timezone(s: &str) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // device.toml
 
-/// Which rollout wave the device belongs to (DESIGN.md section 6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Segment {
-    Canary,
-    Early,
-    General,
-}
-
-impl Segment {
-    pub const ALL: [Segment; 3] = [Segment::Canary, Segment::Early, Segment::General];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Segment::Canary => "canary",
-            Segment::Early => "early",
-            Segment::General => "general",
-        }
-    }
-}
-
-impl std::str::FromStr for Segment {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Segment::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown segment {s:?}; expected one of canary, early, general"))
-    }
-}
+/// Which rollout segment the device belongs to (DESIGN.md section 6): the channel's type.
+pub use crate::channel::Segment;
 
 /// A daily maintenance window in the device's local time (`"02:00-04:30"`); it may wrap
 /// midnight (`"22:00-02:00"`).
