@@ -639,23 +639,10 @@ pub fn find_partition(image: &Path) -> Result<Partition> {
             .take(64 << 10)
             .read_to_end(&mut head)
             .with_context(|| format!("decompressing {}", image.display()))?;
-        let disk = gpt::GptConfig::new()
-            .writable(false)
-            .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
-            .open_from_device(std::io::Cursor::new(head))
-            .with_context(|| format!("reading the GPT of {}", image.display()))?;
-        disk.partitions()
-            .iter()
-            .filter(|(_, p)| p.is_used())
-            .map(|(&number, p)| Partition {
-                number,
-                label: p.name.clone(),
-                partuuid: p.part_guid,
-                type_guid: p.part_type_guid.guid,
-                start: p.first_lba * updater::disk::SECTOR,
-                len: (p.last_lba + 1 - p.first_lba) * updater::disk::SECTOR,
-            })
-            .collect()
+        updater::disk::read_partitions_from(
+            std::io::Cursor::new(head),
+            &image.display().to_string(),
+        )?
     } else {
         updater::disk::read_partitions(image)?
     };

@@ -860,17 +860,8 @@ mod tests {
         (r, String::from_utf8(out).unwrap())
     }
 
-    /// `updater run` with no flags takes its settings from the provision partition; with
-    /// neither flags nor provisioning it refuses to start, saying what is missing.
-    #[test]
-    fn run_takes_its_settings_from_the_provisioning() {
-        let h = host("metrica.boot_partition=2");
-        let (r, _) = cmd(&h, &["run"]);
-        let e = format!("{:#}", r.unwrap_err());
-        assert!(e.contains("--mirror: none given, and no valid provisioning"), "{e}");
-        assert!(e.contains("device.toml"), "{e}");
-
-        let disk = Path::new(&h.args[2]);
+    /// Writes the provision tests' device.toml onto the disk's provision partition.
+    fn provision_device_toml(disk: &Path) {
         let prov = crate::disk::find_label(disk, "provision").unwrap();
         let file = std::fs::OpenOptions::new().read(true).write(true).open(disk).unwrap();
         let fs = fatfs::FileSystem::new(
@@ -884,6 +875,20 @@ mod tests {
             .write_all(crate::provision::tests::DEVICE.as_bytes())
             .unwrap();
         fs.unmount().unwrap();
+    }
+
+    /// `updater run` with no flags takes its settings from the provision partition; with
+    /// neither flags nor provisioning it refuses to start, saying what is missing.
+    #[test]
+    fn run_takes_its_settings_from_the_provisioning() {
+        let h = host("metrica.boot_partition=2");
+        let (r, _) = cmd(&h, &["run"]);
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("--mirror: none given, and no valid provisioning"), "{e}");
+        assert!(e.contains("device.toml"), "{e}");
+
+        let disk = Path::new(&h.args[2]);
+        provision_device_toml(disk);
         let d = provisioned_device(disk).unwrap();
         assert_eq!(d.device_id, "pi-0042");
         assert_eq!(d.segment, crate::channel::Segment::Canary);
@@ -1075,19 +1080,7 @@ mod tests {
     fn firstboot_of_a_provisioned_image_and_status_shows_the_device_id() {
         let h = host("metrica.boot_partition=2");
         let disk = PathBuf::from(&h.args[2]);
-        let prov = crate::disk::find_label(&disk, "provision").unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
-        let fs = fatfs::FileSystem::new(
-            crate::disk::partition_stream(file, &prov).unwrap(),
-            fatfs::FsOptions::new(),
-        )
-        .unwrap();
-        fs.root_dir()
-            .create_file("device.toml")
-            .unwrap()
-            .write_all(crate::provision::tests::DEVICE.as_bytes())
-            .unwrap();
-        fs.unmount().unwrap();
+        provision_device_toml(&disk);
         // The test disk's data partition has no ext4: growing the file system is reported.
         let (r, out) = cmd(&h, &["firstboot"]);
         assert!(!r.unwrap());

@@ -25,11 +25,18 @@ pub struct Partition {
 
 /// Reads the GPT partition table of a disk or disk image.
 pub fn read_partitions(disk: &Path) -> Result<Vec<Partition>> {
+    let file = std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    read_partitions_from(file, &disk.display().to_string())
+}
+
+/// Reads the GPT partition table from any seekable reader of a disk's first bytes (for
+/// example a decompressed head of an `.img.zst`); `what` names it in errors.
+pub fn read_partitions_from<D: gpt::DiskDevice>(device: D, what: &str) -> Result<Vec<Partition>> {
     let gdisk = gpt::GptConfig::new()
         .writable(false)
         .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
-        .open(disk)
-        .with_context(|| format!("reading the GPT of {}", disk.display()))?;
+        .open_from_device(device)
+        .with_context(|| format!("reading the GPT of {what}"))?;
     let mut parts: Vec<Partition> = gdisk
         .partitions()
         .iter()
