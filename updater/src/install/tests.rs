@@ -64,6 +64,11 @@ impl Fixture {
         progress_path(&self.dir.path().join("data"))
     }
 
+    /// Installs the fixture's bundle file into slot B with the fixture's request.
+    fn install(&self, progress: &mut dyn Progress) -> Result<InstalledImages, InstallError> {
+        install_bundle(Source::File(self.bundle_path.clone()), &self.request(&AcceptAll), progress)
+    }
+
     fn request<'a>(&'a self, policy: &'a dyn Policy) -> InstallRequest<'a> {
         let mut req = InstallRequest::new(&self.disk, Slot::B, &self.keyring, policy);
         req.resume_file = Some(self.resume_file());
@@ -106,9 +111,7 @@ fn installs_both_images_and_points_cmdline_at_the_target_root() {
     let f = Fixture::new();
     let before_a = slot_a(&f);
     let mut events = Vec::new();
-    let done =
-        install_bundle(Source::File(f.bundle_path.clone()), &f.request(&AcceptAll), &mut events)
-            .unwrap();
+    let done = f.install(&mut events).unwrap();
     f.assert_installed();
     assert_eq!(slot_a(&f), before_a, "the active slot is untouched");
     assert_eq!(done.version, semver::Version::new(2, 0, 0));
@@ -363,8 +366,7 @@ fn a_power_cut_mid_image_resumes_from_the_last_checkpoint() {
     let f = Fixture::new();
     let mut cut =
         ArmAt { at: 500_000, name: "install.write-chunk", torn: Some(1000), armed: false };
-    let err = install_bundle(Source::File(f.bundle_path.clone()), &f.request(&AcceptAll), &mut cut)
-        .unwrap_err();
+    let err = f.install(&mut cut).unwrap_err();
     crate::failpoint::disarm();
     assert!(matches!(err, InstallError::PowerCut(_)), "{err}");
     let rec: ResumeRecord =
@@ -413,19 +415,13 @@ fn an_http_install_cut_by_a_reboot_resumes_where_it_stopped() {
 fn a_resume_record_pointing_nowhere_is_dropped_and_the_install_starts_over() {
     let f = Fixture::new();
     let mut cut = ArmAt { at: 500_000, name: "install.write-chunk", torn: None, armed: false };
-    install_bundle(Source::File(f.bundle_path.clone()), &f.request(&AcceptAll), &mut cut)
-        .unwrap_err();
+    f.install(&mut cut).unwrap_err();
     crate::failpoint::disarm();
     let mut rec: ResumeRecord =
         serde_json::from_slice(&std::fs::read(f.resume_file()).unwrap()).unwrap();
     rec.index_offset += 512;
     std::fs::write(f.resume_file(), serde_json::to_vec(&rec).unwrap()).unwrap();
-    let done = install_bundle(
-        Source::File(f.bundle_path.clone()),
-        &f.request(&AcceptAll),
-        &mut NoProgress,
-    )
-    .unwrap();
+    let done = f.install(&mut NoProgress).unwrap();
     assert_eq!(done.resumed_bytes, 0);
     f.assert_installed();
 }
@@ -445,12 +441,7 @@ fn a_resume_record_of_another_bundle_is_ignored_and_replaced() {
     };
     std::fs::create_dir_all(f.resume_file().parent().unwrap()).unwrap();
     std::fs::write(f.resume_file(), serde_json::to_vec(&stale).unwrap()).unwrap();
-    let done = install_bundle(
-        Source::File(f.bundle_path.clone()),
-        &f.request(&AcceptAll),
-        &mut NoProgress,
-    )
-    .unwrap();
+    let done = f.install(&mut NoProgress).unwrap();
     assert_eq!(done.resumed_bytes, 0);
     f.assert_installed();
 }
@@ -461,8 +452,7 @@ fn a_resume_record_of_another_bundle_is_ignored_and_replaced() {
 fn power_cut_at_every_install_failpoint_then_resume() {
     let f = Fixture::new();
     crate::failpoint::record();
-    install_bundle(Source::File(f.bundle_path.clone()), &f.request(&AcceptAll), &mut NoProgress)
-        .unwrap();
+    f.install(&mut NoProgress).unwrap();
     let mut names = crate::failpoint::recorded();
     names.dedup();
     let mut unique: Vec<String> = Vec::new();
@@ -494,20 +484,12 @@ fn power_cut_at_every_install_failpoint_then_resume() {
         let f = Fixture::new();
         let before_a = slot_a(&f);
         crate::failpoint::arm(&name, torn);
-        let first = install_bundle(
-            Source::File(f.bundle_path.clone()),
-            &f.request(&AcceptAll),
-            &mut NoProgress,
-        );
+        let first = f.install(&mut NoProgress);
         crate::failpoint::disarm();
         assert!(matches!(first, Err(InstallError::PowerCut(_))), "{name}: {first:?}");
         assert_eq!(slot_a(&f), before_a, "{name}");
-        install_bundle(
-            Source::File(f.bundle_path.clone()),
-            &f.request(&AcceptAll),
-            &mut NoProgress,
-        )
-        .unwrap_or_else(|e| panic!("{name} {torn:?}: resume failed: {e}"));
+        f.install(&mut NoProgress)
+            .unwrap_or_else(|e| panic!("{name} {torn:?}: resume failed: {e}"));
         f.assert_installed();
         assert_eq!(slot_a(&f), before_a, "{name}");
     }
@@ -517,26 +499,19 @@ fn power_cut_at_every_install_failpoint_then_resume() {
 fn a_resume_whose_written_prefix_was_damaged_fails_the_image_hash_and_starts_over() {
     let f = Fixture::new();
     let mut cut = ArmAt { at: 500_000, name: "install.write-chunk", torn: None, armed: false };
-    install_bundle(Source::File(f.bundle_path.clone()), &f.request(&AcceptAll), &mut cut)
-        .unwrap_err();
+    f.install(&mut cut).unwrap_err();
     crate::failpoint::disarm();
     // Someone scribbles on the written part of root_b.
     let root_b = crate::disk::find_label(&f.disk, "root_b").unwrap();
     let disk = std::fs::OpenOptions::new().write(true).open(&f.disk).unwrap();
     disk.write_all_at(b"scribble", root_b.start + 1000).unwrap();
-    let err = install_bundle(
-        Source::File(f.bundle_path.clone()),
-        &f.request(&AcceptAll),
-        &mut NoProgress,
-    )
-    .unwrap_err();
+    let err = f.install(&mut NoProgress).unwrap_err();
     assert!(
         matches!(err, InstallError::Bundle(BundleError::ImageHash { image: SlotClass::Root, .. })),
         "{err}"
     );
     assert!(!f.resume_file().exists());
-    install_bundle(Source::File(f.bundle_path.clone()), &f.request(&AcceptAll), &mut NoProgress)
-        .unwrap();
+    f.install(&mut NoProgress).unwrap();
     f.assert_installed();
 }
 
