@@ -25,8 +25,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
-/// The only bundle format this updater reads (2: `tree_sha256` in the manifest, larger chunks).
-pub const FORMAT: u32 = 2;
+/// The bundle format the imager writes (3: chunks of up to 4 MiB; see docs/design.md).
+pub const FORMAT: u32 = 3;
+/// The formats this updater reads: 2 (`tree_sha256` in the manifest, chunks of up to 2 MiB)
+/// and 3 (the same layout with chunks of up to 4 MiB). Format 1 had no tree hash.
+pub const FORMATS_READ: std::ops::RangeInclusive<u32> = 2..=3;
 /// Name of the first tar entry.
 pub const MANIFEST_NAME: &str = "manifest.toml";
 /// Name of the second tar entry.
@@ -34,11 +37,11 @@ pub const SIGNATURE_NAME: &str = "manifest.toml.sig";
 /// Largest manifest accepted (before its signature is checked).
 pub const MAX_MANIFEST: u64 = 64 * 1024;
 /// FastCDC minimum chunk size of the writer.
-pub const CHUNK_MIN: u32 = 128 * 1024;
+pub const CHUNK_MIN: u32 = 512 * 1024;
 /// FastCDC average chunk size of the writer.
-pub const CHUNK_AVG: u32 = 512 * 1024;
+pub const CHUNK_AVG: u32 = 2 * 1024 * 1024;
 /// FastCDC maximum chunk size; also the largest uncompressed chunk a reader accepts.
-pub const CHUNK_MAX: u32 = 2048 * 1024;
+pub const CHUNK_MAX: u32 = 4 * 1024 * 1024;
 /// The smallest chunks a reader budgets an index for (an index may list at most one chunk per
 /// this many image bytes, plus one): writers choose their FastCDC minimum at or above it.
 pub const INDEX_CHUNK_MIN: u32 = 16 * 1024;
@@ -98,7 +101,7 @@ impl fmt::Display for SlotClass {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// Always [`FORMAT`].
+    /// [`FORMAT`] when written; one of [`FORMATS_READ`] when read.
     pub format: u32,
     /// Hardware the bundle is for, e.g. `metrica-rpi4-arm64`.
     pub compatible: String,
@@ -144,8 +147,13 @@ impl Manifest {
         let bad = |m: String| BundleError::Manifest(m);
         let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
         let m: Manifest = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
-        if m.format != FORMAT {
-            return Err(bad(format!("format {} is not supported (expected {FORMAT})", m.format)));
+        if !FORMATS_READ.contains(&m.format) {
+            return Err(bad(format!(
+                "format {} is not supported (expected {} to {})",
+                m.format,
+                FORMATS_READ.start(),
+                FORMATS_READ.end()
+            )));
         }
         if m.compatible.is_empty() {
             return Err(bad("compatible is empty".into()));
@@ -1010,7 +1018,7 @@ fn check_decoded(
     let dest = &out[start..];
     // Runs of zeros (free space of a filesystem image) become max-size chunks whose hash is
     // known: for those, "all bytes are zero" is the same check as the sha256, only cheaper.
-    if entry.len == CHUNK_MAX && entry.sha256 == *zero_chunk_sha256() {
+    if is_zero_chunk(entry) {
         if dest.iter().fold(0u8, |acc, &b| acc | b) == 0 {
             return Ok(());
         }
@@ -1020,6 +1028,14 @@ fn check_decoded(
         return Err("sha256 mismatch".into());
     }
     Ok(())
+}
+
+/// Whether `entry` is a run of [`CHUNK_MAX`] zero bytes (free space of a filesystem image), by
+/// its signed index entry alone. Such a chunk's content is fully known from the index: a reader
+/// may write zeros for it without decompressing its payload, and so writes exactly the bytes
+/// whose sha256 the index lists.
+pub fn is_zero_chunk(entry: &ChunkEntry) -> bool {
+    entry.len == CHUNK_MAX && entry.sha256 == *zero_chunk_sha256()
 }
 
 /// sha256 of [`CHUNK_MAX`] zero bytes.
@@ -1218,13 +1234,23 @@ pub mod testkit {
         images: &[(SlotClass, &[u8])],
         key: Option<&SigningKey>,
     ) -> Vec<u8> {
+        make_bundle_with(meta, images, key, TEST_CHUNKING)
+    }
+
+    /// [`make_bundle`] with other chunking, e.g. the imager's [`CHUNKING`].
+    pub fn make_bundle_with(
+        meta: &TestMeta,
+        images: &[(SlotClass, &[u8])],
+        key: Option<&SigningKey>,
+        chunking: ChunkParams,
+    ) -> Vec<u8> {
         let mut parts = Vec::new();
         let mut entries = Vec::new();
         let mut comp = zstd::bulk::Compressor::new(3).expect("zstd");
         for (class, data) in images {
             let mut index = ChunkIndex::default();
             let mut payload = Vec::new();
-            for chunk in chunker_with(*data, TEST_CHUNKING) {
+            for chunk in chunker_with(*data, chunking) {
                 let chunk = chunk.expect("in-memory chunking");
                 let (e, z) = encode_chunk(&mut comp, &chunk.data).expect("compress");
                 index.chunks.push(e);
@@ -1336,7 +1362,8 @@ mod tests {
         assert_eq!(Manifest::parse(text.as_bytes()).unwrap(), m);
         let sha = "ab".repeat(32);
         let bad = [
-            text.replace("format = 2", "format = 1"),
+            text.replace("format = 3", "format = 1"),
+            text.replace("format = 3", "format = 4"),
             text.replace(&format!("tree_sha256 = \"{}\"\n", "cd".repeat(32)), ""),
             text.replace(&"cd".repeat(32), &"CD".repeat(32)),
             text.clone() + "extra = 1\n",
@@ -1480,6 +1507,9 @@ mod tests {
         let zeros = vec![0u8; CHUNK_MAX as usize];
         let (entry, z) = encode_chunk(&mut comp, &zeros).unwrap();
         assert_eq!(entry.sha256, *zero_chunk_sha256());
+        assert!(is_zero_chunk(&entry));
+        let short = ChunkEntry { len: CHUNK_MAX - 1, ..entry };
+        assert!(!is_zero_chunk(&short));
         let mut out = Vec::new();
         decode_chunk(&mut dec, &z, &entry, &mut out).unwrap();
         assert_eq!(out, zeros);

@@ -36,9 +36,9 @@
 
 pub use crate::bundle::{check_manifest, DeviceFacts, Refusal};
 use crate::bundle::{
-    decode_chunk_append, read_image_layout, read_verified_manifest, BundleCursor, BundleError,
-    ChunkEntry, Fetch, FetchError, FileFetch, ImageLayout, Manifest, ReaderFetch, RetryPolicy,
-    SlotClass, TreeHasher, VerifiedManifest, CHUNK_MAX,
+    decode_chunk_append, is_zero_chunk, read_image_layout, read_verified_manifest, BundleCursor,
+    BundleError, ChunkEntry, Fetch, FetchError, FileFetch, ImageLayout, Manifest, ReaderFetch,
+    RetryPolicy, SlotClass, TreeHasher, VerifiedManifest, CHUNK_MAX, MAX_COMPRESSED_CHUNK,
 };
 use crate::disk::Partition;
 use crate::failpoint::{self, PowerCut};
@@ -605,10 +605,10 @@ fn install_from(
         stream_chunks(cur, &layout, k, &mut |k, data, cur| {
             let at = part.start + done;
             if let Some(n) = failpoint::torn("install.write-chunk", data.len()) {
-                disk.write_all_at(&data[..n], at).map_err(|e| disk_err(e, "writing a chunk"))?;
+                data.write_at(&disk, at, n).map_err(|e| disk_err(e, "writing a chunk"))?;
                 return Err(PowerCut("install.write-chunk".into()).into());
             }
-            disk.write_all_at(data, at)
+            data.write_at(&disk, at, data.len())
                 .map_err(|e| disk_err(e, format!("writing {}", part.label)))?;
             // The whole-image digest, over what was handed to the disk, in that order.
             tree.chunk(&chunks[k].sha256, u32::try_from(data.len()).expect("chunk length"));
@@ -704,17 +704,56 @@ fn install_from(
 }
 
 /// Called in chunk order with each verified chunk, and the cursor (for retry reports).
-type OnChunk<'c> = dyn FnMut(usize, &[u8], &mut BundleCursor<'_>) -> Result<(), InstallError> + 'c;
+type OnChunk<'c> =
+    dyn FnMut(usize, Verified<'_>, &mut BundleCursor<'_>) -> Result<(), InstallError> + 'c;
 
-/// Uncompressed bytes of chunks handed to a decoder at once (at least one chunk).
+/// A verified chunk's bytes: decompressed, or a run of zeros known from the index.
+#[derive(Clone, Copy)]
+enum Verified<'a> {
+    Bytes(&'a [u8]),
+    Zeros(usize),
+}
+
+impl Verified<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Verified::Bytes(b) => b.len(),
+            Verified::Zeros(n) => *n,
+        }
+    }
+
+    /// Writes the first `n` bytes at `at`. Zeros are written from a small shared buffer: a
+    /// chunk-sized one would be read in full, and its pages (the kernel's zero page) would
+    /// count in the resident set although they take no memory.
+    fn write_at(&self, disk: &std::fs::File, at: u64, n: usize) -> std::io::Result<()> {
+        match self {
+            Verified::Bytes(b) => disk.write_all_at(&b[..n], at),
+            Verified::Zeros(_) => {
+                static ZEROS: [u8; 256 << 10] = [0; 256 << 10];
+                let mut pos = 0;
+                while pos < n {
+                    let len = (n - pos).min(ZEROS.len());
+                    disk.write_all_at(&ZEROS[..len], at + pos as u64)?;
+                    pos += len;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Uncompressed bytes of chunks handed to a decoder at once (at least one chunk). Zero chunks
+/// ([`is_zero_chunk`]) take no room.
 const BATCH_BYTES: u64 = CHUNK_MAX as u64;
 
 /// Reads chunks `start..` of `layout` in order on this thread, in batches of whole chunks of
 /// at most [`BATCH_BYTES`] (or one larger chunk); decompresses and verifies them on worker
 /// threads (one per core, at most 4); and hands each verified chunk to `on_chunk` in order,
 /// on this thread. A chunk is never passed on before its sha256 matched; a corrupt chunk is an
-/// error once every chunk before it has been handed on. Memory: at most workers + 1 batches
-/// in flight, their buffers allocated once and reused (under 16 MiB).
+/// error once every chunk before it has been handed on. A zero chunk ([`is_zero_chunk`]) is not
+/// decompressed (its few compressed bytes are read past): its bytes are known from the signed
+/// index, and they are handed on as [`Verified::Zeros`]. Memory: at most workers + 1 batches in flight, their
+/// buffers allocated once at their full size and reused.
 fn stream_chunks(
     cur: &mut BundleCursor<'_>,
     layout: &ImageLayout,
@@ -730,6 +769,8 @@ fn stream_chunks(
     // Batches read but not yet handed on; bounds every buffer pool. One more than the workers
     // keeps each of them busy while this thread writes.
     let max_in_flight = workers + 1;
+    // Compressed buffers are free again once decoded: one per worker is enough.
+    let (max_comp, mut comp_made) = (workers, 0usize);
     let mut offset = layout.payload_offset
         + chunks.iter().take(start).map(|c| u64::from(c.compressed_len)).sum::<u64>();
     /// A batch: its first chunk, chunk count, bundle offset, compressed bytes, and an empty
@@ -756,6 +797,11 @@ fn stream_chunks(
                     let (mut ok, mut pos, mut err) = (0, 0usize, None);
                     for (k, c) in chunks.iter().enumerate().skip(first).take(count) {
                         let end = pos + c.compressed_len as usize;
+                        if is_zero_chunk(c) {
+                            pos = end;
+                            ok += 1;
+                            continue;
+                        }
                         let result = match dec.as_mut() {
                             Ok(d) => decode_chunk_append(d, &comp[pos..end], c, &mut plain),
                             Err(e) => Err(format!("zstd: {e}")),
@@ -780,22 +826,29 @@ fn stream_chunks(
         }
         drop(done_tx);
         let (mut next_read, mut next_write, mut in_flight) = (start, start, 0usize);
-        let mut pending: BTreeMap<usize, Done> = BTreeMap::new();
+        let mut pending: BTreeMap<usize, (Vec<u8>, usize, Option<BundleError>)> = BTreeMap::new();
         let mut comp_pool: Vec<Vec<u8>> = Vec::new();
         let mut plain_pool: Vec<Vec<u8>> = Vec::new();
         while next_write < chunks.len() {
-            while next_read < chunks.len() && in_flight < max_in_flight {
+            while next_read < chunks.len()
+                && in_flight < max_in_flight
+                && (!comp_pool.is_empty() || comp_made < max_comp)
+            {
                 // One batch: whole chunks up to BATCH_BYTES uncompressed, at least one.
                 let (mut count, mut plain_len, mut comp_len) = (0usize, 0u64, 0u64);
                 for c in &chunks[next_read..] {
-                    if count > 0 && plain_len + u64::from(c.len) > BATCH_BYTES {
+                    let len = if is_zero_chunk(c) { 0 } else { u64::from(c.len) };
+                    if count > 0 && plain_len + len > BATCH_BYTES {
                         break;
                     }
                     count += 1;
-                    plain_len += u64::from(c.len);
+                    plain_len += len;
                     comp_len += u64::from(c.compressed_len);
                 }
-                let mut buf = comp_pool.pop().unwrap_or_default();
+                let mut buf = comp_pool.pop().unwrap_or_else(|| {
+                    comp_made += 1;
+                    Vec::with_capacity(MAX_COMPRESSED_CHUNK as usize)
+                });
                 buf.resize(comp_len as usize, 0);
                 cur.read_exact_at(offset, &mut buf)?;
                 let plain =
@@ -810,13 +863,19 @@ fn stream_chunks(
             let Ok(done) = done_rx.recv() else {
                 return Err(InstallError::Disk(anyhow::anyhow!("the chunk decoders stopped")));
             };
-            pending.insert(done.0, done);
-            while let Some((first, comp, plain, ok, err)) = pending.remove(&next_write) {
-                comp_pool.push(comp);
+            let (first, comp, plain, ok, err) = done;
+            comp_pool.push(comp);
+            pending.insert(first, (plain, ok, err));
+            while let Some((plain, ok, err)) = pending.remove(&next_write) {
+                let first = next_write;
                 let mut pos = 0usize;
                 for (k, c) in chunks.iter().enumerate().skip(first).take(ok) {
+                    if is_zero_chunk(c) {
+                        on_chunk(k, Verified::Zeros(c.len as usize), cur)?;
+                        continue;
+                    }
                     let len = c.len as usize;
-                    on_chunk(k, &plain[pos..pos + len], cur)?;
+                    on_chunk(k, Verified::Bytes(&plain[pos..pos + len]), cur)?;
                     pos += len;
                 }
                 if let Some(e) = err {

@@ -38,7 +38,7 @@ fn setup() -> Setup {
     let boot = dir.path().join("boot.img");
     let root = dir.path().join("root.img");
     std::fs::write(&boot, data(300_000, 1)).unwrap();
-    std::fs::write(&root, data(12_000_000, 2)).unwrap();
+    std::fs::write(&root, data(40_000_000, 2)).unwrap();
     Setup { dir, key, keyring, boot, root }
 }
 
@@ -57,7 +57,7 @@ fn written_bundles_verify_list_with_tar_and_are_reproducible() {
     let out = s.dir.path().join("out/os-1.4.0.mfb");
     let summary = write_bundle(&out, &meta(), &s.images(), &s.key, &Progress::quiet()).unwrap();
     assert_eq!(summary.size, std::fs::metadata(&out).unwrap().len());
-    // Production chunking (about 512 KiB a chunk): enough chunks to reorder across workers.
+    // Production chunking (about 2 MiB a chunk): enough chunks to reorder across workers.
     assert!(summary.chunks[1] > 10, "{:?}", summary.chunks);
     let check = verify(&out, &s.keyring).unwrap();
     assert_eq!(check.manifest.manifest, summary.manifest);

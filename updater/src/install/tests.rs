@@ -2,7 +2,7 @@
 //! `bundle::testkit`.
 
 use super::*;
-use crate::bundle::testkit::{entry_offset, make_bundle, test_image, TestMeta};
+use crate::bundle::testkit::{entry_offset, make_bundle, make_bundle_with, test_image, TestMeta};
 use crate::http::testserver::{Mode, TestServer};
 use crate::sign::tests::test_key;
 use crate::sign::{KeyId, SignError};
@@ -240,6 +240,59 @@ fn a_corrupt_chunk_is_caught_before_it_is_written_and_slot_a_is_untouched() {
     assert_eq!(&root_b[..start], &f.root[..start]);
     assert_eq!(&root_b[start..end], &old_root_b[start..end]);
     assert_eq!(slot_a(&f), before_a);
+}
+
+#[test]
+fn zero_chunks_are_written_from_the_signed_index_without_decompressing() {
+    // The imager's chunking: a run of zeros becomes CHUNK_MAX chunks whose bytes the index fixes.
+    let mut root = test_image(1 << 20, 5);
+    root.extend(std::iter::repeat_n(0u8, 3 * CHUNK_MAX as usize + 12345));
+    root.extend(test_image(1 << 20, 6));
+    let key = test_key(1);
+    let keyring = Keyring::from_keys([key.verifying_key()]);
+    let meta = TestMeta::default();
+    let bundle =
+        make_bundle_with(&meta, &[(SlotClass::Root, &root)], Some(&key), crate::bundle::CHUNKING);
+    let idx = index_of(&bundle, "root.index", root.len() as u64);
+    let zero: Vec<usize> =
+        (0..idx.chunks.len()).filter(|&k| is_zero_chunk(&idx.chunks[k])).collect();
+    assert_eq!(zero.len(), 2, "{:?}", idx.chunks.iter().map(|c| c.len).collect::<Vec<_>>());
+    let (payload, _) = entry_offset(&bundle, "root.payload").unwrap();
+    let chunk_at = |k: usize| -> usize {
+        payload as usize + idx.chunks[..k].iter().map(|c| c.compressed_len as usize).sum::<usize>()
+    };
+    // Streams the root image into a file that holds 0xAA bytes before.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |bundle: Vec<u8>| -> Result<Vec<u8>, InstallError> {
+        let path = dir.path().join("root");
+        std::fs::write(&path, vec![0xAA; root.len()]).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut fetch = crate::bundle::ReaderFetch::new(Box::new(Cursor::new(bundle)), "test");
+        let mut cur = BundleCursor::new(&mut fetch, RetryPolicy::default());
+        let vm = read_verified_manifest(&mut cur, &keyring)?;
+        let layout = read_image_layout(&mut cur, vm.images_offset, &vm.manifest.images[0])?;
+        let mut at = 0u64;
+        stream_chunks(&mut cur, &layout, 0, &mut |_, data, _| {
+            data.write_at(&file, at, data.len()).unwrap();
+            at += data.len() as u64;
+            Ok(())
+        })?;
+        Ok(std::fs::read(&path).unwrap())
+    };
+    assert!(run(bundle.clone()).unwrap() == root);
+    // The zero chunk's payload is not what is written: damaging it changes nothing.
+    let mut bad = bundle.clone();
+    bad[chunk_at(zero[0]) + 2] ^= 0xFF;
+    assert!(run(bad).unwrap() == root);
+    // Any other chunk is decompressed and checked.
+    let data_chunk = zero[1] + 1;
+    let mut bad = bundle;
+    bad[chunk_at(data_chunk) + idx.chunks[data_chunk].compressed_len as usize / 2] ^= 0x20;
+    let err = run(bad).unwrap_err();
+    assert!(
+        matches!(err, InstallError::Bundle(BundleError::ChunkCorrupt { chunk, .. }) if chunk == data_chunk),
+        "{err}"
+    );
 }
 
 fn index_of(bundle: &[u8], name: &str, size: u64) -> crate::bundle::ChunkIndex {
