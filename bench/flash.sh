@@ -4,8 +4,12 @@
 # to a file on the same disk, same image, same run. Prints the time ratio (target <= 0.5x) and the
 # MB/s of both (MB = 10^6 bytes; "effective" = image size / time, "written" = bytes written / time).
 # `imager flash` is timed as a user runs it: check the image against its bmap, write the mapped
-# ranges, fsync, drop the target's cached pages and read every range back against its checksum.
-# It is also timed with --no-verify, for information.
+# ranges while a second thread makes each written 64 MiB window durable, drops its cached pages
+# and has it read back against the checksums, fsync, wait for the read-back to finish.
+# It is also timed with --no-verify, for information. The imager's own split, check/write/verify
+# (its JSON report): check_seconds = hashing the image before writing; write_seconds = first
+# write to the end of the final fsync, with the read-back running alongside; verify_seconds =
+# the read-back left after that fsync.
 #
 # Environment: BENCH_SIZE (image size in MiB, default 2048), BENCH_MAPPED (percent of the image
 # that holds data, default 50), BENCH_ROUNDS (default 3; best of), BENCH_DIR (work folder, default
@@ -44,6 +48,7 @@ bmaptool -q create "$IMG" -o "$WORK/bench.bmap"
 mapped=$(python3 -c "import re,sys; t=open(sys.argv[1]).read(); m=re.search(r'<MappedBlocksCount>\s*(\d+)', t); b=re.search(r'<BlockSize>\s*(\d+)', t); print(int(m[1])*int(b[1]))" "$WORK/bench.bmap")
 size=$(stat -c %s "$IMG")
 echo "image: $SIZE_MIB MiB, $(( mapped * 100 / size ))% mapped, in $WORK" >&2
+echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores" >&2
 
 # Each command runs under /usr/bin/time: wall seconds, and CPU seconds (user + system), since on
 # a shared machine a command that needs the CPU (hashing) waits for it and one that waits for
@@ -57,7 +62,8 @@ for r in $(seq "$ROUNDS"); do
   dd_t+=("$wall"); dd_c+=("$cpu"); sync
   timed "$BIN" flash "$IMG" "$WORK/flash.out" --bmap "$WORK/bench.bmap" --yes --json 2>/dev/null >"$WORK/report.json"
   fl_t+=("$wall"); fl_c+=("$cpu"); sync
-  # The imager's own split of its time: check / write (with fsync) / verify.
+  # The imager's own split of its time: check / write (with fsync; read-back alongside) / the
+  # read-back left after the fsync.
   steps="$steps$(python3 -c "import json; r=json.load(open('$WORK/report.json')); print(f\"{r['check_seconds']:.2f}/{r['write_seconds']:.2f}/{r['verify_seconds']:.2f}\")") "
   timed "$BIN" flash "$IMG" "$WORK/noverify.out" --bmap "$WORK/bench.bmap" --yes --no-verify 2>/dev/null
   nv_t+=("$wall"); nv_c+=("$cpu")

@@ -4,8 +4,9 @@
 //! The path reads as a chain: parse the `.bmap` -> check the target (not mounted, not the root
 //! disk, large enough) -> check the image against the bmap (size, then every range's sha256:
 //! a damaged image is refused before anything is written) -> ask -> write the mapped ranges
-//! only -> fsync -> drop the target's cached pages and read every mapped range back against
-//! its checksum -> optionally write one partition more (provisioning) and check it the same way.
+//! only, and while writing, window by window: make the window durable, drop its cached pages
+//! and read its mapped ranges back against their checksums (a second thread) -> fsync ->
+//! optionally write one partition more (provisioning) and check it the same way.
 
 use crate::bmap::{Bmap, MappedRange};
 use crate::progress::Progress;
@@ -21,9 +22,14 @@ use std::time::Instant;
 
 /// Size of one read or write.
 const CHUNK: usize = 4 << 20;
-/// A block device gets an fdatasync after this many bytes, so that the progress bar shows what
-/// reached the card rather than what the page cache took.
-const SYNC_EVERY: u64 = 256 << 20;
+/// The target is written, made durable, dropped from the page cache and read back in windows
+/// of this many bytes of the target (windows are aligned to it; see [`write_ranges`]).
+const WINDOW: u64 = 64 << 20;
+/// Finished windows the writer may hand on before the settling thread has taken them, and
+/// windows the settling thread may run ahead of the read-back: the writer is at most about
+/// `LEAD + 1` windows ahead of what is on the device and `2 * LEAD + 1` ahead of what has been
+/// read back, so that the progress bar shows the device's pace rather than the page cache's.
+const LEAD: usize = 4;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// What to flash where.
@@ -101,14 +107,21 @@ pub struct FlashReport {
     pub target: PathBuf,
     pub image_size: u64,
     pub mapped_bytes: u64,
+    /// The image's mapped ranges hashed against the bmap, before anything was written.
     pub check_seconds: f64,
+    /// From the first write until the final `fsync` of the target returned. With verification
+    /// the read-back of the written windows runs alongside, in its own thread, and may hold the
+    /// writer back (see [`LEAD`]).
     pub write_seconds: f64,
+    /// With verification: the time from the end of the final `fsync` until the last range had
+    /// been read back and checked, i.e. the verification not done alongside the writing.
     pub verify_seconds: Option<f64>,
     pub overlay_bytes: u64,
 }
 
 impl FlashReport {
-    /// Write speed in MB/s (10^6 bytes), fsync included.
+    /// Write speed in MB/s (10^6 bytes), fsync (and with verification, the read-back done
+    /// alongside) included.
     pub fn write_mbps(&self) -> f64 {
         mbps(self.mapped_bytes, self.write_seconds)
     }
@@ -131,10 +144,9 @@ impl FlashReport {
         match self.verify_seconds {
             Some(v) => {
                 s += &format!(
-                    "\n  verified {} read back in {:.1} s: {:.1} MB/s",
+                    "\n  verified {} read back while writing, done {:.1} s after the fsync",
                     mb(self.mapped_bytes),
-                    v,
-                    mbps(self.mapped_bytes, v)
+                    v
                 );
             }
             None => s += "\n  verified no (--no-verify)",
@@ -365,19 +377,7 @@ fn first_mismatch<'r>(
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(r) = ranges.get(i) else { return Ok(()) };
             let mut h = Sha256::new();
-            let mut pos = r.start;
-            read_ahead(f, r.start, r.len().min(READ_AHEAD));
-            while pos < r.end {
-                let n = (r.end - pos).min(CHUNK as u64) as usize;
-                if pos + READ_AHEAD < r.end {
-                    read_ahead(f, pos + READ_AHEAD, (r.end - pos - READ_AHEAD).min(CHUNK as u64));
-                }
-                f.read_exact_at(&mut buf[..n], pos)
-                    .with_context(|| format!("reading {} at {pos}", name.display()))?;
-                h.update(&buf[..n]);
-                step.inc(n as u64);
-                pos += n as u64;
-            }
+            hash_span(f, name, r.start, r.end, &mut h, &mut buf, step)?;
             let got: [u8; 32] = h.finalize().into();
             if got != r.sha256 {
                 found.lock().expect("no panics while held").push((i, got));
@@ -390,6 +390,33 @@ fn first_mismatch<'r>(
     })?;
     let found = found.into_inner().expect("no panics while held");
     Ok(found.into_iter().min_by_key(|(i, _)| *i).map(|(i, got)| (&ranges[i], got)))
+}
+
+/// Reads bytes `from..to` of `f` into `h`, a chunk at a time, with [`READ_AHEAD`] bytes asked
+/// for ahead of the chunk being read.
+fn hash_span(
+    f: &File,
+    name: &Path,
+    from: u64,
+    to: u64,
+    h: &mut Sha256,
+    buf: &mut [u8],
+    step: &crate::progress::Step,
+) -> Result<()> {
+    let mut pos = from;
+    read_ahead(f, from, (to - from).min(READ_AHEAD));
+    while pos < to {
+        let n = (to - pos).min(buf.len() as u64) as usize;
+        if pos + READ_AHEAD < to {
+            read_ahead(f, pos + READ_AHEAD, (to - pos - READ_AHEAD).min(buf.len() as u64));
+        }
+        f.read_exact_at(&mut buf[..n], pos)
+            .with_context(|| format!("reading {} at {pos}", name.display()))?;
+        h.update(&buf[..n]);
+        step.inc(n as u64);
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 fn mismatch(what: &Path, bmap_path: &Path, r: &MappedRange, got: &[u8; 32]) -> String {
@@ -533,39 +560,350 @@ fn read_ahead(f: &File, offset: u64, len: u64) {
     );
 }
 
-/// Drops the cached pages of `f`, so that what follows is read from the device.
-fn drop_cache(f: &File) {
+/// Drops the cached pages of `f` in `offset..offset + len` (`len` 0: to the end), so that what
+/// follows is read from the device. Dirty pages stay: the range is made durable first.
+fn drop_cache(f: &File, offset: u64, len: u64) {
     // Advisory: where it is not supported the read-back still checks the written data.
     let _ = nix::fcntl::posix_fadvise(
         f.as_raw_fd(),
-        0,
-        0,
+        offset as libc::off_t,
+        len as libc::off_t,
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     );
 }
 
-/// Reads the ranges back from `f` and checks them; the error names the first that differs.
-fn verify(
-    f: &File,
-    target: &Path,
-    bmap_path: &Path,
-    ranges: &[MappedRange],
+mod sys {
+    //! `sync_file_range(2)`, which neither std nor nix wraps, and the page size.
+    #![allow(unsafe_code)]
+
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    /// Starts writing the dirty pages of the range out, without waiting.
+    pub const START: libc::c_uint = libc::SYNC_FILE_RANGE_WRITE;
+    /// Waits for writes in flight, writes the dirty pages out and waits for them: the range's
+    /// data is on the device (not the file's metadata: that is `fsync`'s).
+    pub const WAIT: libc::c_uint = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+
+    /// `sync_file_range(f, offset, len, flags)`; `len` 0 means to the end of the file.
+    pub fn sync_file_range(f: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+        let invalid = |_| io::Error::from(io::ErrorKind::InvalidInput);
+        let (offset, len) = (offset.try_into().map_err(invalid)?, len.try_into().map_err(invalid)?);
+        // SAFETY: the call takes a descriptor, two offsets and flags and touches no memory of
+        // the process; `f` keeps the descriptor open for its duration.
+        let rc = unsafe { libc::sync_file_range(f.as_raw_fd(), offset, len, flags) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// The size of a page of the page cache.
+    pub fn page_size() -> u64 {
+        // SAFETY: sysconf reads a constant of the system and touches no memory of the process.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    }
+}
+
+/// Makes bytes `offset..offset + len` of `f` (`len` 0: to the end) durable on the device:
+/// `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`, or `fdatasync` of the whole file where
+/// the file system does not support that.
+fn make_durable(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    match sys::sync_file_range(f, offset, len, sys::WAIT) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE)
+            ) =>
+        {
+            f.sync_data()
+        }
+        r => r,
+    }
+}
+
+/// A finished window of the target: bytes `lo..hi` (`hi` `None`: to the end of the target)
+/// hold everything the writer writes there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    lo: u64,
+    hi: Option<u64>,
+}
+
+impl Window {
+    /// Its length as `sync_file_range` and `posix_fadvise` take it: 0 is "to the end".
+    fn len(self) -> u64 {
+        self.hi.map_or(0, |hi| hi - self.lo)
+    }
+
+    fn end(self) -> u64 {
+        self.hi.unwrap_or(u64::MAX)
+    }
+}
+
+/// Called by the settling thread with each window once it is durable and out of the page cache,
+/// just before it is read back: tests change the target there, as a faulty card would.
+type BeforeReadBack<'a> = &'a (dyn Fn(Window) -> Result<()> + Sync);
+
+/// Where the time of [`write_ranges`] went.
+#[derive(Debug)]
+struct Timings {
+    /// From the first write until the target's final `fsync` returned.
+    write_seconds: f64,
+    /// With verification: from then until the last range had been read back and checked.
+    verify_seconds: Option<f64>,
+}
+
+/// What the settling thread and the read-back threads of [`write_ranges`] share.
+#[derive(Debug)]
+struct ReadBack {
+    /// Everything below this is durable and out of the page cache: it may be read back.
+    durable: u64,
+    /// No window comes any more.
+    closed: bool,
+    /// The next range to read back.
+    taken: usize,
+    /// Per range: read back and hashed up to here (its end once it matched).
+    at: Vec<u64>,
+    /// The first range not yet read back and matched (`at[low] < end`).
+    low: usize,
+    /// Ranges from this index on are not read back any more: the first range that differed,
+    /// or 0 after an error.
+    stop_at: usize,
+    /// The first range that differed, and its sha256 as read back.
+    bad: Option<(usize, [u8; 32])>,
+}
+
+impl ReadBack {
+    /// Everything below this offset has been read back and matched.
+    fn checked_to(&mut self, ranges: &[MappedRange]) -> u64 {
+        while ranges.get(self.low).is_some_and(|r| self.at[self.low] == r.end) {
+            self.low += 1;
+        }
+        self.at.get(self.low).copied().unwrap_or(u64::MAX)
+    }
+}
+
+/// Writes the mapped ranges of `image` to `out` and, with `verify`, reads them back and checks
+/// them while writing:
+///
+/// - the writer (the calling thread) writes each piece and at once starts writing it out to
+///   the device (`sync_file_range(WRITE)`), so that the device works while the image is read
+///   rather than at the final `fsync`. The target is cut into windows of `window` bytes,
+///   aligned to multiples of it (and of the page size); a window is handed on as soon as the
+///   writer has written its last byte (or moves past it over unmapped bytes). At most [`LEAD`]
+///   finished windows wait for the settling thread;
+/// - the settling thread takes the windows in order; for each it waits until the window is on
+///   the device ([`make_durable`]), drops its pages from the page cache
+///   (`posix_fadvise(DONTNEED)`, as `dd oflag=nocache` does) and, with `verify`, tells the
+///   read-back threads that everything below the window's end may be read back. It takes the
+///   next window only when the read-back is at most `LEAD` windows behind;
+/// - with `verify`, read-back threads (as many as cores, at most 4) take the bmap's ranges in
+///   order, one each, read each back from the device as far as it is durable, hash it on as
+///   more becomes durable (a range may span many windows), and compare it with the bmap when
+///   its last byte has been read.
+///
+/// The first range that reads back differently stops the writing (within `2 * LEAD + 1`
+/// windows; the rest is not written) and is the error, as in [`first_mismatch`]. After the last
+/// piece the writer hands on the rest of the target as the last window, `fsync`s the target
+/// (data and, for a file, its metadata) and waits for the read-back.
+fn write_ranges(
+    image: &Image,
+    out: &File,
+    tpath: &Path,
+    verify: bool,
+    window: u64,
+    before_read_back: BeforeReadBack<'_>,
     progress: &Progress,
-    what: &str,
-) -> Result<()> {
-    let total = ranges.iter().map(MappedRange::len).sum();
-    let step = progress.bytes(total, what);
-    if let Some((r, got)) = first_mismatch(f, target, ranges, &step)? {
+) -> Result<Timings> {
+    use std::sync::{Condvar, Mutex};
+    let page = sys::page_size();
+    let window = window.max(page).div_ceil(page) * page;
+    let (bmap_path, ranges) = (image.bmap_path.as_path(), image.bmap.ranges.as_slice());
+    let step = progress
+        .bytes(image.bmap.mapped_bytes(), if verify { "writing and verifying" } else { "writing" });
+    let step = &step;
+    let readers = if verify {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
+    } else {
+        0
+    };
+    let shared = Mutex::new(ReadBack {
+        durable: 0,
+        closed: false,
+        taken: 0,
+        at: ranges.iter().map(|r| r.start).collect(),
+        low: 0,
+        stop_at: usize::MAX,
+        bad: None,
+    });
+    let (shared, changed) = (&shared, &Condvar::new());
+    let lock = || shared.lock().expect("no panics while held");
+    let t0 = Instant::now();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Window>(LEAD);
+    let (wrote, written_at, settled, read) = std::thread::scope(|s| {
+        let settler = s.spawn(move || {
+            let settled = (|| -> Result<()> {
+                for w in rx {
+                    if verify {
+                        let mut st = lock();
+                        while st.stop_at == usize::MAX
+                            && w.lo > st.checked_to(ranges).saturating_add(LEAD as u64 * window)
+                        {
+                            st = changed.wait(st).expect("no panics while held");
+                        }
+                        if st.stop_at != usize::MAX {
+                            return Ok(());
+                        }
+                    }
+                    make_durable(out, w.lo, w.len())
+                        .with_context(|| format!("syncing {}", tpath.display()))?;
+                    drop_cache(out, w.lo, w.len());
+                    if verify {
+                        before_read_back(w)?;
+                        lock().durable = w.end();
+                        changed.notify_all();
+                    }
+                }
+                Ok(())
+            })();
+            let mut st = lock();
+            st.closed = true;
+            if settled.is_err() {
+                st.stop_at = 0;
+            }
+            changed.notify_all();
+            settled
+        });
+        let reader = || -> Result<()> {
+            let mut buf = vec![0u8; CHUNK];
+            let fail = |e: anyhow::Error| {
+                lock().stop_at = 0;
+                changed.notify_all();
+                e
+            };
+            loop {
+                let (i, r) = {
+                    let mut st = lock();
+                    let i = st.taken;
+                    match ranges.get(i) {
+                        Some(r) if i < st.stop_at => {
+                            st.taken += 1;
+                            (i, r)
+                        }
+                        _ => return Ok(()),
+                    }
+                };
+                let mut h = Sha256::new();
+                let mut pos = r.start;
+                while pos < r.end {
+                    let to = {
+                        let mut st = lock();
+                        loop {
+                            if st.stop_at <= i {
+                                return Ok(());
+                            }
+                            if st.durable > pos {
+                                break st.durable.min(r.end);
+                            }
+                            if st.closed {
+                                return Ok(());
+                            }
+                            st = changed.wait(st).expect("no panics while held");
+                        }
+                    };
+                    hash_span(out, tpath, pos, to, &mut h, &mut buf, step).map_err(fail)?;
+                    pos = to;
+                    if pos < r.end {
+                        lock().at[i] = pos;
+                        changed.notify_all();
+                    }
+                }
+                let got: [u8; 32] = h.finalize().into();
+                let mut st = lock();
+                if got == r.sha256 {
+                    st.at[i] = r.end;
+                } else if st.bad.is_none_or(|(b, _)| i < b) {
+                    st.bad = Some((i, got));
+                    st.stop_at = st.stop_at.min(i);
+                }
+                drop(st);
+                changed.notify_all();
+            }
+        };
+        let readers: Vec<_> = (0..readers).map(|_| s.spawn(reader)).collect();
+        let wrote = (|| -> Result<()> {
+            let send = |w: Window| {
+                tx.send(w)
+                    .map_err(|_| anyhow::anyhow!("the read-back of {} stopped", tpath.display()))
+            };
+            // The open window starts at `lo` (a multiple of `window`); `open`: it holds written
+            // bytes.
+            let (mut lo, mut open) = (0u64, false);
+            image.source.stream(&image.path, bmap_path, &image.bmap, &mut |p| {
+                let (mut at, mut bytes) = (p.offset, p.bytes);
+                // Nothing is written between the open window's last byte and this piece: the
+                // window ends at the last boundary before the piece.
+                let floor = at / window * window;
+                if open && floor > lo {
+                    send(Window { lo, hi: Some(floor) })?;
+                    (lo, open) = (floor, false);
+                }
+                while !bytes.is_empty() {
+                    let boundary = (at / window + 1) * window;
+                    let n = bytes.len().min((boundary - at) as usize);
+                    out.write_all_at(&bytes[..n], at)
+                        .with_context(|| format!("writing {} at {at}", tpath.display()))?;
+                    // Advisory: where it is not supported the window's wait writes it out.
+                    let _ = sys::sync_file_range(out, at, n as u64, sys::START);
+                    if !verify {
+                        step.inc(n as u64);
+                    }
+                    (at, bytes, open) = (at + n as u64, &bytes[n..], true);
+                    if at == boundary {
+                        send(Window { lo, hi: Some(at) })?;
+                        (lo, open) = (at, false);
+                    }
+                }
+                Ok(())
+            })?;
+            send(Window { lo, hi: None })?;
+            out.sync_all().with_context(|| format!("syncing {}", tpath.display()))
+        })();
+        // A writer that stopped early ends the settling thread's windows.
+        drop(tx);
+        let written_at = Instant::now();
+        let settled = settler.join().expect("the settling thread panicked");
+        let read: Result<()> =
+            readers.into_iter().try_for_each(|h| h.join().expect("a read-back thread panicked"));
+        (wrote, written_at, settled, read)
+    });
+    // A range read back wrong first: it is why the writer stopped; then the other errors.
+    if let Some((i, got)) = lock().bad {
+        let r = &ranges[i];
         bail!(
             "verification failed: {} read back differs from what was written: {r} has sha256 {}, expected {} (from {}); the card may be faulty or fake",
-            target.display(),
+            tpath.display(),
             hex::encode(got),
             hex::encode(r.sha256),
             bmap_path.display()
         );
     }
+    read?;
+    settled?;
+    wrote?;
     step.finish();
-    Ok(())
+    let write_seconds = (written_at - t0).as_secs_f64();
+    Ok(if verify {
+        Timings { write_seconds, verify_seconds: Some(written_at.elapsed().as_secs_f64()) }
+    } else {
+        Timings { write_seconds: t0.elapsed().as_secs_f64(), verify_seconds: None }
+    })
 }
 
 /// Asks, then writes, syncs and verifies a checked image to a checked target. Nothing is
@@ -596,41 +934,16 @@ pub fn write(
         }
     }
     let out = open_target(target, image_size)?;
-    let is_block = matches!(target.kind, Kind::Block { .. });
     let tpath = target.path.clone();
-
-    let t0 = Instant::now();
-    let step = progress.bytes(image.bmap.mapped_bytes(), "writing");
-    let mut since_sync = 0u64;
-    image.source.stream(&image.path, &image.bmap_path, &image.bmap, &mut |p| {
-        out.write_all_at(p.bytes, p.offset)
-            .with_context(|| format!("writing {} at {}", tpath.display(), p.offset))?;
-        step.inc(p.bytes.len() as u64);
-        since_sync += p.bytes.len() as u64;
-        if is_block && since_sync >= SYNC_EVERY {
-            out.sync_data().with_context(|| format!("syncing {}", tpath.display()))?;
-            since_sync = 0;
-        }
-        Ok(())
-    })?;
-    out.sync_all().with_context(|| format!("syncing {}", tpath.display()))?;
-    step.finish();
-    let write_seconds = t0.elapsed().as_secs_f64();
-
-    let mut verify_seconds = None;
-    if verify_after {
-        let t1 = Instant::now();
-        drop_cache(&out);
-        verify(&out, &tpath, &image.bmap_path, &image.bmap.ranges, progress, "verifying")?;
-        verify_seconds = Some(t1.elapsed().as_secs_f64());
-    }
+    let Timings { write_seconds, verify_seconds } =
+        write_ranges(image, &out, &tpath, verify_after, WINDOW, &|_| Ok(()), progress)?;
 
     let mut overlay_bytes = 0;
     if let Some(o) = overlay {
         out.write_all_at(&o.bytes, o.offset)
             .with_context(|| format!("writing the {} to {}", o.what, tpath.display()))?;
         out.sync_all().with_context(|| format!("syncing {}", tpath.display()))?;
-        drop_cache(&out);
+        drop_cache(&out, 0, 0);
         let mut back = vec![0u8; o.bytes.len()];
         out.read_exact_at(&mut back, o.offset)
             .with_context(|| format!("reading the {} back from {}", o.what, tpath.display()))?;
@@ -883,6 +1196,94 @@ mod tests {
             flash(&opts(&fx.img, &out2), Some(&far), &mut AssumeYes, &Progress::quiet()).is_err()
         );
         assert!(!out2.exists());
+    }
+
+    /// Writes the fixture's image (raw or .zst) to a new file `name` with 256 KiB windows and
+    /// verification, calling `hook` before each window is read back.
+    fn write_windows(
+        fx: &Fixture,
+        src: &Path,
+        name: &str,
+        hook: BeforeReadBack<'_>,
+    ) -> (Image, PathBuf, Result<Timings>) {
+        let mut img = Image::open(src, Some(&fx.bmap)).unwrap();
+        img.check(&Progress::quiet()).unwrap();
+        let path = fx.dir.path().join(name);
+        let out = OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
+        out.set_len(img.bmap.image_size).unwrap();
+        let r = write_ranges(&img, &out, &path, true, 256 << 10, hook, &Progress::quiet());
+        (img, path, r)
+    }
+
+    #[test]
+    fn read_back_goes_window_by_window_behind_the_writer() {
+        let fx = fixture();
+        let image = std::fs::read(&fx.img).unwrap();
+        for src in [&fx.img, &fx.zst] {
+            let name = format!("out-{}", src.extension().unwrap().to_string_lossy());
+            let path = fx.dir.path().join(&name);
+            let seen = std::sync::Mutex::new(Vec::new());
+            let hook = |w: Window| {
+                // A window is handed on once the writer has written all of it.
+                let on_target = std::fs::read(&path)?;
+                let end = w.end().min(image.len() as u64) as usize;
+                assert_eq!(on_target[w.lo as usize..end], image[w.lo as usize..end], "{w:?}");
+                seen.lock().unwrap().push(w);
+                Ok(())
+            };
+            let (_, _, r) = write_windows(&fx, src, &name, &hook);
+            let t = r.unwrap();
+            assert!(t.verify_seconds.is_some());
+            assert_eq!(std::fs::read(&path).unwrap(), image, "{}", src.display());
+            // Windows follow each other from 0 to the end, on 256 KiB boundaries; the 5 MiB
+            // range at 9 MiB spans 20 of them.
+            let seen = seen.into_inner().unwrap();
+            assert_eq!(seen.first().map(|w| w.lo), Some(0));
+            assert_eq!(seen.last().map(|w| w.hi), Some(None));
+            for pair in seen.windows(2) {
+                assert_eq!(pair[0].hi, Some(pair[1].lo), "{seen:?}");
+            }
+            assert!(seen.iter().all(|w| w.lo % (256 << 10) == 0), "{seen:?}");
+            assert!(seen.len() >= 20, "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn read_back_catches_a_corrupted_byte_and_stops_the_writing() {
+        let fx = fixture();
+        let size = (24u64 << 20) + 1000;
+        // In the first range; in the 5 MiB range, inside a window and on a window's last byte;
+        // and the image's last byte (in its partial last block).
+        for at in [1000u64, (11 << 20) + 5, (12 << 20) - 1, size - 1] {
+            let name = format!("card-{at}.img");
+            let path = fx.dir.path().join(&name);
+            let hook = |w: Window| {
+                if (w.lo..w.end()).contains(&at) {
+                    // The device returns another byte than was written (a faulty card).
+                    let f = OpenOptions::new().read(true).write(true).open(&path)?;
+                    let mut b = [0u8];
+                    f.read_exact_at(&mut b, at)?;
+                    f.write_all_at(&[!b[0]], at)?;
+                }
+                Ok(())
+            };
+            let (img, _, r) = write_windows(&fx, &fx.img, &name, &hook);
+            let e = format!("{:#}", r.unwrap_err());
+            let range = img.bmap.ranges.iter().find(|r| r.start <= at && at < r.end).unwrap();
+            assert!(
+                e.starts_with(&format!(
+                    "verification failed: {} read back differs from what was written: {range} has sha256 ",
+                    path.display()
+                )) && e.contains("the card may be faulty or fake"),
+                "{at}: {e}"
+            );
+            if at == 1000 {
+                // The writer stopped a few windows later: the last range was never written.
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(bytes[(size - 3000) as usize..].iter().all(|&b| b == 0));
+                assert!(bytes[14 << 20..].iter().all(|&b| b == 0));
+            }
+        }
     }
 
     /// Root only (CI runs as root): flash to a loop device, and refuse it once it is mounted.
