@@ -573,7 +573,7 @@ fn drop_cache(f: &File, offset: u64, len: u64) {
 }
 
 mod sys {
-    //! `sync_file_range(2)`, which neither std nor nix wraps, and the page size.
+    //! `sync_file_range(2)`, which neither std nor nix (0.29) wraps, and the page size.
     #![allow(unsafe_code)]
 
     use std::fs::File;
@@ -604,9 +604,12 @@ mod sys {
 
     /// The size of a page of the page cache.
     pub fn page_size() -> u64 {
-        // SAFETY: sysconf reads a constant of the system and touches no memory of the process.
-        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(4096)
     }
 }
 
