@@ -7,10 +7,12 @@
 //! finds.
 //!
 //! The arming is per thread, so tests that cut power run in parallel with tests that do not,
-//! and production code, which never arms anything, only pays a thread-local lookup.
+//! and production code, which never arms anything, only pays a thread-local lookup and an
+//! uncontended lock. A thread that hands work to helper threads gives them a [`Handle`]: its
+//! failpoints then fire there too.
 //! [`record`] lists the names a run passes through, so a test can loop over all of them.
 
-use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 /// The simulated power cut. Code that meets it stops; tests find it with `downcast_ref`.
@@ -29,7 +31,27 @@ struct Armed {
 }
 
 thread_local! {
-    static ARMED: RefCell<Armed> = RefCell::new(Armed::default());
+    static ARMED: Arc<Mutex<Armed>> = Arc::new(Mutex::new(Armed::default()));
+}
+
+/// This thread's failpoints, for the helper threads it starts.
+#[derive(Debug, Clone)]
+pub struct Handle(Arc<Mutex<Armed>>);
+
+/// A [`Handle`] on this thread's failpoints.
+pub fn handle() -> Handle {
+    ARMED.with(|a| Handle(a.clone()))
+}
+
+impl Handle {
+    /// [`torn`] on the failpoints of the thread that made this handle.
+    pub fn torn(&self, name: &str, len: usize) -> Option<usize> {
+        torn_in(&self.0, name, len)
+    }
+}
+
+fn with_armed<T>(f: impl FnOnce(&mut Armed) -> T) -> T {
+    ARMED.with(|a| f(&mut a.lock().unwrap_or_else(|e| e.into_inner())))
 }
 
 /// Arms `name` on this thread: the next time it is hit, the power is cut there. For a write
@@ -41,8 +63,7 @@ pub fn arm(name: &str, torn_len: Option<usize>) {
 /// Like [`arm`], but lets the first `skip` hits of `name` pass (for a step that runs more
 /// than once, such as the state writes of one command).
 pub fn arm_after(name: &str, skip: usize, torn_len: Option<usize>) {
-    ARMED.with(|a| {
-        let mut a = a.borrow_mut();
+    with_armed(|a| {
         a.name = Some(name.to_string());
         a.skip = skip;
         a.torn_len = torn_len;
@@ -51,41 +72,39 @@ pub fn arm_after(name: &str, skip: usize, torn_len: Option<usize>) {
 
 /// Disarms this thread's failpoint and stops any recording.
 pub fn disarm() {
-    ARMED.with(|a| *a.borrow_mut() = Armed::default());
+    with_armed(|a| *a = Armed::default());
 }
 
 /// Starts recording the names hit on this thread.
 pub fn record() {
-    ARMED.with(|a| a.borrow_mut().recording = Some(Vec::new()));
+    with_armed(|a| a.recording = Some(Vec::new()));
 }
 
 /// The names hit since [`record`], in order; stops recording.
 pub fn recorded() -> Vec<String> {
-    ARMED.with(|a| a.borrow_mut().recording.take().unwrap_or_default())
+    with_armed(|a| a.recording.take().unwrap_or_default())
 }
 
-fn note(name: &str) -> bool {
-    ARMED.with(|a| {
-        let mut a = a.borrow_mut();
-        if let Some(r) = a.recording.as_mut() {
-            r.push(name.to_string());
-        }
-        if a.name.as_deref() == Some(name) {
-            if a.skip > 0 {
-                a.skip -= 1;
-                return false;
-            }
-            a.name = None;
-            true
-        } else {
-            false
-        }
-    })
+/// Records a hit of `name`; when it is armed (and not skipped), disarms it and returns the
+/// torn length it was armed with.
+fn note(a: &mut Armed, name: &str) -> Option<Option<usize>> {
+    if let Some(r) = a.recording.as_mut() {
+        r.push(name.to_string());
+    }
+    if a.name.as_deref() != Some(name) {
+        return None;
+    }
+    if a.skip > 0 {
+        a.skip -= 1;
+        return None;
+    }
+    a.name = None;
+    Some(a.torn_len)
 }
 
 /// A step boundary: cuts the power here when `name` is armed.
 pub fn hit(name: &str) -> Result<(), PowerCut> {
-    if note(name) {
+    if with_armed(|a| note(a, name)).is_some() {
         return Err(PowerCut(name.to_string()));
     }
     Ok(())
@@ -95,11 +114,12 @@ pub fn hit(name: &str) -> Result<(), PowerCut> {
 /// (all of them when the test gave no length). The caller writes that prefix, then returns
 /// [`PowerCut`].
 pub fn torn(name: &str, len: usize) -> Option<usize> {
-    if note(name) {
-        let k = ARMED.with(|a| a.borrow().torn_len).unwrap_or(len);
-        return Some(k.min(len));
-    }
-    None
+    ARMED.with(|a| torn_in(a, name, len))
+}
+
+fn torn_in(armed: &Mutex<Armed>, name: &str, len: usize) -> Option<usize> {
+    let mut a = armed.lock().unwrap_or_else(|e| e.into_inner());
+    note(&mut a, name).map(|torn_len| torn_len.unwrap_or(len).min(len))
 }
 
 #[cfg(test)]
@@ -139,5 +159,18 @@ mod tests {
         let other = std::thread::spawn(|| hit("z")).join().unwrap();
         assert_eq!(other, Ok(()));
         assert!(hit("z").is_err());
+    }
+
+    #[test]
+    fn a_handle_carries_the_arming_to_a_helper_thread() {
+        arm("w", Some(5));
+        record();
+        let h = handle();
+        let got = std::thread::spawn(move || (torn("w", 9), h.torn("w", 9), h.torn("w", 9)))
+            .join()
+            .unwrap();
+        // The helper's own failpoints are not armed; through the handle the cut fires once.
+        assert_eq!(got, (None, Some(5), None));
+        assert_eq!(recorded(), ["w", "w"]);
     }
 }

@@ -36,7 +36,7 @@
 
 pub use crate::bundle::{check_manifest, DeviceFacts, Refusal};
 use crate::bundle::{
-    decode_chunk_append, is_zero_chunk, read_image_layout, read_verified_manifest, BundleCursor,
+    decode_chunk, is_zero_chunk, read_image_layout, read_verified_manifest, BundleCursor,
     BundleError, ChunkEntry, Fetch, FetchError, FileFetch, ImageLayout, Manifest, ReaderFetch,
     RetryPolicy, SlotClass, TreeHasher, VerifiedManifest, CHUNK_MAX, MAX_COMPRESSED_CHUNK,
 };
@@ -602,19 +602,13 @@ fn install_from(
             progress.event(&ProgressEvent::Resuming { image: img.slot_class, skipped: done });
         }
         let (mut since_checkpoint, mut unflushed) = (0u64, 0u64);
-        stream_chunks(cur, &layout, k, &mut |k, data, cur| {
-            let at = part.start + done;
-            if let Some(n) = failpoint::torn("install.write-chunk", data.len()) {
-                data.write_at(&disk, at, n).map_err(|e| disk_err(e, "writing a chunk"))?;
-                return Err(PowerCut("install.write-chunk".into()).into());
-            }
-            data.write_at(&disk, at, data.len())
-                .map_err(|e| disk_err(e, format!("writing {}", part.label)))?;
+        let sink = Sink { disk: &disk, at: part.start + done, label: &part.label };
+        stream_chunks(cur, &layout, k, sink, &mut |k, len, cur| {
             // The whole-image digest, over what was handed to the disk, in that order.
-            tree.chunk(&chunks[k].sha256, u32::try_from(data.len()).expect("chunk length"));
-            done += data.len() as u64;
-            since_checkpoint += data.len() as u64;
-            unflushed += data.len() as u64;
+            tree.chunk(&chunks[k].sha256, u32::try_from(len).expect("chunk length"));
+            done += len as u64;
+            since_checkpoint += len as u64;
+            unflushed += len as u64;
             if unflushed >= WRITEBACK_BYTES {
                 start_writeback(&disk, part.start + done - unflushed, unflushed);
                 unflushed = 0;
@@ -703,9 +697,19 @@ fn install_from(
     })
 }
 
-/// Called in chunk order with each verified chunk, and the cursor (for retry reports).
-type OnChunk<'c> =
-    dyn FnMut(usize, Verified<'_>, &mut BundleCursor<'_>) -> Result<(), InstallError> + 'c;
+/// Called in chunk order with each chunk written (its index and length), and the cursor (for
+/// retry reports).
+type OnWritten<'c> =
+    dyn FnMut(usize, usize, &mut BundleCursor<'_>) -> Result<(), InstallError> + 'c;
+
+/// Where [`stream_chunks`] writes: the disk, the byte offset of its first chunk, and the
+/// partition's label (for errors).
+#[derive(Clone, Copy)]
+struct Sink<'d> {
+    disk: &'d std::fs::File,
+    at: u64,
+    label: &'d str,
+}
 
 /// A verified chunk's bytes: decompressed, or a run of zeros known from the index.
 #[derive(Clone, Copy)]
@@ -747,146 +751,171 @@ impl Verified<'_> {
 const BATCH_BYTES: u64 = CHUNK_MAX as u64;
 
 /// Reads chunks `start..` of `layout` in order on this thread, in batches of whole chunks of
-/// at most [`BATCH_BYTES`] (or one larger chunk); decompresses and verifies them on worker
-/// threads (one per core, at most 4); and hands each verified chunk to `on_chunk` in order,
-/// on this thread. A chunk is never passed on before its sha256 matched; a corrupt chunk is an
-/// error once every chunk before it has been handed on. A zero chunk ([`is_zero_chunk`]) is not
-/// decompressed (its few compressed bytes are read past): its bytes are known from the signed
-/// index, and they are handed on as [`Verified::Zeros`]. Memory: at most workers + 1 batches in flight, their
-/// buffers allocated once at their full size and reused.
+/// at most [`BATCH_BYTES`] (or one larger chunk); decompresses, verifies and writes them on
+/// worker threads (one per core, at most 4); and calls `on_written` for each written chunk in
+/// order, on this thread. A chunk is never written before its sha256 matched; a corrupt chunk
+/// is an error once every chunk before it has been written and handed on. Each chunk is written
+/// by the thread that decoded and hashed it, from its own cache: handing 4 MiB buffers to
+/// another core to copy into the page cache cost about a third of the install's CPU time. A
+/// zero chunk ([`is_zero_chunk`]) is not decompressed (its few compressed bytes are read past):
+/// its bytes are known from the signed index ([`Verified::Zeros`]).
+///
+/// Memory: one chunk buffer per worker, and compressed bytes in at most one buffer per worker
+/// (given back as soon as a batch is decoded); all allocated once at full size and reused.
+///
+/// The workers see the calling thread's failpoints (through a [`failpoint::Handle`]), so a
+/// test's torn write `install.write-chunk` lands on the worker that writes that chunk.
 fn stream_chunks(
     cur: &mut BundleCursor<'_>,
     layout: &ImageLayout,
     start: usize,
-    on_chunk: &mut OnChunk<'_>,
+    sink: Sink<'_>,
+    on_written: &mut OnWritten<'_>,
 ) -> Result<(), InstallError> {
     use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc::channel;
     use std::sync::{Arc, Mutex};
     let chunks = &layout.index.chunks;
     let class = layout.entry.slot_class;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
-    // Batches read but not yet handed on; bounds every buffer pool. One more than the workers
-    // keeps each of them busy while this thread writes.
+    // Batches handed out but not yet written; one more than the workers keeps each of them
+    // busy while this thread reads the next batch.
     let max_in_flight = workers + 1;
     // Compressed buffers are free again once decoded: one per worker is enough.
     let (max_comp, mut comp_made) = (workers, 0usize);
     let mut offset = layout.payload_offset
         + chunks.iter().take(start).map(|c| u64::from(c.compressed_len)).sum::<u64>();
-    /// A batch: its first chunk, chunk count, bundle offset, compressed bytes, and an empty
-    /// buffer for the verified bytes (all buffers are made here and circulate).
-    type Job = (usize, usize, u64, Vec<u8>, Vec<u8>);
-    /// Back: first chunk, the compressed buffer (for reuse), the verified bytes of the first
-    /// `ok` chunks, `ok`, and the error of chunk `first + ok` if any.
-    type Done = (usize, Vec<u8>, Vec<u8>, usize, Option<BundleError>);
+    let mut disk_at = sink.at;
+    // Set when this thread stops early: workers then write nothing more.
+    let stop = AtomicBool::new(false);
+    /// A batch: its first chunk, chunk count, bundle offset, disk offset and compressed bytes.
+    type Job = (usize, usize, u64, u64, Vec<u8>);
+    let failpoints = failpoint::handle();
+    /// Back: first chunk, the compressed buffer (for reuse), `ok` chunks written, and the
+    /// error of chunk `first + ok` if any.
+    type Done = (usize, Vec<u8>, usize, Option<InstallError>);
     std::thread::scope(|s| {
         let (work_tx, work_rx) = channel::<Job>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         let (done_tx, done_rx) = channel::<Done>();
         for _ in 0..workers {
-            let (rx, tx) = (work_rx.clone(), done_tx.clone());
+            let (rx, tx, stop, fp) = (work_rx.clone(), done_tx.clone(), &stop, failpoints.clone());
             s.spawn(move || {
                 let mut dec = zstd::bulk::Decompressor::new();
+                let mut plain = Vec::with_capacity(CHUNK_MAX as usize);
                 loop {
                     let job = match rx.lock() {
                         Ok(r) => r.recv(),
                         Err(_) => break,
                     };
-                    let Ok((first, count, batch_offset, comp, mut plain)) = job else { break };
-                    plain.clear();
+                    let Ok((first, count, batch_offset, mut at, comp)) = job else { break };
                     let (mut ok, mut pos, mut err) = (0, 0usize, None);
                     for (k, c) in chunks.iter().enumerate().skip(first).take(count) {
-                        let end = pos + c.compressed_len as usize;
-                        if is_zero_chunk(c) {
-                            pos = end;
-                            ok += 1;
-                            continue;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
                         }
-                        let result = match dec.as_mut() {
-                            Ok(d) => decode_chunk_append(d, &comp[pos..end], c, &mut plain),
-                            Err(e) => Err(format!("zstd: {e}")),
+                        let end = pos + c.compressed_len as usize;
+                        let data = if is_zero_chunk(c) {
+                            Verified::Zeros(c.len as usize)
+                        } else {
+                            let result = match dec.as_mut() {
+                                Ok(d) => decode_chunk(d, &comp[pos..end], c, &mut plain),
+                                Err(e) => Err(format!("zstd: {e}")),
+                            };
+                            if let Err(reason) = result {
+                                err = Some(
+                                    BundleError::ChunkCorrupt {
+                                        image: class,
+                                        chunk: k,
+                                        offset: batch_offset + pos as u64,
+                                        reason,
+                                    }
+                                    .into(),
+                                );
+                                break;
+                            }
+                            Verified::Bytes(&plain)
                         };
-                        if let Err(reason) = result {
-                            err = Some(BundleError::ChunkCorrupt {
-                                image: class,
-                                chunk: k,
-                                offset: batch_offset + pos as u64,
-                                reason,
+                        pos = end;
+                        if let Some(n) = fp.torn("install.write-chunk", data.len()) {
+                            err = Some(match data.write_at(sink.disk, at, n) {
+                                Ok(()) => PowerCut("install.write-chunk".into()).into(),
+                                Err(e) => disk_err(e, "writing a chunk"),
                             });
                             break;
                         }
-                        pos = end;
+                        if let Err(e) = data.write_at(sink.disk, at, data.len()) {
+                            err = Some(disk_err(e, format!("writing {}", sink.label)));
+                            break;
+                        }
+                        at += data.len() as u64;
                         ok += 1;
                     }
-                    if tx.send((first, comp, plain, ok, err)).is_err() {
+                    if tx.send((first, comp, ok, err)).is_err() {
                         break;
                     }
                 }
             });
         }
         drop(done_tx);
-        let (mut next_read, mut next_write, mut in_flight) = (start, start, 0usize);
-        let mut pending: BTreeMap<usize, (Vec<u8>, usize, Option<BundleError>)> = BTreeMap::new();
-        let mut comp_pool: Vec<Vec<u8>> = Vec::new();
-        let mut plain_pool: Vec<Vec<u8>> = Vec::new();
-        while next_write < chunks.len() {
-            while next_read < chunks.len()
-                && in_flight < max_in_flight
-                && (!comp_pool.is_empty() || comp_made < max_comp)
-            {
-                // One batch: whole chunks up to BATCH_BYTES uncompressed, at least one.
-                let (mut count, mut plain_len, mut comp_len) = (0usize, 0u64, 0u64);
-                for c in &chunks[next_read..] {
-                    let len = if is_zero_chunk(c) { 0 } else { u64::from(c.len) };
-                    if count > 0 && plain_len + len > BATCH_BYTES {
+        let result = (|| {
+            let (mut next_read, mut next_write, mut in_flight) = (start, start, 0usize);
+            let mut pending: BTreeMap<usize, (usize, Option<InstallError>)> = BTreeMap::new();
+            let mut comp_pool: Vec<Vec<u8>> = Vec::new();
+            while next_write < chunks.len() {
+                while next_read < chunks.len()
+                    && in_flight < max_in_flight
+                    && (!comp_pool.is_empty() || comp_made < max_comp)
+                {
+                    // One batch: whole chunks up to BATCH_BYTES uncompressed, at least one.
+                    let (mut count, mut plain_len, mut comp_len, mut len) = (0, 0u64, 0u64, 0u64);
+                    for c in &chunks[next_read..] {
+                        let plain = if is_zero_chunk(c) { 0 } else { u64::from(c.len) };
+                        if count > 0 && plain_len + plain > BATCH_BYTES {
+                            break;
+                        }
+                        count += 1;
+                        plain_len += plain;
+                        comp_len += u64::from(c.compressed_len);
+                        len += u64::from(c.len);
+                    }
+                    let mut buf = comp_pool.pop().unwrap_or_else(|| {
+                        comp_made += 1;
+                        Vec::with_capacity(MAX_COMPRESSED_CHUNK as usize)
+                    });
+                    buf.resize(comp_len as usize, 0);
+                    cur.read_exact_at(offset, &mut buf)?;
+                    if work_tx.send((next_read, count, offset, disk_at, buf)).is_err() {
                         break;
                     }
-                    count += 1;
-                    plain_len += len;
-                    comp_len += u64::from(c.compressed_len);
+                    offset += comp_len;
+                    disk_at += len;
+                    next_read += count;
+                    in_flight += 1;
                 }
-                let mut buf = comp_pool.pop().unwrap_or_else(|| {
-                    comp_made += 1;
-                    Vec::with_capacity(MAX_COMPRESSED_CHUNK as usize)
-                });
-                buf.resize(comp_len as usize, 0);
-                cur.read_exact_at(offset, &mut buf)?;
-                let plain =
-                    plain_pool.pop().unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES as usize));
-                if work_tx.send((next_read, count, offset, buf, plain)).is_err() {
-                    break;
-                }
-                offset += comp_len;
-                next_read += count;
-                in_flight += 1;
-            }
-            let Ok(done) = done_rx.recv() else {
-                return Err(InstallError::Disk(anyhow::anyhow!("the chunk decoders stopped")));
-            };
-            let (first, comp, plain, ok, err) = done;
-            comp_pool.push(comp);
-            pending.insert(first, (plain, ok, err));
-            while let Some((plain, ok, err)) = pending.remove(&next_write) {
-                let first = next_write;
-                let mut pos = 0usize;
-                for (k, c) in chunks.iter().enumerate().skip(first).take(ok) {
-                    if is_zero_chunk(c) {
-                        on_chunk(k, Verified::Zeros(c.len as usize), cur)?;
-                        continue;
+                let Ok((first, comp, ok, err)) = done_rx.recv() else {
+                    return Err(InstallError::Disk(anyhow::anyhow!("the chunk writers stopped")));
+                };
+                comp_pool.push(comp);
+                pending.insert(first, (ok, err));
+                while let Some((ok, err)) = pending.remove(&next_write) {
+                    let first = next_write;
+                    for (k, c) in chunks.iter().enumerate().skip(first).take(ok) {
+                        on_written(k, c.len as usize, cur)?;
                     }
-                    let len = c.len as usize;
-                    on_chunk(k, Verified::Bytes(&plain[pos..pos + len]), cur)?;
-                    pos += len;
+                    if let Some(e) = err {
+                        return Err(e);
+                    }
+                    in_flight -= 1;
+                    next_write = first + ok;
                 }
-                if let Some(e) = err {
-                    return Err(e.into());
-                }
-                plain_pool.push(plain);
-                in_flight -= 1;
-                next_write = first + ok;
             }
-        }
-        Ok(())
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        drop(work_tx);
+        result
     })
 }
 

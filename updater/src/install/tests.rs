@@ -271,12 +271,13 @@ fn zero_chunks_are_written_from_the_signed_index_without_decompressing() {
         let mut cur = BundleCursor::new(&mut fetch, RetryPolicy::default());
         let vm = read_verified_manifest(&mut cur, &keyring)?;
         let layout = read_image_layout(&mut cur, vm.images_offset, &vm.manifest.images[0])?;
-        let mut at = 0u64;
-        stream_chunks(&mut cur, &layout, 0, &mut |_, data, _| {
-            data.write_at(&file, at, data.len()).unwrap();
-            at += data.len() as u64;
+        let mut written = 0usize;
+        let sink = Sink { disk: &file, at: 0, label: "root" };
+        stream_chunks(&mut cur, &layout, 0, sink, &mut |_, len, _| {
+            written += len;
             Ok(())
         })?;
+        assert_eq!(written, root.len());
         Ok(std::fs::read(&path).unwrap())
     };
     assert!(run(bundle.clone()).unwrap() == root);
@@ -395,31 +396,25 @@ fn http_errors_are_clear() {
     assert!(std::fs::read(&f.disk).unwrap() == before);
 }
 
-/// Arms a failpoint once `done` passes `at` bytes of the root image.
-struct ArmAt {
-    at: u64,
-    name: &'static str,
-    torn: Option<usize>,
-    armed: bool,
-}
-
-impl Progress for ArmAt {
-    fn event(&mut self, e: &ProgressEvent) {
-        if let ProgressEvent::Written { image: SlotClass::Root, done, .. } = e {
-            if !self.armed && *done >= self.at {
-                self.armed = true;
-                crate::failpoint::arm(self.name, self.torn);
-            }
-        }
-    }
+/// Arms the chunk-write failpoint for the first root chunk that ends past `at` bytes (the
+/// boot image's chunk writes, which come first, pass): a power cut mid-root, `torn` bytes of
+/// that chunk landing first.
+fn arm_root_write_at(f: &Fixture, at: u64, torn: Option<usize>) {
+    let boot = index_of(&f.bundle, "boot.index", f.boot.len() as u64).chunks.len();
+    let root = index_of(&f.bundle, "root.index", f.root.len() as u64);
+    let mut end = 0u64;
+    let before = root.chunks.iter().take_while(|c| {
+        end += u64::from(c.len);
+        end <= at
+    });
+    crate::failpoint::arm_after("install.write-chunk", boot + before.count(), torn);
 }
 
 #[test]
 fn a_power_cut_mid_image_resumes_from_the_last_checkpoint() {
     let f = Fixture::new();
-    let mut cut =
-        ArmAt { at: 500_000, name: "install.write-chunk", torn: Some(1000), armed: false };
-    let err = f.install(&mut cut).unwrap_err();
+    arm_root_write_at(&f, 500_000, Some(1000));
+    let err = f.install(&mut NoProgress).unwrap_err();
     crate::failpoint::disarm();
     assert!(matches!(err, InstallError::PowerCut(_)), "{err}");
     let rec: ResumeRecord =
@@ -445,9 +440,10 @@ fn a_power_cut_mid_image_resumes_from_the_last_checkpoint() {
 fn an_http_install_cut_by_a_reboot_resumes_where_it_stopped() {
     let f = Fixture::new();
     let server = TestServer::start(f.bundle.clone(), Mode::Normal);
-    let mut cut = ArmAt { at: 500_000, name: "install.write-chunk", torn: Some(10), armed: false };
-    let err = install_bundle(Source::Url(server.url.clone()), &f.request(&AcceptAll), &mut cut)
-        .unwrap_err();
+    arm_root_write_at(&f, 500_000, Some(10));
+    let err =
+        install_bundle(Source::Url(server.url.clone()), &f.request(&AcceptAll), &mut NoProgress)
+            .unwrap_err();
     crate::failpoint::disarm();
     assert!(matches!(err, InstallError::PowerCut(_)), "{err}");
     let rec: ResumeRecord =
@@ -467,8 +463,8 @@ fn an_http_install_cut_by_a_reboot_resumes_where_it_stopped() {
 #[test]
 fn a_resume_record_pointing_nowhere_is_dropped_and_the_install_starts_over() {
     let f = Fixture::new();
-    let mut cut = ArmAt { at: 500_000, name: "install.write-chunk", torn: None, armed: false };
-    f.install(&mut cut).unwrap_err();
+    arm_root_write_at(&f, 500_000, None);
+    f.install(&mut NoProgress).unwrap_err();
     crate::failpoint::disarm();
     let mut rec: ResumeRecord =
         serde_json::from_slice(&std::fs::read(f.resume_file()).unwrap()).unwrap();
@@ -551,8 +547,8 @@ fn power_cut_at_every_install_failpoint_then_resume() {
 #[test]
 fn a_resume_whose_written_prefix_was_damaged_fails_the_image_hash_and_starts_over() {
     let f = Fixture::new();
-    let mut cut = ArmAt { at: 500_000, name: "install.write-chunk", torn: None, armed: false };
-    f.install(&mut cut).unwrap_err();
+    arm_root_write_at(&f, 500_000, None);
+    f.install(&mut NoProgress).unwrap_err();
     crate::failpoint::disarm();
     // Someone scribbles on the written part of root_b.
     let root_b = crate::disk::find_label(&f.disk, "root_b").unwrap();
