@@ -969,7 +969,8 @@ pub fn read_image_layout(
 }
 
 /// Decompresses one chunk into `out` (replacing its contents) and checks it against its index
-/// entry: exact length and sha256. `out` never grows past its capacity or [`CHUNK_MAX`].
+/// entry: exact length and sha256. `out` never grows past its capacity or [`CHUNK_MAX`]; on an
+/// error it is left empty.
 pub fn decode_chunk(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     compressed: &[u8],
@@ -977,22 +978,10 @@ pub fn decode_chunk(
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
     out.clear();
-    decode_chunk_append(decompressor, compressed, entry, out)
-}
-
-/// Like [`decode_chunk`], but appends the chunk's `entry.len` verified bytes to `out`; on an
-/// error `out` is left as it was.
-pub fn decode_chunk_append(
-    decompressor: &mut zstd::bulk::Decompressor<'_>,
-    compressed: &[u8],
-    entry: &ChunkEntry,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    let start = out.len();
     out.reserve(entry.len as usize);
     let result = check_decoded(decompressor, compressed, entry, out);
     if result.is_err() {
-        out.truncate(start);
+        out.clear();
     }
     result
 }
