@@ -8,10 +8,11 @@
 //!
 //! The arming is per thread, so tests that cut power run in parallel with tests that do not,
 //! and production code, which never arms anything, only pays a thread-local lookup and an
-//! uncontended lock. A thread that hands work to helper threads gives them a [`Handle`]: its
-//! failpoints then fire there too.
+//! uncontended lock. A thread that hands work to helper threads gives them a [`Handle`], which
+//! they [`adopt`]: its failpoints then fire (and are recorded) there too.
 //! [`record`] lists the names a run passes through, so a test can loop over all of them.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
@@ -31,7 +32,7 @@ struct Armed {
 }
 
 thread_local! {
-    static ARMED: Arc<Mutex<Armed>> = Arc::new(Mutex::new(Armed::default()));
+    static ARMED: RefCell<Arc<Mutex<Armed>>> = RefCell::new(Arc::new(Mutex::new(Armed::default())));
 }
 
 /// This thread's failpoints, for the helper threads it starts.
@@ -40,18 +41,17 @@ pub struct Handle(Arc<Mutex<Armed>>);
 
 /// A [`Handle`] on this thread's failpoints.
 pub fn handle() -> Handle {
-    ARMED.with(|a| Handle(a.clone()))
+    ARMED.with(|a| Handle(a.borrow().clone()))
 }
 
-impl Handle {
-    /// [`torn`] on the failpoints of the thread that made this handle.
-    pub fn torn(&self, name: &str, len: usize) -> Option<usize> {
-        torn_in(&self.0, name, len)
-    }
+/// Makes this (helper) thread share the failpoints of the thread that made `handle`: from now
+/// on [`hit`] and [`torn`] here fire, and are recorded, as if they ran there.
+pub fn adopt(handle: &Handle) {
+    ARMED.with(|a| *a.borrow_mut() = handle.0.clone());
 }
 
 fn with_armed<T>(f: impl FnOnce(&mut Armed) -> T) -> T {
-    ARMED.with(|a| f(&mut a.lock().unwrap_or_else(|e| e.into_inner())))
+    ARMED.with(|a| f(&mut a.borrow().lock().unwrap_or_else(|e| e.into_inner())))
 }
 
 /// Arms `name` on this thread: the next time it is hit, the power is cut there. For a write
@@ -114,12 +114,7 @@ pub fn hit(name: &str) -> Result<(), PowerCut> {
 /// (all of them when the test gave no length). The caller writes that prefix, then returns
 /// [`PowerCut`].
 pub fn torn(name: &str, len: usize) -> Option<usize> {
-    ARMED.with(|a| torn_in(a, name, len))
-}
-
-fn torn_in(armed: &Mutex<Armed>, name: &str, len: usize) -> Option<usize> {
-    let mut a = armed.lock().unwrap_or_else(|e| e.into_inner());
-    note(&mut a, name).map(|torn_len| torn_len.unwrap_or(len).min(len))
+    with_armed(|a| note(a, name)).map(|torn_len| torn_len.unwrap_or(len).min(len))
 }
 
 #[cfg(test)]
@@ -162,15 +157,20 @@ mod tests {
     }
 
     #[test]
-    fn a_handle_carries_the_arming_to_a_helper_thread() {
+    fn an_adopted_handle_carries_the_arming_to_a_helper_thread() {
         arm("w", Some(5));
         record();
         let h = handle();
-        let got = std::thread::spawn(move || (torn("w", 9), h.torn("w", 9), h.torn("w", 9)))
-            .join()
-            .unwrap();
-        // The helper's own failpoints are not armed; through the handle the cut fires once.
-        assert_eq!(got, (None, Some(5), None));
-        assert_eq!(recorded(), ["w", "w"]);
+        let got = std::thread::spawn(move || {
+            // The helper's own failpoints are not armed; once it adopts the handle, the cut
+            // fires there, once, and its hits are recorded with the caller's.
+            let before = torn("w", 9);
+            adopt(&h);
+            (before, hit("x").is_ok(), torn("w", 9), torn("w", 9))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, (None, true, Some(5), None));
+        assert_eq!(recorded(), ["x", "w", "w"]);
     }
 }
