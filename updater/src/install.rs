@@ -933,20 +933,13 @@ enum Settle {
 }
 
 /// The sending end of the [`settling`] thread.
-struct Settler<'a> {
-    tx: std::sync::mpsc::Sender<Settle>,
-    failed: &'a std::sync::atomic::AtomicBool,
-}
+struct Settler(std::sync::mpsc::Sender<Settle>);
 
-impl Settler<'_> {
-    /// Queues `job`; fails once a job before it failed (the settling thread's error is the one
-    /// [`settling`] returns).
+impl Settler {
+    /// Queues `job`; fails once a job before it failed: the settling thread then has stopped
+    /// and dropped its end (its error is the one [`settling`] returns).
     fn send(&self, job: Settle) -> Result<(), InstallError> {
-        use std::sync::atomic::Ordering;
-        if self.failed.load(Ordering::Acquire) || self.tx.send(job).is_err() {
-            return Err(InstallError::Disk(anyhow::anyhow!("a checkpoint failed")));
-        }
-        Ok(())
+        self.0.send(job).map_err(|_| InstallError::Disk(anyhow::anyhow!("a checkpoint failed")))
     }
 }
 
@@ -965,14 +958,13 @@ fn settling<T>(
     disk: &std::fs::File,
     label: &str,
     resume_file: Option<&Path>,
-    f: impl FnOnce(&Settler<'_>) -> Result<T, InstallError>,
+    f: impl FnOnce(&Settler) -> Result<T, InstallError>,
 ) -> Result<T, InstallError> {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let failpoints = failpoint::handle();
-    let failed = AtomicBool::new(false);
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel::<Settle>();
-        let (failed, failpoints) = (&failed, &failpoints);
+        let failpoints = &failpoints;
+        // On an error the helper returns, which drops `rx`: the next `send` fails.
         let helper = s.spawn(move || {
             failpoint::adopt(failpoints);
             for job in rx {
@@ -986,14 +978,11 @@ fn settling<T>(
                         None => Ok(()),
                     }),
                 };
-                if let Err(e) = done {
-                    failed.store(true, Ordering::Release);
-                    return Err(e);
-                }
+                done?;
             }
             Ok(())
         });
-        let result = f(&Settler { tx, failed });
+        let result = f(&Settler(tx));
         let settled = helper.join().unwrap_or_else(|_| {
             Err(InstallError::Disk(anyhow::anyhow!("the settling thread panicked")))
         });
