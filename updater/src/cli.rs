@@ -10,7 +10,9 @@ use crate::health::{self, Check};
 use crate::layout::Slot;
 use crate::reboot::{Reboot, RebootMode, RecordReboot, SystemReboot};
 use crate::release::{Release, RELEASE_PATH};
-use crate::slot::{self, Device, HealthPlan, Status};
+use crate::slot::{self, Device, HealthPlan};
+use crate::state::{policy, Action};
+use crate::status::Status;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -103,41 +105,7 @@ pub enum Command {
     },
     /// Run the daemon: poll the channel, install what the rollout says, reboot for the
     /// trial; serve /health, /metrics, /status and /check-now on --listen. Stops on SIGTERM.
-    Run {
-        /// Base URL of a published folder (holding channels/ and bundles/); repeat the flag
-        /// for mirrors, tried in order. Default: `channel.url` and `channel.mirrors` of the
-        /// provisioned device.toml.
-        #[arg(long = "mirror", value_name = "URL")]
-        mirrors: Vec<String>,
-        /// The channel to follow (channels/<CHANNEL>.toml). Default: the provisioned
-        /// `channel.name`, else stable.
-        #[arg(long)]
-        channel: Option<String>,
-        /// Seconds between polls; each wait is spread by ±20 %. Default: the provisioned
-        /// `update.interval`, else 300.
-        #[arg(long, value_name = "SECONDS")]
-        interval: Option<u64>,
-        /// Local address of the endpoints.
-        #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_LISTEN)]
-        listen: String,
-        /// No install starts with less free space than this on the data partition (MiB).
-        #[arg(long, value_name = "MIB", default_value_t = crate::daemon::DEFAULT_MIN_FREE >> 20)]
-        min_free_mib: u64,
-        /// Deadline of one channel request, whole response included (seconds).
-        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-        request_timeout: u64,
-        /// The device's id for the rollout. Default: the provisioned `device_id`, else
-        /// /etc/machine-id.
-        #[arg(long, value_name = "ID")]
-        device_id: Option<String>,
-        /// The device's rollout segment: canary, early or general. Default: the provisioned
-        /// `segment`, else general.
-        #[arg(long)]
-        segment: Option<String>,
-        /// How many history entries /status shows.
-        #[arg(long, default_value_t = 10)]
-        history: usize,
-    },
+    Run(RunArgs),
     /// Ask the running daemon to poll its channel now (POST /check-now on its --listen).
     CheckNow {
         /// The daemon's --listen address.
@@ -160,6 +128,44 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         history: usize,
     },
+}
+
+// The flags of `updater run` (its help text is the variant's doc comment above).
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Base URL of a published folder (holding channels/ and bundles/); repeat the flag
+    /// for mirrors, tried in order. Default: `channel.url` and `channel.mirrors` of the
+    /// provisioned device.toml.
+    #[arg(long = "mirror", value_name = "URL")]
+    pub mirrors: Vec<String>,
+    /// The channel to follow (channels/<CHANNEL>.toml). Default: the provisioned
+    /// `channel.name`, else stable.
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Seconds between polls; each wait is spread by ±20 %. Default: the provisioned
+    /// `update.interval`, else 300.
+    #[arg(long, value_name = "SECONDS")]
+    pub interval: Option<u64>,
+    /// Local address of the endpoints.
+    #[arg(long, value_name = "ADDR", default_value = crate::daemon::DEFAULT_LISTEN)]
+    pub listen: String,
+    /// No install starts with less free space than this on the data partition (MiB).
+    #[arg(long, value_name = "MIB", default_value_t = crate::daemon::DEFAULT_MIN_FREE >> 20)]
+    pub min_free_mib: u64,
+    /// Deadline of one channel request, whole response included (seconds).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub request_timeout: u64,
+    /// The device's id for the rollout. Default: the provisioned `device_id`, else
+    /// /etc/machine-id.
+    #[arg(long, value_name = "ID")]
+    pub device_id: Option<String>,
+    /// The device's rollout segment: canary, early or general. Default: the provisioned
+    /// `segment`, else general.
+    #[arg(long)]
+    pub segment: Option<String>,
+    /// How many history entries /status shows.
+    #[arg(long, default_value_t = 10)]
+    pub history: usize,
 }
 
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
@@ -212,339 +218,446 @@ impl Log {
 
 /// Runs one command, writing what it reports to `out`. `Ok(false)`: it ran but failed.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
-    let log = Log { file: cli.log_file.clone() };
-    if let Command::Locate { partuuid, label, sys_block, dev } = &cli.command {
-        let (disk, part) = match (partuuid, label) {
-            (Some(u), _) => crate::disk::locate_partuuid(sys_block, dev, u)?,
-            (None, Some(l)) => crate::disk::locate_label(sys_block, dev, l)?,
-            (None, None) => unreachable!("clap requires one"),
+    match &cli.command {
+        Command::Locate { partuuid, label, sys_block, dev } => {
+            return locate(partuuid.as_ref(), label.as_deref(), sys_block, dev, out)
+        }
+        Command::CheckNow { listen } => return check_now(listen, out),
+        _ => {}
+    }
+    let host = HostFacts::new(cli)?;
+    match &cli.command {
+        Command::Locate { .. } | Command::CheckNow { .. } => unreachable!("handled above"),
+        Command::Run(args) => run_daemon(host, args),
+        Command::Status { json, history } => status(&host, *json, *history, out),
+        Command::Firstboot => firstboot(&host, out),
+        Command::Boot { health_deadline, health_dir, check_timeout } => {
+            let checks = HealthFlags {
+                deadline: Duration::from_secs(*health_deadline),
+                dir: health_dir,
+                timeout: Duration::from_secs(*check_timeout),
+            };
+            boot(&host, &checks, out)
+        }
+        Command::Install { source, reboot, allow_bad, ca_bundle } => {
+            let flags = InstallFlags { reboot: *reboot, allow_bad: *allow_bad, ca_bundle };
+            install(&host, source, &flags, out)
+        }
+        Command::Trial => trial(&host, out),
+        Command::MarkGood { slot } => mark_good(&host, *slot, out),
+        Command::MarkBad { slot, reason } => mark_bad(&host, *slot, reason, out),
+    }
+}
+
+/// What every command on the device works from, worked out once: the disk, where the
+/// system booted, whether the disk is a block device, and so whether to reboot.
+struct HostFacts<'a> {
+    cli: &'a Cli,
+    log: Log,
+    disk: PathBuf,
+    device: Device,
+    booted: Result<BootInfo, String>,
+    /// `--disk` is a block device (a card), not an image file.
+    block_device: bool,
+    /// The unix time when the command started.
+    now: u64,
+}
+
+impl<'a> HostFacts<'a> {
+    fn new(cli: &'a Cli) -> Result<HostFacts<'a>> {
+        let booted = BootInfo::read(&cli.sysroot).map_err(|e| e.to_string());
+        let disk = match &cli.disk {
+            Some(d) => d.clone(),
+            None => default_disk(&cli.sysroot)?,
         };
-        writeln!(out, "{}", crate::disk::partition_node(&disk, part.number).display())?;
-        return Ok(true);
+        Ok(HostFacts {
+            cli,
+            log: Log { file: cli.log_file.clone() },
+            device: Device::new(&disk, &cli.data_dir),
+            block_device: is_block_device(&disk),
+            disk,
+            booted,
+            now: slot::unix_now(),
+        })
     }
-    if let Command::CheckNow { listen } = &cli.command {
-        crate::serve::check_now(listen)?;
-        writeln!(out, "metrica: the daemon at {listen} polls its channel now")?;
-        return Ok(true);
+
+    /// The reboot policy: never with `--no-reboot`, nor on an image file.
+    fn never_reboot(&self) -> bool {
+        self.cli.no_reboot || !self.block_device
     }
-    let booted = BootInfo::read(&cli.sysroot).map_err(|e| e.to_string());
-    let disk = match &cli.disk {
-        Some(d) => d.clone(),
-        None => default_disk(&cli.sysroot)?,
-    };
-    let device = Device::new(&disk, &cli.data_dir);
-    let rebooter: Box<dyn Reboot> = if cli.no_reboot || !is_block_device(&disk) {
-        Box::new(RecordReboot::default())
-    } else {
-        Box::new(SystemReboot)
-    };
-    let reboot = |mode: RebootMode, out: &mut dyn Write| -> Result<()> {
-        if cli.no_reboot || !is_block_device(&disk) {
+
+    /// Where the system booted, when that is known.
+    fn booted(&self) -> Option<&BootInfo> {
+        self.booted.as_ref().ok()
+    }
+
+    /// What reboots for the daemon: the system, or a record of what would have been done.
+    fn rebooter(&self) -> Box<dyn Reboot> {
+        if self.never_reboot() {
+            Box::new(RecordReboot::default())
+        } else {
+            Box::new(SystemReboot)
+        }
+    }
+
+    /// Reboots in `mode`, or says that it did not and why.
+    fn reboot(&self, mode: RebootMode, out: &mut dyn Write) -> Result<()> {
+        if self.never_reboot() {
             writeln!(
                 out,
                 "metrica: reboot ({}) not done: --disk is not a block device or --no-reboot",
                 mode.describe()
             )?;
-            log.event("info", &format!("reboot ({}) skipped", mode.describe()));
+            self.log.event("info", &format!("reboot ({}) skipped", mode.describe()));
             return Ok(());
         }
-        log.event("info", &format!("rebooting ({})", mode.describe()));
-        rebooter.reboot(mode)
-    };
-    let now = slot::unix_now();
-    match &cli.command {
-        Command::Locate { .. } | Command::CheckNow { .. } => unreachable!("handled above"),
-        Command::Run {
-            mirrors,
-            channel,
-            interval,
-            listen,
-            min_free_mib,
-            request_timeout,
-            device_id,
-            segment,
-            history,
-        } => {
-            // Flags win; then the provisioned device.toml (zero-touch: init runs `updater run`
-            // with no flags); then the defaults.
-            let provisioned = provisioned_device(&disk);
-            let prov = provisioned.as_ref().ok();
-            let mirrors = match (mirrors.is_empty(), prov) {
-                (false, _) => mirrors.clone(),
-                (true, Some(p)) => p.channel.urls.clone(),
-                (true, None) => bail!(
-                    "--mirror: none given, and no valid provisioning to take them from ({})",
-                    provisioned.as_ref().err().map(|e| format!("{e:#}")).unwrap_or_default()
-                ),
-            };
-            let device_id = match (device_id, prov) {
-                (Some(id), _) => id.clone(),
-                (None, Some(p)) => p.device_id.clone(),
-                (None, None) => machine_id(&cli.sysroot)?,
-            };
-            let channel = channel
-                .clone()
-                .or_else(|| prov.map(|p| p.channel.name.clone()))
-                .unwrap_or_else(|| "stable".into());
-            let interval = interval
-                .map(Duration::from_secs)
-                .or_else(|| prov.map(|p| p.interval))
-                .unwrap_or(crate::daemon::DEFAULT_INTERVAL);
-            let segment = segment
-                .clone()
-                .or_else(|| prov.map(|p| p.segment.to_string()))
-                .unwrap_or_else(|| "general".into());
-            let overrides = prov.map(rollout_overrides).unwrap_or_default();
-            let config = crate::daemon::Config {
-                mirrors: mirrors.clone(),
-                channel: channel.clone(),
-                interval,
-                listen: listen.clone(),
-                min_free_bytes: min_free_mib << 20,
-                request_deadline: Duration::from_secs(*request_timeout),
-                no_reboot: cli.no_reboot || !is_block_device(&disk),
-                device_id: device_id.clone(),
-                segment,
-            };
-            config.validate()?;
-            let keyring = crate::sign::Keyring::load(&cli.keyring)
-                .with_context(|| format!("loading the keyring {}", cli.keyring.display()))?;
-            let booted = booted.ok();
-            let running = read_release(&cli.sysroot);
-            let daemon = crate::daemon::Daemon {
-                fetcher: crate::daemon::fetch::ChannelFetcher::new(
-                    mirrors,
-                    &channel,
-                    config.request_deadline,
-                ),
-                record: crate::daemon::Daemon::open_record(&device, &config, now),
-                cache: crate::daemon::Cache::new(&cli.data_dir),
-                log: crate::daemon::log::Log::new(cli.log_file.clone(), &device_id),
-                planner: Box::new(crate::daemon::ChannelPlanner {
-                    keyring: keyring.clone(),
-                    overrides,
-                }),
-                installer: Box::new(crate::daemon::BundleInstaller {
-                    keyring,
-                    running: running.clone(),
-                    booted,
-                    log_file: cli.log_file.clone(),
-                }),
-                rebooter,
-                booted,
-                running,
-                device,
-                config,
-            };
-            crate::daemon::run(daemon, *history)?;
-            Ok(true)
-        }
-        Command::Status { json, history } => {
-            let status = device.status(booted, *history);
-            let prov = crate::firstboot::read_outcome(&cli.data_dir);
-            if *json {
-                let mut j = serde_json::to_value(&status)?;
-                j["provisioning"] = provisioning_json(prov.as_ref());
-                writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
-            } else {
-                write!(out, "{}", render_status(&status))?;
-                write!(out, "{}", render_provisioning(prov.as_ref()))?;
-            }
-            Ok(status.state_error.is_none())
-        }
-        Command::Firstboot => {
-            // Growing a large card can take a while: feed the watchdog the initramfs armed.
-            let _watchdog = crate::watchdog::Feeder::open(
-                &cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/')),
-                crate::watchdog::FEED_EVERY,
-                Duration::from_secs(600),
-            )
-            .unwrap_or_else(|e| {
-                log.event("warning", &format!("watchdog: {e}; not feeding it"));
-                None
-            });
-            let platform: Box<dyn crate::firstboot::Platform> = if is_block_device(&disk) {
-                Box::new(crate::firstboot::Linux)
-            } else {
-                Box::new(crate::firstboot::ImageFile)
-            };
-            let fb = crate::firstboot::Firstboot {
-                disk: &disk,
-                data_dir: &cli.data_dir,
-                platform: platform.as_ref(),
-                now,
-            };
-            let o = fb.run().context("first boot")?;
-            let who = o.device_id.as_deref().unwrap_or("unknown device");
-            let summary = match (o.result.as_str(), &o.reason) {
-                ("already-provisioned", _) => format!("metrica: provisioned ({who})"),
-                ("ok", _) => format!(
-                    "metrica: first boot done: {who}, host {}, data {} MiB",
-                    o.hostname.as_deref().unwrap_or("?"),
-                    o.data_bytes >> 20
-                ),
-                (_, reason) => format!(
-                    "metrica: first boot degraded: {}",
-                    reason.as_deref().unwrap_or("unknown reason")
-                ),
-            };
-            writeln!(out, "{summary}")?;
-            log.event(if o.is_ok() { "info" } else { "error" }, &summary);
-            Ok(o.is_ok())
-        }
-        Command::Boot { health_deadline, health_dir, check_timeout } => {
-            // Feed the hardware watchdog while the checks run; never stop it (see watchdog.rs).
-            let _watchdog = crate::watchdog::Feeder::open(
-                &cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/')),
-                crate::watchdog::FEED_EVERY,
-                Duration::from_secs(health_deadline.saturating_add(120)),
-            )
-            .unwrap_or_else(|e| {
-                log.event("warning", &format!("watchdog: {e}; not feeding it"));
-                None
-            });
-            let info = booted.map_err(anyhow::Error::msg)?;
-            let may_reboot = !cli.no_reboot && is_block_device(&disk);
-            if info.tryboot && may_reboot {
-                // A trial is never left pending: even a bug that panics reboots plainly, so
-                // the firmware goes back to the committed slot.
-                let default_hook = std::panic::take_hook();
-                std::panic::set_hook(Box::new(move |p| {
-                    default_hook(p);
-                    eprintln!("metrica: updater panicked in a trial boot; rebooting to the committed slot");
-                    let _ = SystemReboot.reboot(RebootMode::Plain);
-                }));
-            }
-            let _lock = match device.lock() {
-                Ok(l) => l,
-                Err(e) if info.tryboot && e.downcast_ref::<slot::LockBusy>().is_none() => {
-                    let summary = format!(
-                        "metrica: booted {info}: error: {e:#}; rebooting to the committed slot"
-                    );
-                    writeln!(out, "{summary}")?;
-                    log.event("error", &summary);
-                    reboot(RebootMode::Plain, out)?;
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
-            };
-            let running = read_release(&cli.sysroot);
-            let extra = health::extra_checks(health_dir, Duration::from_secs(*check_timeout));
-            let up = health::UpdaterUp { state_dir: cli.data_dir.join("metrica") };
-            let data = health::DataWritable { data_dir: cli.data_dir.clone() };
-            let clock = health::ClockSane {
-                not_before: running.as_ref().map_or(CLOCK_FLOOR, |r| r.build_epoch),
-                now: Box::new(slot::unix_now),
-            };
-            let mut checks: Vec<&dyn Check> = vec![&up, &data, &clock];
-            checks.extend(extra.iter().map(|c| c as &dyn Check));
-            let timer = health::SystemTimer(Instant::now());
-            let plan = HealthPlan {
-                checks,
-                deadline: Duration::from_secs(*health_deadline),
-                timer: &timer,
-            };
-            let report = device.boot(&info, running.as_ref(), &plan, &slot::unix_now);
-            writeln!(out, "{}", report.summary)?;
-            log.event(if report.ok { "info" } else { "error" }, &report.summary);
-            if let Some(mode) = report.reboot {
-                out.flush()?;
-                reboot(mode, out)?;
-            }
-            Ok(report.ok)
-        }
-        Command::Install { source, reboot: then_reboot, allow_bad, ca_bundle } => {
-            let _lock = device.lock()?;
-            let keyring = crate::sign::Keyring::load(&cli.keyring)
-                .with_context(|| format!("loading the keyring {}", cli.keyring.display()))?;
-            let b = booted.as_ref().ok();
-            let running = read_release(&cli.sysroot);
-            let s = device.open_state(b.and_then(BootInfo::slot), running.as_ref(), now)?;
-            if let Some(b) = b {
-                if b.tryboot || b.slot() != Some(s.committed) {
-                    bail!(
-                        "booted {b}, not committed slot {}: installs run from the committed slot",
-                        s.committed
-                    );
-                }
-            }
-            let target = s.committed.other();
-            let policy = slot::InstallPolicy {
-                device: &device,
-                facts: device.device_facts(&s, running.as_ref())?,
-                target,
-                allow_bad: *allow_bad,
-                booted: b,
-                now,
-            };
-            let mut req = crate::install::InstallRequest::new(&disk, target, &keyring, &policy);
-            req.resume_file = Some(crate::install::progress_path(&cli.data_dir));
-            req.ca_bundle = ca_bundle.clone();
-            let result =
-                if std::io::IsTerminal::is_terminal(&std::io::stderr()) && cli.log_file.is_none() {
-                    let mut bar = crate::install::TerminalBar::new(std::io::stderr());
-                    crate::install::install_bundle(
-                        crate::install::Source::parse(source),
-                        &req,
-                        &mut bar,
-                    )
-                } else {
-                    let mut lines = crate::install::JsonLines::new(log.writer());
-                    crate::install::install_bundle(
-                        crate::install::Source::parse(source),
-                        &req,
-                        &mut lines,
-                    )
-                };
-            let images =
-                result.with_context(|| format!("installing {source} into slot {target}"))?;
-            device.finish_install(target, &images.version, slot::unix_now())?;
-            let msg = format!("installed {} into slot {target}", images.version);
-            writeln!(out, "metrica: {msg}")?;
-            log.event("info", &msg);
-            if *then_reboot {
-                device.start_trial(b, slot::unix_now())?;
-                writeln!(
-                    out,
-                    "metrica: trial of slot {target} ({}): rebooting with tryboot",
-                    images.version
-                )?;
-                out.flush()?;
-                reboot(RebootMode::Tryboot, out)?;
-            }
-            Ok(true)
-        }
-        Command::Trial => {
-            let _lock = device.lock()?;
-            let (s, slot) = device.start_trial(booted.as_ref().ok(), now)?;
-            let v = s.slot(slot).version.as_ref().map(|v| format!(" ({v})")).unwrap_or_default();
-            writeln!(out, "metrica: trial of slot {slot}{v}: rebooting with tryboot")?;
-            log.event("info", &format!("trial of slot {slot}{v} requested"));
-            out.flush()?;
-            reboot(RebootMode::Tryboot, out)?;
-            Ok(true)
-        }
-        Command::MarkGood { slot } => {
-            let _lock = device.lock()?;
-            let slot = slot_or_booted(*slot, &booted)?;
-            let (_, msg) = device.mark_good(slot, booted.as_ref().ok(), now)?;
-            writeln!(out, "metrica: {msg}")?;
-            log.event("info", &msg);
-            Ok(true)
-        }
-        Command::MarkBad { slot, reason } => {
-            let _lock = device.lock()?;
-            let slot = slot_or_booted(*slot, &booted)?;
-            let s = device.mark_bad(slot, reason, booted.as_ref().ok(), now)?;
-            let mut msg = format!("slot {slot} marked bad: {reason}");
-            if booted.as_ref().ok().and_then(BootInfo::slot) == Some(slot) {
-                msg.push_str(&format!("; reboot to return to committed slot {}", s.committed));
-            }
-            writeln!(out, "metrica: {msg}")?;
-            log.event("info", &msg);
-            Ok(true)
-        }
+        self.log.event("info", &format!("rebooting ({})", mode.describe()));
+        SystemReboot.reboot(mode)
     }
+
+    /// Feeds the hardware watchdog the initramfs armed for up to `longest`; a watchdog that
+    /// cannot be opened is logged and left alone (see watchdog.rs).
+    fn feed_watchdog(&self, longest: Duration) -> Option<crate::watchdog::Feeder> {
+        crate::watchdog::Feeder::open(
+            &self.cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/')),
+            crate::watchdog::FEED_EVERY,
+            longest,
+        )
+        .unwrap_or_else(|e| {
+            self.log.event("warning", &format!("watchdog: {e}; not feeding it"));
+            None
+        })
+    }
+
+    /// Writes a command's one-line result and logs it.
+    fn report(&self, out: &mut dyn Write, level: &str, msg: &str) -> Result<()> {
+        writeln!(out, "metrica: {msg}")?;
+        self.log.event(level, msg);
+        Ok(())
+    }
+}
+
+/// `updater locate`: the device node of a partition.
+fn locate(
+    partuuid: Option<&uuid::Uuid>,
+    label: Option<&str>,
+    sys_block: &Path,
+    dev: &Path,
+    out: &mut dyn Write,
+) -> Result<bool> {
+    let (disk, part) = match (partuuid, label) {
+        (Some(u), _) => crate::disk::locate_partuuid(sys_block, dev, u)?,
+        (None, Some(l)) => crate::disk::locate_label(sys_block, dev, l)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    writeln!(out, "{}", crate::disk::partition_node(&disk, part.number).display())?;
+    Ok(true)
+}
+
+/// `updater check-now`.
+fn check_now(listen: &str, out: &mut dyn Write) -> Result<bool> {
+    crate::serve::check_now(listen)?;
+    writeln!(out, "metrica: the daemon at {listen} polls its channel now")?;
+    Ok(true)
+}
+
+/// The daemon's settings: flags win; then the provisioned device.toml (zero-touch: init runs
+/// `updater run` with no flags); then the defaults. Also the provisioned rollout overrides.
+fn daemon_settings(
+    host: &HostFacts,
+    args: &RunArgs,
+) -> Result<(crate::daemon::Config, crate::rollout::Overrides)> {
+    let provisioned = provisioned_device(&host.disk);
+    let prov = provisioned.as_ref().ok();
+    let mirrors = match (args.mirrors.is_empty(), prov) {
+        (false, _) => args.mirrors.clone(),
+        (true, Some(p)) => p.channel.urls.clone(),
+        (true, None) => bail!(
+            "--mirror: none given, and no valid provisioning to take them from ({})",
+            provisioned.as_ref().err().map(|e| format!("{e:#}")).unwrap_or_default()
+        ),
+    };
+    let device_id = match (&args.device_id, prov) {
+        (Some(id), _) => id.clone(),
+        (None, Some(p)) => p.device_id.clone(),
+        (None, None) => machine_id(&host.cli.sysroot)?,
+    };
+    let config = crate::daemon::Config {
+        mirrors,
+        channel: args
+            .channel
+            .clone()
+            .or_else(|| prov.map(|p| p.channel.name.clone()))
+            .unwrap_or_else(|| "stable".into()),
+        interval: args
+            .interval
+            .map(Duration::from_secs)
+            .or_else(|| prov.map(|p| p.interval))
+            .unwrap_or(crate::daemon::DEFAULT_INTERVAL),
+        listen: args.listen.clone(),
+        min_free_bytes: args.min_free_mib << 20,
+        request_deadline: Duration::from_secs(args.request_timeout),
+        no_reboot: host.never_reboot(),
+        device_id,
+        segment: args
+            .segment
+            .clone()
+            .or_else(|| prov.map(|p| p.segment.to_string()))
+            .unwrap_or_else(|| "general".into()),
+    };
+    Ok((config, prov.map(rollout_overrides).unwrap_or_default()))
+}
+
+/// `updater run`: the daemon, until SIGTERM.
+fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
+    let (config, overrides) = daemon_settings(&host, args)?;
+    config.validate()?;
+    let cli = host.cli;
+    let keyring = load_keyring(cli)?;
+    let booted = host.booted().copied();
+    let running = read_release(&cli.sysroot);
+    let daemon = crate::daemon::Daemon {
+        fetcher: crate::daemon::fetch::ChannelFetcher::new(
+            config.mirrors.clone(),
+            &config.channel,
+            config.request_deadline,
+        ),
+        record: crate::daemon::Daemon::open_record(&host.device, &config, host.now),
+        cache: crate::daemon::Cache::new(&cli.data_dir),
+        log: crate::daemon::log::Log::new(cli.log_file.clone(), &config.device_id),
+        planner: Box::new(crate::daemon::ChannelPlanner { keyring: keyring.clone(), overrides }),
+        installer: Box::new(crate::daemon::BundleInstaller {
+            keyring,
+            running: running.clone(),
+            booted,
+            log_file: cli.log_file.clone(),
+        }),
+        rebooter: host.rebooter(),
+        booted,
+        running,
+        device: host.device,
+        config,
+    };
+    crate::daemon::run(daemon, args.history)?;
+    Ok(true)
+}
+
+fn load_keyring(cli: &Cli) -> Result<crate::sign::Keyring> {
+    crate::sign::Keyring::load(&cli.keyring)
+        .with_context(|| format!("loading the keyring {}", cli.keyring.display()))
+}
+
+/// `updater status`.
+fn status(host: &HostFacts, json: bool, history: usize, out: &mut dyn Write) -> Result<bool> {
+    let status = host.device.status(host.booted.clone(), history);
+    let prov = crate::firstboot::read_outcome(&host.cli.data_dir);
+    if json {
+        let mut j = serde_json::to_value(&status)?;
+        j["provisioning"] = provisioning_json(prov.as_ref());
+        writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
+    } else {
+        write!(out, "{}", render_status(&status))?;
+        write!(out, "{}", render_provisioning(prov.as_ref()))?;
+    }
+    Ok(status.state_error.is_none())
+}
+
+/// `updater firstboot`.
+fn firstboot(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
+    // Growing a large card can take a while: feed the watchdog the initramfs armed.
+    let _watchdog = host.feed_watchdog(Duration::from_secs(600));
+    let platform: Box<dyn crate::firstboot::Platform> = if host.block_device {
+        Box::new(crate::firstboot::Linux)
+    } else {
+        Box::new(crate::firstboot::ImageFile)
+    };
+    let fb = crate::firstboot::Firstboot {
+        disk: &host.disk,
+        data_dir: &host.cli.data_dir,
+        platform: platform.as_ref(),
+        now: host.now,
+    };
+    let o = fb.run().context("first boot")?;
+    let who = o.device_id.as_deref().unwrap_or("unknown device");
+    let summary = match (o.result.as_str(), &o.reason) {
+        ("already-provisioned", _) => format!("metrica: provisioned ({who})"),
+        ("ok", _) => format!(
+            "metrica: first boot done: {who}, host {}, data {} MiB",
+            o.hostname.as_deref().unwrap_or("?"),
+            o.data_bytes >> 20
+        ),
+        (_, reason) => format!(
+            "metrica: first boot degraded: {}",
+            reason.as_deref().unwrap_or("unknown reason")
+        ),
+    };
+    writeln!(out, "{summary}")?;
+    host.log.event(if o.is_ok() { "info" } else { "error" }, &summary);
+    Ok(o.is_ok())
+}
+
+/// The health flags of `updater boot`.
+struct HealthFlags<'a> {
+    deadline: Duration,
+    dir: &'a Path,
+    timeout: Duration,
+}
+
+/// `updater boot`.
+fn boot(host: &HostFacts, flags: &HealthFlags, out: &mut dyn Write) -> Result<bool> {
+    // Feed the hardware watchdog while the checks run; never stop it (see watchdog.rs).
+    let _watchdog = host.feed_watchdog(flags.deadline.saturating_add(Duration::from_secs(120)));
+    let info = host.booted.clone().map_err(anyhow::Error::msg)?;
+    if info.tryboot && !host.never_reboot() {
+        // A trial is never left pending: even a bug that panics reboots plainly, so the
+        // firmware goes back to the committed slot.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |p| {
+            default_hook(p);
+            eprintln!("metrica: updater panicked in a trial boot; rebooting to the committed slot");
+            let _ = SystemReboot.reboot(RebootMode::Plain);
+        }));
+    }
+    let _lock = match host.device.lock() {
+        Ok(l) => l,
+        Err(e) if info.tryboot && e.downcast_ref::<slot::LockBusy>().is_none() => {
+            let summary =
+                format!("metrica: booted {info}: error: {e:#}; rebooting to the committed slot");
+            writeln!(out, "{summary}")?;
+            host.log.event("error", &summary);
+            host.reboot(RebootMode::Plain, out)?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let data_dir = &host.cli.data_dir;
+    let running = read_release(&host.cli.sysroot);
+    let extra = health::extra_checks(flags.dir, flags.timeout);
+    let up = health::UpdaterUp { state_dir: data_dir.join("metrica") };
+    let data = health::DataWritable { data_dir: data_dir.clone() };
+    let clock = health::ClockSane {
+        not_before: running.as_ref().map_or(CLOCK_FLOOR, |r| r.build_epoch),
+        now: Box::new(slot::unix_now),
+    };
+    let mut checks: Vec<&dyn Check> = vec![&up, &data, &clock];
+    checks.extend(extra.iter().map(|c| c as &dyn Check));
+    let timer = health::SystemTimer(Instant::now());
+    let plan = HealthPlan { checks, deadline: flags.deadline, timer: &timer };
+    let report = host.device.boot(&info, running.as_ref(), &plan, &slot::unix_now);
+    writeln!(out, "{}", report.summary)?;
+    host.log.event(if report.ok { "info" } else { "error" }, &report.summary);
+    if let Some(mode) = report.reboot {
+        out.flush()?;
+        host.reboot(mode, out)?;
+    }
+    Ok(report.ok)
+}
+
+/// The flags of `updater install` besides its source.
+struct InstallFlags<'a> {
+    reboot: bool,
+    allow_bad: bool,
+    ca_bundle: &'a Option<PathBuf>,
+}
+
+/// `updater install`.
+fn install(
+    host: &HostFacts,
+    source: &str,
+    flags: &InstallFlags,
+    out: &mut dyn Write,
+) -> Result<bool> {
+    let (cli, device) = (host.cli, &host.device);
+    let _lock = device.lock()?;
+    let keyring = load_keyring(cli)?;
+    let b = host.booted();
+    let running = read_release(&cli.sysroot);
+    let s = device.open_state(b.and_then(BootInfo::slot), running.as_ref(), host.now)?;
+    // Refused before anything is fetched; the state checks it again when the install starts.
+    policy::from_committed(&s, b, Action::Install)?;
+    let target = s.committed.other();
+    let policy = slot::InstallPolicy {
+        device,
+        facts: device.device_facts(&s, running.as_ref())?,
+        target,
+        allow_bad: flags.allow_bad,
+        booted: b,
+        now: host.now,
+    };
+    let mut req = crate::install::InstallRequest::new(&host.disk, target, &keyring, &policy);
+    req.resume_file = Some(crate::install::progress_path(&cli.data_dir));
+    req.ca_bundle = flags.ca_bundle.clone();
+    let images = install_with_progress(host, source, &req)
+        .with_context(|| format!("installing {source} into slot {target}"))?;
+    device.finish_install(target, &images.version, slot::unix_now())?;
+    host.report(out, "info", &format!("installed {} into slot {target}", images.version))?;
+    if flags.reboot {
+        device.start_trial(b, slot::unix_now())?;
+        writeln!(
+            out,
+            "metrica: trial of slot {target} ({}): rebooting with tryboot",
+            images.version
+        )?;
+        out.flush()?;
+        host.reboot(RebootMode::Tryboot, out)?;
+    }
+    Ok(true)
+}
+
+/// Installs `source` as `req` says, showing progress as a bar on a terminal, else as JSON
+/// lines in the log.
+fn install_with_progress(
+    host: &HostFacts,
+    source: &str,
+    req: &crate::install::InstallRequest<'_>,
+) -> Result<crate::install::InstalledImages, crate::install::InstallError> {
+    let source = crate::install::Source::parse(source);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) && host.cli.log_file.is_none() {
+        let mut bar = crate::install::TerminalBar::new(std::io::stderr());
+        crate::install::install_bundle(source, req, &mut bar)
+    } else {
+        let mut lines = crate::install::JsonLines::new(host.log.writer());
+        crate::install::install_bundle(source, req, &mut lines)
+    }
+}
+
+/// `updater trial`.
+fn trial(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
+    let _lock = host.device.lock()?;
+    let (s, slot) = host.device.start_trial(host.booted(), host.now)?;
+    let v = s.slot(slot).version.as_ref().map(|v| format!(" ({v})")).unwrap_or_default();
+    writeln!(out, "metrica: trial of slot {slot}{v}: rebooting with tryboot")?;
+    host.log.event("info", &format!("trial of slot {slot}{v} requested"));
+    out.flush()?;
+    host.reboot(RebootMode::Tryboot, out)?;
+    Ok(true)
+}
+
+/// `updater mark-good`.
+fn mark_good(host: &HostFacts, slot: Option<Slot>, out: &mut dyn Write) -> Result<bool> {
+    let _lock = host.device.lock()?;
+    let slot = slot_or_booted(slot, &host.booted)?;
+    let (_, msg) = host.device.mark_good(slot, host.booted(), host.now)?;
+    host.report(out, "info", &msg)?;
+    Ok(true)
+}
+
+/// `updater mark-bad`.
+fn mark_bad(
+    host: &HostFacts,
+    slot: Option<Slot>,
+    reason: &str,
+    out: &mut dyn Write,
+) -> Result<bool> {
+    let _lock = host.device.lock()?;
+    let slot = slot_or_booted(slot, &host.booted)?;
+    let s = host.device.mark_bad(slot, reason, host.booted(), host.now)?;
+    let mut msg = format!("slot {slot} marked bad: {reason}");
+    if host.booted().and_then(BootInfo::slot) == Some(slot) {
+        msg.push_str(&format!("; reboot to return to committed slot {}", s.committed));
+    }
+    host.report(out, "info", &msg)?;
+    Ok(true)
 }
 
 fn slot_or_booted(slot: Option<Slot>, booted: &Result<BootInfo, String>) -> Result<Slot> {

@@ -8,7 +8,9 @@ pub mod bundle;
 pub mod channel;
 pub mod cli;
 pub mod cmdline;
+pub mod connectivity;
 pub mod daemon;
+pub mod daemon_record;
 pub mod disk;
 pub mod failpoint;
 pub mod firstboot;
@@ -26,6 +28,7 @@ pub mod serve;
 pub mod sign;
 pub mod slot;
 pub mod state;
+pub mod status;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod watchdog;

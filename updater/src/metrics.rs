@@ -3,10 +3,10 @@
 //! Pure: [`render`] turns a [`Status`] (the same value `/status` and `updater status --json`
 //! show) into text. Metric names follow DESIGN.md section 9; docs/daemon.md lists them all.
 
-use crate::daemon::connectivity::Connectivity;
+use crate::connectivity::Connectivity;
 use crate::daemon::fetch::FetchError;
 use crate::layout::Slot;
-use crate::slot::Status;
+use crate::status::Status;
 use std::fmt::Write;
 
 /// The content type of the text format.
@@ -198,7 +198,7 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::daemon::record::DaemonRecord;
+    use crate::daemon_record::DaemonRecord;
     use crate::state::State;
 
     fn status() -> Status {

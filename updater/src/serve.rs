@@ -2,14 +2,15 @@
 //!
 //! - `GET /health`: `200` with the checks as JSON, or `503` with the failing ones named;
 //! - `GET /metrics`: the Prometheus text format ([`crate::metrics`]);
-//! - `GET /status`: the same JSON as `updater status --json` ([`crate::slot::Status`]);
+//! - `GET /status`: the same JSON as `updater status --json` ([`crate::status::Status`]);
 //! - `POST /check-now`: poll the channel now (what `updater check-now` sends); `202`.
 //!
 //! Requests are served one at a time on one thread; every answer is built from the files the
 //! daemon writes (state, record, history), so the endpoints never disagree with the CLI.
 
 use crate::bootinfo::BootInfo;
-use crate::slot::{Device, Status};
+use crate::slot::Device;
+use crate::status::Status;
 use serde::Serialize;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;

@@ -14,14 +14,15 @@
 //! by SIGTERM/SIGINT. Each poll that may change the state holds the updater's lock (flock,
 //! released by the kernel if the process dies), so it never runs beside `updater install`.
 
-pub mod connectivity;
 pub mod fetch;
 #[cfg(test)]
 mod fleet;
 pub mod log;
-pub mod record;
 #[cfg(test)]
 mod tests;
+
+/// The record and connectivity live below both the daemon and the status (which reads them).
+pub use crate::{connectivity, daemon_record as record};
 
 use crate::bootinfo::BootInfo;
 use crate::history::Entry;
@@ -29,6 +30,7 @@ use crate::layout::Slot;
 use crate::reboot::{Reboot, RebootMode};
 use crate::release::Release;
 use crate::slot::{Device, LockBusy};
+use crate::state::policy;
 use crate::state::{SlotState, State};
 use connectivity::Connectivity;
 use fetch::{ChannelFetcher, Document, Fetched, Validators};
@@ -635,31 +637,18 @@ impl Daemon {
         urls: &[String],
         pinned: bool,
     ) -> PollOutcome {
-        if let Some(b) = &self.booted {
-            if b.tryboot || b.slot() != Some(state.committed) {
-                return self.refuse(
-                    now,
-                    "not_committed_slot",
-                    format!(
-                        "booted {b}, not the committed slot {}: installs wait",
-                        state.committed
-                    ),
-                );
+        let target = match policy::install_target(state, self.booted.as_ref()) {
+            Ok(target) => target,
+            Err(refusal) => {
+                let (kind, message) = install_refusal(&refusal);
+                return self.refuse(now, kind, message);
             }
-        }
-        if let Some(t) = &state.trial {
-            return self.refuse(
-                now,
-                "trial_pending",
-                format!("a trial of slot {} is pending", t.slot),
-            );
-        }
-        let target = state.committed.other();
+        };
         let inactive = state.slot(target);
         let already =
             inactive.state == SlotState::Installed && inactive.version.as_ref() == Some(version);
         if !already {
-            match crate::slot::disk_free_bytes(&self.device.data_dir) {
+            match crate::status::disk_free_bytes(&self.device.data_dir) {
                 Some(free) if free < self.config.min_free_bytes => {
                     return self.refuse(
                         now,
@@ -782,6 +771,20 @@ impl BundleInstaller {
             }
         }
         Box::new(std::io::stderr())
+    }
+}
+
+/// The daemon's stable kind and wording of a refusal to start an install
+/// ([`policy::install_target`]).
+fn install_refusal(refusal: &crate::state::Refusal) -> (&'static str, String) {
+    use crate::state::Refusal;
+    match refusal {
+        Refusal::NotFromCommitted { booted, committed, .. } => (
+            "not_committed_slot",
+            format!("booted {booted}, not the committed slot {committed}: installs wait"),
+        ),
+        Refusal::TrialPending(_) => ("trial_pending", refusal.to_string()),
+        other => ("refused", other.to_string()),
     }
 }
 

@@ -4,7 +4,7 @@
 //! so both show the same channel, connectivity, decision and last error. Connectivity is
 //! recomputed from `last_contact` whenever it is read, so it stays true between polls.
 
-use super::connectivity::{self, Connectivity};
+use crate::connectivity::{self, Connectivity};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,7 +71,7 @@ pub struct DaemonCounters {
     pub polls: u64,
     pub not_modified: u64,
     pub new_documents: u64,
-    /// Failed fetches by [`super::fetch::FetchError::kind`] (one per mirror that failed).
+    /// Failed fetches by [`crate::daemon::fetch::FetchError::kind`] (one per mirror that failed).
     pub fetch_errors: BTreeMap<String, u64>,
     /// Documents refused by the channel checks, by kind.
     pub channel_errors: BTreeMap<String, u64>,
