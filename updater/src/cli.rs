@@ -788,6 +788,40 @@ pub fn render_status(st: &Status) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let _ = writeln!(o, "disk:        {}", st.disk.display());
+    render_boot_lines(st, &mut o);
+    render_state_lines(st, &mut o);
+    render_daemon_lines(st, &mut o);
+    if let Some(free) = st.disk_free_bytes {
+        let _ = writeln!(o, "data free:   {} MiB", free >> 20);
+    }
+    for d in &st.drift {
+        let _ = writeln!(o, "drift:       {d}");
+    }
+    if st.safe_mode {
+        let _ = writeln!(o, "safe mode:   on");
+    }
+    if !st.history.is_empty() {
+        let _ = writeln!(o, "history:");
+        for h in &st.history {
+            let mut line = format!("  {} {}", utc(h.time), h.event);
+            if let Some(s) = &h.slot {
+                line.push_str(&format!(" slot {s}"));
+            }
+            if let Some(v) = &h.version {
+                line.push_str(&format!(" {v}"));
+            }
+            if let Some(r) = &h.reason {
+                line.push_str(&format!(": {r}"));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+    }
+    o
+}
+
+/// The booted and autoboot lines of `updater status`.
+fn render_boot_lines(st: &Status, o: &mut String) {
+    use std::fmt::Write as _;
     match (&st.booted, &st.booted_error) {
         (Some(b), _) => {
             let _ = writeln!(o, "booted:      {b}");
@@ -810,6 +844,11 @@ pub fn render_status(st: &Status) -> String {
         }
         _ => {}
     }
+}
+
+/// The state's lines of `updater status`.
+fn render_state_lines(st: &Status, o: &mut String) {
+    use std::fmt::Write as _;
     match (&st.state, &st.state_error) {
         (Some(s), _) => {
             let _ = writeln!(o, "committed:   slot {}", s.committed);
@@ -856,6 +895,11 @@ pub fn render_status(st: &Status) -> String {
             let _ = writeln!(o, "state:       none yet (created by `updater boot`)");
         }
     }
+}
+
+/// The daemon's lines of `updater status`.
+fn render_daemon_lines(st: &Status, o: &mut String) {
+    use std::fmt::Write as _;
     match (&st.daemon, &st.daemon_error) {
         (Some(d), _) => {
             let c = &d.channel;
@@ -887,32 +931,6 @@ pub fn render_status(st: &Status) -> String {
             let _ = writeln!(o, "daemon:      has not run yet (`updater run`)");
         }
     }
-    if let Some(free) = st.disk_free_bytes {
-        let _ = writeln!(o, "data free:   {} MiB", free >> 20);
-    }
-    for d in &st.drift {
-        let _ = writeln!(o, "drift:       {d}");
-    }
-    if st.safe_mode {
-        let _ = writeln!(o, "safe mode:   on");
-    }
-    if !st.history.is_empty() {
-        let _ = writeln!(o, "history:");
-        for h in &st.history {
-            let mut line = format!("  {} {}", utc(h.time), h.event);
-            if let Some(s) = &h.slot {
-                line.push_str(&format!(" slot {s}"));
-            }
-            if let Some(v) = &h.version {
-                line.push_str(&format!(" {v}"));
-            }
-            if let Some(r) = &h.reason {
-                line.push_str(&format!(": {r}"));
-            }
-            let _ = writeln!(o, "{line}");
-        }
-    }
-    o
 }
 
 #[cfg(test)]

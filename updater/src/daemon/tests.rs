@@ -396,6 +396,38 @@ fn low_disk_refuses_the_install() {
     assert_eq!(r.history("refused").len(), 1);
 }
 
+/// Installs wait for the committed slot's plain boot and for no pending trial: the state's
+/// one rule, under the daemon's stable kinds and wording.
+#[test]
+fn installs_wait_outside_the_committed_slot_and_during_a_trial() {
+    use crate::bootinfo::{BootInfo, BootInfoSource};
+    let s = FileServer::start(Mode::Normal);
+    publish(&s, &doc(1, "2.0.0"), "ok");
+    let mut r = rig(&[&s.base], false);
+    seed_state(&r);
+    let at = |slot: Slot, tryboot: bool| BootInfo {
+        partition: slot.boot().number,
+        tryboot,
+        source: BootInfoSource::KernelCmdline,
+    };
+    for booted in [at(Slot::B, false), at(Slot::A, true)] {
+        r.daemon.booted = Some(booted);
+        let out = r.daemon.poll(T0);
+        let PollOutcome::InstallFailed(f) = out else { panic!("{out:?}") };
+        assert_eq!(f.kind, "not_committed_slot");
+        assert_eq!(f.message, format!("booted {booted}, not the committed slot a: installs wait"),);
+    }
+    r.daemon.booted = Some(at(Slot::A, false));
+    let d = &r.daemon.device;
+    d.begin_install(&"1.5.0".parse().unwrap(), 0, false, None, T0).unwrap();
+    d.finish_install(Slot::B, &"1.5.0".parse().unwrap(), T0).unwrap();
+    d.start_trial(None, T0).unwrap();
+    let out = r.daemon.poll(T0 + 300);
+    let PollOutcome::InstallFailed(f) = out else { panic!("{out:?}") };
+    assert_eq!((f.kind, f.message.as_str()), ("trial_pending", "a trial of slot b is pending"));
+    assert!(r.installs.0.borrow().is_empty());
+}
+
 #[test]
 fn a_held_lock_skips_the_decision() {
     let s = FileServer::start(Mode::Normal);

@@ -71,6 +71,46 @@ fn events(dev: &Device) -> Vec<String> {
     dev.history().tail(100).unwrap().into_iter().map(|e| e.event).collect()
 }
 
+/// A device whose boot selection is a plain file (no disk image): the flows only talk to
+/// the [`BootSelector`].
+fn file_device(committed: Option<Slot>) -> (tempfile::TempDir, Device, FileSelector) {
+    let dir = tempfile::tempdir().unwrap();
+    let sel = FileSelector { path: dir.path().join("autoboot.txt") };
+    if let Some(slot) = committed {
+        std::fs::write(&sel.path, Autoboot::committed(slot).render()).unwrap();
+    }
+    let dev = Device::new(dir.path().join("no-disk.img"), dir.path().join("data"))
+        .with_selector(std::sync::Arc::new(sel.clone()));
+    (dir, dev, sel)
+}
+
+#[test]
+fn the_flows_run_on_any_boot_selector() {
+    let (_d, dev, sel) = file_device(Some(Slot::B));
+    assert!(boot_with(&dev, Slot::B, false, &pass()).ok);
+    assert_eq!(state(&dev).committed, Slot::B);
+    dev.begin_install(&v("1.1.0"), 1, false, Some(&booted(Slot::B, false)), 10).unwrap();
+    dev.finish_install(Slot::A, &v("1.1.0"), 11).unwrap();
+    dev.start_trial(Some(&booted(Slot::B, false)), 12).unwrap();
+    let r = boot_with(&dev, Slot::A, true, &pass());
+    assert!(r.ok && r.summary.ends_with("committed slot a (1.1.0)"), "{}", r.summary);
+    assert_eq!(sel.read().unwrap(), OnDisk::Valid(Autoboot::committed(Slot::A)));
+    assert_eq!(events(&dev), ["init", "install-started", "install", "trial", "commit"]);
+    let st = dev.status(Ok(booted(Slot::A, false)), 5);
+    assert_eq!(st.autoboot.map(|a| a.committed), Some(Slot::A));
+    assert!(st.drift.is_empty(), "{:?}", st.drift);
+}
+
+#[test]
+fn a_missing_selection_is_repaired_through_the_backend() {
+    let (_d, dev, sel) = file_device(None);
+    let r = boot_with(&dev, Slot::A, false, &pass());
+    assert!(r.ok && r.summary.contains("autoboot.txt repaired"), "{}", r.summary);
+    assert_eq!(sel.read().unwrap(), OnDisk::Valid(Autoboot::committed(Slot::A)));
+    assert_eq!(state(&dev).counters.repairs, 1);
+    assert_eq!(sel.write(&Autoboot::committed(Slot::A)).unwrap(), WriteMethod::InPlace);
+}
+
 #[test]
 fn reads_and_locates_the_imagers_autoboot() {
     let (_d, dev) = device(Slot::A);

@@ -1,5 +1,6 @@
 use super::boot::trial_failure_reason;
 use super::*;
+use crate::bootinfo::BootInfo;
 use crate::failpoint;
 
 fn v(s: &str) -> Version {
@@ -522,4 +523,72 @@ fn a_power_cut_during_a_save_leaves_the_old_or_the_new_state() {
         }
     }
     failpoint::disarm();
+}
+
+fn at(slot: Slot, tryboot: bool) -> BootInfo {
+    use crate::bootinfo::BootInfoSource;
+    BootInfo { partition: slot.boot().number, tryboot, source: BootInfoSource::KernelCmdline }
+}
+
+/// Installs and trials start only from the committed slot booted plainly; where the system
+/// booted unknown (a host on an image file) is allowed. One rule for both, in `policy`.
+#[test]
+fn installs_and_trials_start_only_from_the_committed_plain_boot() {
+    let install = |booted| Event::InstallStarted {
+        slot: Slot::B,
+        version: v("2.0.0"),
+        security_epoch: 0,
+        allow_bad: false,
+        booted,
+    };
+    let trial = |booted| Event::TrialStarted { slot: Slot::B, at: 1, booted };
+    for wrong in [at(Slot::B, false), at(Slot::A, true), at(Slot::B, true)] {
+        let r = transition(&fresh(), &install(Some(wrong))).unwrap_err();
+        assert_eq!(
+            r,
+            Refusal::NotFromCommitted {
+                booted: wrong,
+                committed: Slot::A,
+                action: Action::Install
+            }
+        );
+        assert_eq!(
+            r.to_string(),
+            format!("booted {wrong}, not committed slot a: installs run from the committed slot")
+        );
+        let r = transition(&installed_b(), &trial(Some(wrong))).unwrap_err();
+        assert_eq!(
+            r.to_string(),
+            format!("booted {wrong}, not committed slot a: a trial starts from the committed slot")
+        );
+        // Asked before anything else: the daemon's early check refuses it the same way.
+        assert!(matches!(
+            policy::install_target(&trial_booted_b(), Some(&wrong)),
+            Err(Refusal::NotFromCommitted { .. })
+        ));
+    }
+    for fine in [Some(at(Slot::A, false)), None] {
+        assert_eq!(step(&fresh(), install(fine)).slot(Slot::B).state, SlotState::Installing);
+        assert!(step(&installed_b(), trial(fine)).trial.is_some());
+        assert_eq!(policy::install_target(&fresh(), fine.as_ref()), Ok(Slot::B));
+    }
+    assert_eq!(
+        policy::install_target(&trial_booted_b(), Some(&at(Slot::A, false))),
+        Err(Refusal::TrialPending(Slot::B))
+    );
+}
+
+/// The commit's precondition, asked by the flow before it writes `autoboot.txt` and by
+/// `transition` when the commit is recorded.
+#[test]
+fn only_a_trial_whose_checks_passed_is_ready_to_commit() {
+    assert_eq!(policy::ready_to_commit(&fresh()), Err(Refusal::NoTrial));
+    assert_eq!(policy::ready_to_commit(&trial_booted_b()), Err(Refusal::TrialNotBooted(Slot::B)));
+    let passed = step(&trial_booted_b(), Event::HealthPassed);
+    assert_eq!(policy::ready_to_commit(&passed).unwrap().slot, Slot::B);
+    assert_eq!(
+        transition(&passed, &Event::Committed { slot: Slot::A }),
+        Err(Refusal::TrialPending(Slot::B))
+    );
+    assert_eq!(step(&passed, Event::Committed { slot: Slot::B }).committed, Slot::B);
 }
