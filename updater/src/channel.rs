@@ -16,7 +16,7 @@
 //! on any of them the device keeps running what it has and keeps its last good document.
 //!
 //! The last seen sequence per channel is kept in the device state
-//! (`State::channel_sequences`, `state.rs`); the daemon records it after a successful
+//! (`State::channel_sequences`, `state/`); the daemon records it after a successful
 //! [`verify`]. What to do with a verified document is decided by `rollout::decide`.
 
 use crate::sign::{KeyId, Keyring, SignError, SignatureFile, MAX_SIGNATURE_FILE};

@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 
 pub const RECORD_FORMAT: u32 = 1;
 
+/// The kinds of failed channel fetch the record counts (`FetchError::kind` in
+/// `daemon/fetch.rs`); here, below the daemon, so `/metrics` lists them without importing it.
+pub const FETCH_ERROR_KINDS: [&str; 7] =
+    ["http_5xx", "http_4xx", "not_toml", "timeout", "unreachable", "too_large", "unexpected_304"];
+
 /// Path of the record under the data directory.
 pub fn record_path(data_dir: &Path) -> PathBuf {
     data_dir.join("metrica").join("daemon.json")

@@ -4,7 +4,6 @@
 //! show) into text. Metric names follow DESIGN.md section 9; docs/daemon.md lists them all.
 
 use crate::connectivity::Connectivity;
-use crate::daemon::fetch::FetchError;
 use crate::layout::Slot;
 use crate::status::Status;
 use std::fmt::Write;
@@ -168,7 +167,7 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
         "counter",
         "Channel fetches that failed, per mirror tried, by kind.",
     );
-    for kind in FetchError::KINDS {
+    for kind in crate::daemon_record::FETCH_ERROR_KINDS {
         let n = daemon.and_then(|d| d.counters.fetch_errors.get(kind).copied()).unwrap_or(0);
         o.sample("metrica_channel_fetch_errors_total", &[("kind", kind)], n);
     }

@@ -54,15 +54,7 @@ impl FetchError {
         }
     }
 
-    pub const KINDS: [&'static str; 7] = [
-        "http_5xx",
-        "http_4xx",
-        "not_toml",
-        "timeout",
-        "unreachable",
-        "too_large",
-        "unexpected_304",
-    ];
+    pub const KINDS: [&'static str; 7] = crate::daemon_record::FETCH_ERROR_KINDS;
 }
 
 /// Every mirror failed; one error per mirror, in the order tried.
