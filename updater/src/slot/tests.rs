@@ -1,3 +1,7 @@
+//! The slot flows end to end on disk images (and on the file-backed boot selector): boot
+//! reconciliation, trials, commits, repairs, recovery, the lock, and power cuts at every
+//! failpoint of a commit.
+
 use super::*;
 use crate::autoboot::Autoboot;
 use crate::bootinfo::{BootInfo, BootInfoSource};

@@ -1,3 +1,7 @@
+//! The state machine: every event from the states it is allowed in and refused in, the
+//! preconditions of `policy`, boot classification, and the state file (format, corruption,
+//! power cuts during a save).
+
 use super::boot::trial_failure_reason;
 use super::*;
 use crate::bootinfo::BootInfo;
