@@ -461,7 +461,7 @@ fn restore(cx: &Ctx, prev: &semver::Version) {
     match healthy {
         Ok(_) => cx.log("info", "rollback", format!("release {prev} runs again and is healthy")),
         Err(e) => {
-            cx.log("error", "rollback", format!("release {prev} is back but not healthy: {e}"))
+            cx.log("error", "rollback", format!("release {prev} is back but not healthy: {e}"));
         }
     }
 }

@@ -515,6 +515,47 @@ service = "mediamtx"
         assert!(e.message.contains("missing field `health`"), "{e}");
     }
 
+    /// The roles of the repository: each reads, lives in a folder of its name, lists every
+    /// image its compose file names, and passes its own validation script.
+    #[test]
+    fn every_role_in_the_repository_reads_and_validates() {
+        let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("../roles");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&roles).unwrap() {
+            let dir = entry.unwrap().path();
+            let spec = load(&dir.join(ROLE_FILE)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(dir.file_name().unwrap().to_str(), Some(spec.role.name.0.as_str()));
+            let compose = std::fs::read_to_string(dir.join(&spec.role.compose.0)).unwrap();
+            for line in compose.lines().filter_map(|l| l.trim().strip_prefix("image: ")) {
+                assert!(
+                    spec.images.contains_key(line),
+                    "{}: {line} not in [images]",
+                    dir.display()
+                );
+            }
+            if let Some(argv) = &spec.role.validate {
+                let st = std::process::Command::new(&argv.0[0])
+                    .args(&argv.0[1..])
+                    .current_dir(&dir)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "{}: {st}", dir.display());
+            }
+            names.push(spec.role.name.0);
+        }
+        names.sort();
+        let want = [
+            "ai-camera",
+            "audio-player",
+            "camera-dual",
+            "camera-single",
+            "safe-mode",
+            "video-player",
+            "zigbee-hub",
+        ];
+        assert_eq!(names, want);
+    }
+
     #[test]
     fn sizes_take_binary_units_only() {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));

@@ -121,7 +121,7 @@ fn a_first_release_and_an_update_commit_and_keep_the_data_volume() {
     b.fake.write_volume(PROJECT, "recordings");
     match b.apply(&b.good("1.1.0")).unwrap() {
         Outcome::Committed { version, previous } => {
-            assert_eq!((version, previous), (v("1.1.0"), Some(v("1.0.0"))))
+            assert_eq!((version, previous), (v("1.1.0"), Some(v("1.0.0"))));
         }
         other => panic!("{other:?}"),
     }
@@ -188,7 +188,7 @@ fn a_failing_health_check_rolls_back() {
     let src = b.bundle("1.1.0", check, Release::new(&[("web", "metrica.invalid/web:1.1.0")]));
     match b.apply(&src).unwrap() {
         Outcome::RolledBack { error: ApplyError::Unhealthy(r), .. } => {
-            assert_eq!(r[0].detail, "exit status 1")
+            assert_eq!(r[0].detail, "exit status 1");
         }
         other => panic!("{other:?}"),
     }
@@ -204,7 +204,7 @@ fn a_failed_version_is_not_retried_unless_forced() {
     let calls = b.fake.calls().len();
     match b.apply(&bad).unwrap() {
         Outcome::Refused { error: ApplyError::FailedBefore(ver), recorded: false } => {
-            assert_eq!(ver, v("1.1.0"))
+            assert_eq!(ver, v("1.1.0"));
         }
         other => panic!("{other:?}"),
     }
