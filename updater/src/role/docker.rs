@@ -121,7 +121,15 @@ impl Engine for DockerCli {
         cmd.args(ids);
         let line = describe(&cmd);
         let out = self.checked(cmd, self.timeout)?;
-        parse_inspect(&out).map_err(|detail| EngineError::Output { command: line, detail })
+        let mut found =
+            parse_inspect(&out).map_err(|detail| EngineError::Output { command: line, detail })?;
+        // Answer with the ids as asked (`ps` gives short ones, `inspect` full ones).
+        for i in &mut found {
+            if let Some(asked) = ids.iter().find(|a| i.id.starts_with(a.as_str())) {
+                i.id.clone_from(asked);
+            }
+        }
+        Ok(found)
     }
 
     fn exec(

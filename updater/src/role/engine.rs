@@ -117,7 +117,8 @@ pub trait Engine {
     fn ps(&self, project: &Project) -> Result<Vec<Container>, EngineError>;
     /// `docker compose down --remove-orphans` (named volumes are kept).
     fn down(&self, project: &Project) -> Result<(), EngineError>;
-    /// `docker inspect`: restart counts and health of these containers.
+    /// `docker inspect`: restart counts and health of these containers, named by the ids as
+    /// given (which may be `ps`'s short form).
     fn inspect(&self, ids: &[String]) -> Result<Vec<Inspected>, EngineError>;
     /// `docker compose exec -T SERVICE ARGV...`.
     fn exec(
