@@ -199,7 +199,7 @@ fn an_update_succeeds_and_keeps_the_data_volume() {
     let t = Instant::now();
     match d.apply(&d.bundle("1.1.0", "ok")) {
         Outcome::Committed { version, previous } => {
-            assert_eq!((version, previous), (v("1.1.0"), Some(v("1.0.0"))))
+            assert_eq!((version, previous), (v("1.1.0"), Some(v("1.0.0"))));
         }
         other => panic!("{other:?}"),
     }
