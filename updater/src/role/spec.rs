@@ -243,7 +243,11 @@ checked_string!(
         let ok = s.len() <= 63
             && s.starts_with(|c: char| c.is_ascii_lowercase())
             && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if ok { Ok(s.to_string()) } else { Err(format!("invalid role name {s:?}: use a-z, 0-9 and -")) }
+        if ok {
+            Ok(s.to_string())
+        } else {
+            Err(format!("invalid role name {s:?}: use a-z, 0-9 and -"))
+        }
     }
 );
 
@@ -266,7 +270,11 @@ checked_string!(
         let p = Path::new(s);
         let inside = !s.is_empty()
             && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
-        if inside { Ok(p.to_path_buf()) } else { Err(format!("{s:?} must be a relative path inside the role folder")) }
+        if inside {
+            Ok(p.to_path_buf())
+        } else {
+            Err(format!("{s:?} must be a relative path inside the role folder"))
+        }
     }
 );
 
@@ -274,7 +282,11 @@ checked_string!(
     /// An absolute path under /dev.
     DevicePath(PathBuf),
     |s| {
-        if s.starts_with("/dev/") && !s.contains("..") { Ok(PathBuf::from(s)) } else { Err(format!("{s:?} is not a path under /dev/")) }
+        if s.starts_with("/dev/") && !s.contains("..") {
+            Ok(PathBuf::from(s))
+        } else {
+            Err(format!("{s:?} is not a path under /dev/"))
+        }
     }
 );
 
@@ -282,7 +294,11 @@ checked_string!(
     /// A plain `http://` URL (the checks reach the role on the device itself).
     HttpUrl(String),
     |s| {
-        if s.starts_with("http://") && s.len() > 7 { Ok(s.to_string()) } else { Err(format!("{s:?} is not an http:// URL")) }
+        if s.starts_with("http://") && s.len() > 7 {
+            Ok(s.to_string())
+        } else {
+            Err(format!("{s:?} is not an http:// URL"))
+        }
     }
 );
 
@@ -290,7 +306,9 @@ checked_string!(
     /// `host:port`.
     HostPort(String),
     |s| match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(s.to_string()),
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_string())
+        }
         _ => Err(format!("{s:?} is not host:port")),
     }
 );
