@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod provision;
 pub mod reboot;
 pub mod release;
+pub mod role;
 pub mod rollout;
 pub mod serve;
 pub mod sign;

@@ -1,0 +1,353 @@
+//! The roles layer on this machine's real Docker engine (Compose v2): an update that
+//! succeeds, one whose container exits, one whose container is unhealthy, one whose health
+//! check fails, one whose `up --wait` hangs, the rollback restoring the previous containers
+//! and their data volume, three failures deciding safe mode and a good update leaving it, and
+//! the repository's role compose files validated by Compose itself.
+//!
+//! The images are made locally by tests/fixtures/make-role-images.sh (a busybox root through
+//! `docker import`; no registry) and reach the engine with `docker load`, from the bundle.
+//! These tests are ignored by default; run them with `--ignored`. Then they fail, loudly,
+//! when the engine or Compose v2 is missing (.ci/compose-v2 installs it on bookworm).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use updater::role::apply::{self, Event, Options, Outcome};
+use updater::role::docker::DockerCli;
+use updater::role::engine::{project_name, Engine, Project};
+use updater::role::layout::{Link, RoleLayout};
+use updater::role::safe_mode::{self, Decision, ExitReason, Reason, Signals};
+use updater::role::spec;
+
+const NEEDS: &str = "needs the Docker engine and Compose v2: run with --ignored";
+
+/// The saved test images, made once per run; panics with the fix when the engine or Compose
+/// v2 is missing.
+fn images() -> &'static Path {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let compose = Command::new("docker").args(["compose", "version", "--short"]).output();
+        match compose {
+            Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).trim_start_matches('v').starts_with('2') => {}
+            other => panic!(
+                "these tests need the Docker engine and Compose v2 (`docker compose`); run .ci/compose-v2 \
+                 (and start dockerd): {other:?}"
+            ),
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = root.join("target/roletest");
+        let st = Command::new("bash").arg(root.join("tests/fixtures/make-role-images.sh")).arg(&out).status().unwrap();
+        assert!(st.success(), "make-role-images.sh failed: {st}");
+        out.join("roletest-images.tar")
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn v(s: &str) -> semver::Version {
+    s.parse().unwrap()
+}
+
+/// One role on a temporary device folder; its compose projects are removed (with their
+/// volumes) when it is dropped.
+struct Device {
+    dir: tempfile::TempDir,
+    layout: RoleLayout,
+    engine: DockerCli,
+    port: u16,
+    extra_projects: Vec<String>,
+}
+
+impl Device {
+    fn new(role: &str) -> Device {
+        images();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RoleLayout::new(&dir.path().join("data/metrica"), role);
+        let d = Device {
+            dir,
+            layout,
+            engine: DockerCli::default(),
+            port: free_port(),
+            extra_projects: vec![],
+        };
+        d.remove_projects();
+        d
+    }
+
+    /// A bundle folder: role.toml, compose.yaml and images/roletest.tar. `mode` picks the
+    /// image's behaviour (see make-role-images.sh).
+    fn bundle(&self, version: &str, mode: &str) -> PathBuf {
+        let src = self.dir.path().join(format!("bundle-{version}"));
+        std::fs::create_dir_all(src.join("images")).unwrap();
+        let wait = if mode == "hang" { "4s" } else { "30s" };
+        let start = if mode == "hang" { "120s" } else { "1s" };
+        let (name, port) = (&self.layout.name, self.port);
+        let role = format!(
+            "[role]\nname = \"{name}\"\nversion = \"{version}\"\nos = \">=1.0.0\"\nupdate_interval = \"1h\"\n\
+             [apply]\nwait_timeout = \"{wait}\"\nhealth_timeout = \"4s\"\nprobation = \"2s\"\n\
+             [resources]\nmemory = \"32MiB\"\npids = 64\n\
+             [[health.http]]\nurl = \"http://127.0.0.1:{port}/ready\"\n\
+             [[health.container]]\nservice = \"web\"\n"
+        );
+        let compose = format!(
+            "services:\n  web:\n    image: metrica.invalid/roletest:{mode}\n    pull_policy: never\n    restart: unless-stopped\n\
+             \x20   environment:\n      ROLE_VERSION: \"{version}\"\n    ports: [\"127.0.0.1:{port}:8080\"]\n\
+             \x20   volumes: [\"data:/data\"]\n    healthcheck:\n      test: [\"CMD\", \"test\", \"-f\", \"/tmp/healthy\"]\n\
+             \x20     interval: 1s\n      timeout: 1s\n      retries: 2\n      start_period: {start}\n\
+             volumes:\n  data:\n"
+        );
+        std::fs::write(src.join("role.toml"), role).unwrap();
+        std::fs::write(src.join("compose.yaml"), compose).unwrap();
+        let _ = std::fs::remove_file(src.join("images/roletest.tar"));
+        std::os::unix::fs::symlink(images(), src.join("images/roletest.tar")).unwrap();
+        src
+    }
+
+    fn apply(&self, src: &Path) -> Outcome {
+        let log =
+            |e: &Event| eprintln!("{} {} [{}] {}: {}", e.role, e.version, e.level, e.step, e.msg);
+        let opts = Options {
+            os_version: v("1.0.0"),
+            force: false,
+            dev_root: "/".into(),
+            poll: Duration::from_millis(200),
+            validate_timeout: Duration::from_secs(30),
+            log: &log,
+        };
+        apply::apply(&self.engine, &self.layout, src, &opts).unwrap()
+    }
+
+    fn get(&self, path: &str) -> String {
+        get(self.port, path)
+    }
+
+    /// The project's `web` container's image and ROLE_VERSION.
+    fn running(&self) -> (String, String) {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "--filter",
+                &format!("label=com.docker.compose.project={}", project_name(&self.layout.name)),
+            ])
+            .args(["--format", "{{.Image}} {{.ID}}"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (image, id) =
+            text.trim().split_once(' ').unwrap_or_else(|| panic!("no container: {text:?}"));
+        let env = Command::new("docker")
+            .args(["inspect", "--format", "{{range .Config.Env}}{{println .}}{{end}}", id])
+            .output()
+            .unwrap();
+        let env = String::from_utf8_lossy(&env.stdout).into_owned();
+        let version = env
+            .lines()
+            .find_map(|l| l.strip_prefix("ROLE_VERSION="))
+            .unwrap_or_default()
+            .to_string();
+        (image.to_string(), version)
+    }
+
+    fn remove_projects(&self) {
+        let names = std::iter::once(project_name(&self.layout.name))
+            .chain(self.extra_projects.iter().cloned());
+        for p in names {
+            let _ = Command::new("docker")
+                .args(["compose", "--project-name", &p, "down", "--volumes", "--remove-orphans"])
+                .output();
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.remove_projects();
+    }
+}
+
+fn get(port: u16, path: &str) -> String {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    match ureq::get(&url).timeout(Duration::from_secs(3)).call() {
+        Ok(r) => r.into_string().unwrap(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+fn rolled_back(o: Outcome, words: &str) -> semver::Version {
+    match o {
+        Outcome::RolledBack { error, restored, .. } => {
+            assert!(error.to_string().contains(words), "expected {words:?}: {error}");
+            restored.expect("a previous release to restore")
+        }
+        other => panic!("not rolled back: {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn an_update_succeeds_and_keeps_the_data_volume() {
+    let d = Device::new("rt-update");
+    let t = Instant::now();
+    assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
+    eprintln!("apply to healthy and committed (first release, probation 2 s): {:?}", t.elapsed());
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    let t = Instant::now();
+    match d.apply(&d.bundle("1.1.0", "ok")) {
+        Outcome::Committed { version, previous } => {
+            assert_eq!((version, previous), (v("1.1.0"), Some(v("1.0.0"))));
+        }
+        other => panic!("{other:?}"),
+    }
+    eprintln!("apply to healthy and committed (update, probation 2 s): {:?}", t.elapsed());
+    assert_eq!(d.get("/"), "version 1.1.0\n");
+    assert_eq!(d.get("/boots"), "1.0.0\n1.1.0\n", "the named volume outlives the update");
+    assert_eq!(d.running(), ("metrica.invalid/roletest:ok".into(), "1.1.0".into()));
+    assert_eq!(d.layout.read_link(Link::Previous).unwrap(), Some(v("1.0.0")));
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn a_container_that_exits_is_rolled_back_with_its_data_volume() {
+    let d = Device::new("rt-exits");
+    assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
+    let t = Instant::now();
+    assert_eq!(
+        rolled_back(d.apply(&d.bundle("2.0.0", "exit")), "bringing the stack up"),
+        v("1.0.0")
+    );
+    eprintln!("failed update to rolled back and healthy: {:?}", t.elapsed());
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    assert_eq!(d.running(), ("metrica.invalid/roletest:ok".into(), "1.0.0".into()));
+    let boots = d.get("/boots");
+    assert!(boots.starts_with("1.0.0\n2.0.0\n") && boots.ends_with("1.0.0\n"), "{boots:?}");
+    let state = d.layout.read_state().unwrap();
+    assert_eq!(
+        (state.failed, state.consecutive_failures, state.rollbacks_total),
+        (vec![v("2.0.0")], 1, 1)
+    );
+    assert_eq!(d.layout.read_link(Link::Current).unwrap(), Some(v("1.0.0")));
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn an_unhealthy_container_is_rolled_back() {
+    let d = Device::new("rt-unhealthy");
+    assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
+    assert_eq!(
+        rolled_back(d.apply(&d.bundle("2.0.0", "unhealthy")), "bringing the stack up"),
+        v("1.0.0")
+    );
+    assert_eq!(d.running(), ("metrica.invalid/roletest:ok".into(), "1.0.0".into()));
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn a_failing_health_check_is_rolled_back() {
+    let d = Device::new("rt-check");
+    assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
+    assert_eq!(
+        rolled_back(d.apply(&d.bundle("2.0.0", "noready")), "status 404, expected 200"),
+        v("1.0.0")
+    );
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    assert_eq!(d.get("/ready"), "ready\n");
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn an_up_wait_that_hangs_is_rolled_back() {
+    let d = Device::new("rt-hang");
+    assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
+    let t = Instant::now();
+    assert_eq!(
+        rolled_back(d.apply(&d.bundle("2.0.0", "hang")), "bringing the stack up"),
+        v("1.0.0")
+    );
+    assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn three_failed_updates_decide_safe_mode_and_a_good_update_leaves_it() {
+    let mut d = Device::new("rt-safe");
+    let safe = Device::new("rt-safe-mode");
+    d.extra_projects.push(project_name("rt-safe-mode"));
+    let metrica = d.dir.path().join("data/metrica");
+    assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
+    for r in ["1.1.0", "1.2.0", "1.3.0"] {
+        rolled_back(d.apply(&d.bundle(r, "exit")), "bringing the stack up");
+    }
+    let state = d.layout.read_state().unwrap();
+    let signals = Signals {
+        role: "rt-safe".into(),
+        consecutive_failures: state.consecutive_failures,
+        ..Default::default()
+    };
+    let Decision::Enter(reason) = safe_mode::decide(&signals) else {
+        panic!("no safe mode after 3 failures")
+    };
+    assert_eq!(reason, Reason::FailedUpdates { count: 3 });
+    safe_mode::write_marker(&metrica, reason).unwrap();
+    // The safe-mode stack: the same test image, its own project and port.
+    let safe_src = safe.bundle("1.0.0", "ok");
+    let staged = safe.layout.release(&v("1.0.0"));
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    std::fs::rename(&safe_src, &staged).unwrap();
+    let safe_project = Project::for_release("rt-safe-mode", &staged, Path::new("compose.yaml"));
+    let role_project =
+        Project::for_release("rt-safe", &d.layout.release(&v("1.0.0")), Path::new("compose.yaml"));
+    let report = safe_mode::switch_stacks(
+        &d.engine,
+        Some(&role_project),
+        &safe_project,
+        Duration::from_secs(30),
+    );
+    assert_eq!((report.engine_up, report.errors.len()), (true, 0), "{report:?}");
+    assert!(d.get("/").starts_with("error"), "the role is stopped");
+    assert_eq!(safe.get("/"), "version 1.0.0\n", "the safe-mode stack serves");
+    assert!(d.engine.ps(&role_project).unwrap().is_empty());
+    // A good update, then the decision to leave.
+    assert!(matches!(d.apply(&d.bundle("1.4.0", "ok")), Outcome::Committed { .. }));
+    let marker = safe_mode::read_marker(&metrica).is_some();
+    let signals = Signals { active: marker, good_update: true, ..signals };
+    assert_eq!(safe_mode::decide(&signals), Decision::Exit(ExitReason::GoodUpdate));
+    d.engine.down(&safe_project).unwrap();
+    safe_mode::remove_marker(&metrica).unwrap();
+    assert_eq!(d.get("/"), "version 1.4.0\n");
+    assert_eq!(d.layout.read_state().unwrap().consecutive_failures, 0);
+}
+
+/// The repository's roles: Compose v2 accepts each compose file, and every image is pinned
+/// (a bundle-local tag with `pull_policy: never`, or a digest).
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn the_repository_roles_pass_compose_config() {
+    images();
+    let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("../roles");
+    let engine = DockerCli::default();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(roles).unwrap() {
+        let dir = entry.unwrap().path();
+        let spec = spec::load(&dir.join("role.toml")).unwrap();
+        let project = Project::for_release(&spec.role.name.0, &dir, &spec.role.compose.0);
+        engine.config_check(&project).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let model = engine.config(&project).unwrap();
+        for (service, svc) in &model.services {
+            let image = svc.image.as_deref().unwrap_or_default();
+            let pinned = image.contains("@sha256:") || svc.pull_policy.as_deref() == Some("never");
+            assert!(
+                pinned && svc.build.is_none(),
+                "{}: service {service} image {image:?}",
+                dir.display()
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 7, "{NEEDS}");
+}
