@@ -3,7 +3,7 @@
 //! [`decide`] is the rule, pure: enter after [`FAILED_UPDATES_LIMIT`] consecutive failed role
 //! updates, on a crash-looping role, on invalid provisioning, or on an operator's `enter`;
 //! leave on a good role update or an operator's `exit`. The marker file
-//! (`/data/metrica/safe-mode`, [`crate::slot::SAFE_MODE_MARKER`], which /status and /metrics
+//! (`/data/metrica/safe-mode`, [`crate::status::SAFE_MODE_MARKER`], which /status and /metrics
 //! already read) records it; [`switch_stacks`] stops one stack and starts the other, and
 //! reports when the engine itself is down (then the updater and the host's SSH are all that
 //! is left, and the report says so).
@@ -113,7 +113,7 @@ pub struct Marker {
 }
 
 fn marker_path(metrica_dir: &Path) -> PathBuf {
-    metrica_dir.join(crate::slot::SAFE_MODE_MARKER)
+    metrica_dir.join(crate::status::SAFE_MODE_MARKER)
 }
 
 /// Writes the marker (atomically): safe mode is on from now, also after a restart.
@@ -238,7 +238,7 @@ mod tests {
         write_marker(dir.path(), Reason::FailedUpdates { count: 3 }).unwrap();
         let m = read_marker(dir.path()).unwrap();
         assert_eq!(m.reason, Reason::FailedUpdates { count: 3 });
-        assert!(dir.path().join(crate::slot::SAFE_MODE_MARKER).exists());
+        assert!(dir.path().join(crate::status::SAFE_MODE_MARKER).exists());
         let text = std::fs::read_to_string(dir.path().join("safe-mode")).unwrap();
         assert!(text.contains("\"reason\":\"failed-updates\""), "{text}");
         remove_marker(dir.path()).unwrap();
