@@ -835,6 +835,20 @@ mod tests {
         assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
     }
 
+    /// `imager provision`'s destination from TARGET, --output and --batch.
+    #[test]
+    fn provision_destinations() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let of = |t, o, batch| Destination::of(t, o, batch);
+        assert_eq!(of(None, p("out"), true).unwrap(), Destination::Folder("out".into()));
+        assert_eq!(of(None, p("out"), false).unwrap(), Destination::Folder("out".into()));
+        assert_eq!(of(p("/dev/sdx"), None, true).unwrap(), Destination::Cards("/dev/sdx".into()));
+        assert_eq!(of(p("/dev/sdx"), None, false).unwrap(), Destination::Card("/dev/sdx".into()));
+        assert_eq!(of(None, None, false).unwrap(), Destination::InPlace);
+        let e = of(p("/dev/sdx"), p("out"), false).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+    }
+
     #[test]
     fn cli_is_well_formed() {
         use clap::CommandFactory;
