@@ -177,3 +177,35 @@ fn bad_recipes_fail_with_file_and_key_and_leave_no_image() {
         }
     }
 }
+
+/// Every child is logged at debug level with `IMAGER_LOG=debug` (and only then), and a failing
+/// child's own stderr reaches the error: here `dpkg-deb` reading a corrupt cached package.
+#[test]
+fn a_failing_child_is_logged_and_its_stderr_is_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path());
+    std::fs::write(dir.path().join("cache/mini-tools_1%3a1.0-1_arm64.deb"), b"not a package")
+        .unwrap();
+    let out = dir.path().join("out");
+    for level in [None, Some("debug")] {
+        let mut cmd = imager();
+        match level {
+            Some(l) => cmd.env("IMAGER_LOG", l),
+            None => cmd.env_remove("IMAGER_LOG"),
+        };
+        let result = cmd.arg("build").arg(&recipe).arg("-o").arg(&out).output().unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("imager: error: reading ")
+                && stderr.contains("mini-tools_1%3a1.0-1_arm64.deb: dpkg-deb -f ")
+                && stderr.contains("dpkg-deb: error:"),
+            "{stderr}"
+        );
+        assert_eq!(
+            stderr.contains("imager: debug: running dpkg-deb -f "),
+            level.is_some(),
+            "IMAGER_LOG={level:?}: {stderr}"
+        );
+    }
+}

@@ -13,7 +13,7 @@ use crate::initramfs::Initramfs;
 use crate::output;
 use crate::packages::{self, Package};
 use crate::progress::Progress;
-use crate::recipe::{Base, Initramfs as InitramfsRecipe, Layer, Recipe, Source};
+use crate::recipe::{Base, Initramfs as InitramfsRecipe, InitramfsSpec, Layer, Recipe, Source};
 use crate::rootfs::{Kind, Node, Tree};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -149,46 +149,142 @@ fn deb_requests(recipe: &Recipe) -> BTreeMap<String, BTreeSet<PathBuf>> {
 /// Builds the image, its compressed copy, block map, manifest and bundle.
 pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     let started = Instant::now();
-    let mut recipe = Recipe::load(&opts.recipe)?;
-    if let Some(v) = &opts.version {
-        recipe.version = v.clone();
-    }
-    let epoch = match opts.epoch {
-        Some(e) => e,
-        None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-    };
-    let stem = recipe.stem();
-    std::fs::create_dir_all(&opts.output)
-        .with_context(|| format!("creating {}", opts.output.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix(".imager-build-")
-        .tempdir_in(&opts.output)
-        .with_context(|| format!("creating a work folder in {}", opts.output.display()))?;
-    progress.line(&format!(
-        "building {stem} from {} (SOURCE_DATE_EPOCH={epoch})",
-        recipe.file.display()
-    ));
+    let b = Build::start(opts, progress)?;
+    let packages = packages::fetch(&b.recipe, progress)?;
+    let root = b.stage_root(&packages)?;
+    let boot_files = b.boot_files(&packages, &root)?;
+    let disk = b.create_disk()?;
+    let boot_fat = b.write_fat_partitions(&disk, &boot_files)?;
+    let root_img = b.write_ext4_partitions(&disk, &root)?;
+    let partitions = b.hash_partitions(&disk)?;
+    let disk_size = disk.layout.disk_size;
+    let img_tmp = disk.close();
+    let outputs = b.write_outputs(img_tmp, &packages, &root, partitions)?;
+    let bundle = b.write_bundle(&boot_fat, &root_img)?;
+    b.into_place(&outputs, bundle.as_ref(), disk_size, started)
+}
 
-    // 1. Packages.
-    let packages = packages::fetch(&recipe, progress)?;
-    let deb_path = |name: &str| {
-        packages.iter().find(|p| p.name == name).map(|p| p.path.clone()).expect("pinned")
-    };
+/// One build in progress: the checked recipe, its timestamp, and the work folder inside the
+/// output folder where every file is written before it is moved into place.
+struct Build<'a> {
+    opts: &'a BuildOptions,
+    progress: &'a Progress,
+    recipe: Recipe,
+    /// `SOURCE_DATE_EPOCH`: the time of every file.
+    epoch: u64,
+    /// `<name>-<version>`, the stem of every output file.
+    stem: String,
+    work: tempfile::TempDir,
+}
 
-    // 2. The root tree.
-    let step = progress.bar(recipe.layers.len() as u64 + 1, "assembling root");
-    let mut root = Tree::new(&work.path().join("staging/root"))?;
-    if let Base::Tarball(path) = &recipe.base {
-        add_tarball(&mut root, path).map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
+/// The disk image being written, with its layout and identifiers.
+struct Disk {
+    ids: Ids,
+    layout: Layout,
+    path: PathBuf,
+    file: File,
+}
+
+impl Disk {
+    /// Closes the image file; its path stays.
+    fn close(self) -> PathBuf {
+        self.path
     }
-    step.inc(1);
-    for (i, layer) in recipe.layers.iter().enumerate() {
+
+    fn region(&self, label: &str) -> Region<'_> {
+        let p = self.layout.get(label);
+        Region { file: &self.file, start: p.start, len: p.len }
+    }
+}
+
+/// Which ext4 filesystem to make: its partition, label, and whether it has a journal.
+#[derive(Debug, Clone, Copy)]
+struct Ext4Fs {
+    name: &'static str,
+    label: &'static str,
+    journal: bool,
+}
+
+/// The files written beside the image, still in the work folder.
+struct Outputs {
+    img: PathBuf,
+    zst: PathBuf,
+    bmap: PathBuf,
+    manifest: PathBuf,
+    mapped_bytes: u64,
+}
+
+impl<'a> Build<'a> {
+    /// Loads the recipe (with the version override), settles the timestamp and makes the
+    /// work folder.
+    fn start(opts: &'a BuildOptions, progress: &'a Progress) -> Result<Build<'a>> {
+        let mut recipe = Recipe::load(&opts.recipe)?;
+        if let Some(v) = &opts.version {
+            recipe.version = v.clone();
+        }
+        let epoch = match opts.epoch {
+            Some(e) => e,
+            None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        };
+        let stem = recipe.stem();
+        std::fs::create_dir_all(&opts.output)
+            .with_context(|| format!("creating {}", opts.output.display()))?;
+        let work = tempfile::Builder::new()
+            .prefix(".imager-build-")
+            .tempdir_in(&opts.output)
+            .with_context(|| format!("creating a work folder in {}", opts.output.display()))?;
+        progress.line(&format!(
+            "building {stem} from {} (SOURCE_DATE_EPOCH={epoch})",
+            recipe.file.display()
+        ));
+        Ok(Build { opts, progress, recipe, epoch, stem, work })
+    }
+
+    fn work(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// The root tree: the base, every layer in order, then the release files.
+    fn stage_root(&self, packages: &[Package]) -> Result<Tree> {
+        let recipe = &self.recipe;
+        let step = self.progress.bar(recipe.layers.len() as u64 + 1, "assembling root");
+        let mut root = Tree::new(&self.work("staging/root"))?;
+        if let Base::Tarball(path) = &recipe.base {
+            add_tarball(&mut root, path).map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
+        }
+        step.inc(1);
+        for (i, layer) in recipe.layers.iter().enumerate() {
+            self.add_layer(&mut root, i, layer, packages)?;
+            step.inc(1);
+        }
+        let release = Release {
+            name: recipe.name.clone(),
+            version: recipe.version.clone(),
+            compatible: recipe.compatible.clone(),
+            build_epoch: self.epoch,
+            security_epoch: recipe.security_epoch,
+        };
+        root.add_bytes(RELEASE_PATH, release.to_toml().as_bytes(), 0o644, 0, 0)?;
+        root.add_bytes("/etc/os-release", os_release(&release).as_bytes(), 0o644, 0, 0)?;
+        step.finish();
+        Ok(root)
+    }
+
+    /// Adds layer `i` of the recipe to the root tree.
+    fn add_layer(
+        &self,
+        root: &mut Tree,
+        i: usize,
+        layer: &Layer,
+        packages: &[Package],
+    ) -> Result<()> {
+        let recipe = &self.recipe;
         let key = |field: &str| format!("layers[{i}].{field}");
         match layer {
             Layer::Deb { package, paths } => {
                 let only: Vec<PathBuf> =
                     paths.iter().map(|p| crate::rootfs::image_path(p)).collect::<Result<_>>()?;
-                let n = packages::unpack(&deb_path(package), &mut root, &|p| {
+                let n = packages::unpack(&deb_path(packages, package), root, &|p| {
                     only.is_empty() || only.iter().any(|o| p.starts_with(o) || o.starts_with(p))
                 })?;
                 if n == 0 {
@@ -196,8 +292,9 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
                         .err(&key("paths"), format!("none of {paths:?} is in package {package}")));
                 }
             }
-            Layer::Tarball { path } => add_tarball(&mut root, path)
-                .map_err(|e| recipe.err(&key("path"), format!("{e:#}")))?,
+            Layer::Tarball { path } => {
+                add_tarball(root, path).map_err(|e| recipe.err(&key("path"), format!("{e:#}")))?;
+            }
             Layer::Overlay { path, .. } => {
                 root.add_overlay(path).map_err(|e| recipe.err(&key("name"), format!("{e:#}")))?;
             }
@@ -205,7 +302,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
                 Source::Host(host) => root.add_host_file(path, host, *mode, *uid, *gid)?,
                 other => {
                     // The recipe refuses deb: sources here, so this reads root:/path.
-                    let sources = Sources { recipe: &recipe, root: &root, debs: BTreeMap::new() };
+                    let sources = Sources { recipe, root, debs: BTreeMap::new() };
                     let (bytes, _) = sources.read(&key("source"), other)?;
                     root.add_bytes(path, &bytes, *mode, *uid, *gid)?;
                 }
@@ -225,322 +322,375 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
                 root.insert(crate::rootfs::image_path(path)?, Node::dir(*mode, *uid, *gid))?;
             }
         }
-        step.inc(1);
+        Ok(())
     }
-    let release = Release {
-        name: recipe.name.clone(),
-        version: recipe.version.clone(),
-        compatible: recipe.compatible.clone(),
-        build_epoch: epoch,
-        security_epoch: recipe.security_epoch,
-    };
-    root.add_bytes(RELEASE_PATH, release.to_toml().as_bytes(), 0o644, 0, 0)?;
-    root.add_bytes("/etc/os-release", os_release(&release).as_bytes(), 0o644, 0, 0)?;
-    step.finish();
 
-    // 3. Boot files.
-    let mut debs = BTreeMap::new();
-    for (package, paths) in deb_requests(&recipe) {
-        let mut tree = Tree::new(&work.path().join("staging").join(&package))?;
-        let modules: BTreeSet<String> = match &recipe.boot.initramfs {
-            Some(InitramfsRecipe::Build(s)) if s.modules_package.as_deref() == Some(&package) => {
-                s.modules.iter().map(|m| format!("{m}.ko")).collect()
-            }
-            _ => BTreeSet::new(),
-        };
-        packages::unpack(&deb_path(&package), &mut tree, &|p| {
-            paths.iter().any(|w| w == p || w.starts_with(p))
-                || (p.starts_with("/lib/modules") || p.starts_with("/usr/lib/modules"))
-                    && p.file_name().is_some_and(|n| modules.contains(&*n.to_string_lossy()))
-        })?;
-        debs.insert(package, tree);
-    }
-    let sources = Sources { recipe: &recipe, root: &root, debs };
-    let mut boot_files: Vec<(String, Vec<u8>)> = Vec::new();
-    boot_files.push((KERNEL_NAME.into(), sources.read("boot.kernel", &recipe.boot.kernel)?.0));
-    boot_files
-        .push(("config.txt".into(), sources.read("boot.config_txt", &recipe.boot.config_txt)?.0));
-    for (i, dtb) in recipe.boot.dtbs.iter().enumerate() {
-        let name = match dtb {
-            Source::Host(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
-            Source::Deb { path, .. } | Source::Root(path) => {
-                path.rsplit('/').next().map(str::to_string)
-            }
-        }
-        .unwrap_or_default();
-        boot_files.push((name, sources.read(&format!("boot.dtbs[{i}]"), dtb)?.0));
-    }
-    for (name, src) in &recipe.boot.files {
-        boot_files.push((name.clone(), sources.read(&format!("boot.files.{name}"), src)?.0));
-    }
-    match &recipe.boot.initramfs {
-        None => {}
-        Some(InitramfsRecipe::Prebuilt(src)) => {
-            boot_files.push((INITRAMFS_NAME.into(), sources.read("boot.initramfs", src)?.0));
-        }
-        Some(InitramfsRecipe::Build(spec)) => {
-            let mut ir = Initramfs::new();
-            ir.add_file("/init", 0o755, sources.read("boot.initramfs.init", &spec.init)?.0)?;
-            for (path, src) in &spec.files {
-                let (bytes, mode) =
-                    sources.read(&format!("boot.initramfs.files.\"{path}\""), src)?;
-                ir.add_file(path, mode, bytes)?;
-            }
-            if let Some(pkg) = &spec.modules_package {
-                let tree = &sources.debs[pkg];
-                let mut modules = Vec::new();
-                for m in &spec.modules {
-                    let want = format!("{m}.ko");
-                    let path = tree
-                        .iter()
-                        .find(|(p, n)| {
-                            matches!(n.kind, Kind::File { .. })
-                                && p.file_name().is_some_and(|f| f.to_string_lossy() == want)
-                        })
-                        .map(|(p, _)| p.to_string_lossy().into_owned())
-                        .ok_or_else(|| {
-                            recipe.err(
-                                "boot.initramfs.modules",
-                                format!("module {m} is not in package {pkg}"),
-                            )
-                        })?;
-                    modules.push((m.clone(), tree.read(&path)?));
+    /// The files of the boot partition (but `cmdline.txt`): kernel, `config.txt`, DTBs, further
+    /// files and the initramfs, by name.
+    fn boot_files(&self, packages: &[Package], root: &Tree) -> Result<Vec<(String, Vec<u8>)>> {
+        let boot = &self.recipe.boot;
+        let sources =
+            Sources { recipe: &self.recipe, root, debs: self.unpack_boot_debs(packages)? };
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        files.push((KERNEL_NAME.into(), sources.read("boot.kernel", &boot.kernel)?.0));
+        files.push(("config.txt".into(), sources.read("boot.config_txt", &boot.config_txt)?.0));
+        for (i, dtb) in boot.dtbs.iter().enumerate() {
+            let name = match dtb {
+                Source::Host(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+                Source::Deb { path, .. } | Source::Root(path) => {
+                    path.rsplit('/').next().map(str::to_string)
                 }
-                ir.add_modules(&modules)?;
             }
-            let mut bytes = Vec::new();
-            ir.write(&mut bytes, epoch)?;
-            boot_files.push((INITRAMFS_NAME.into(), bytes));
+            .unwrap_or_default();
+            files.push((name, sources.read(&format!("boot.dtbs[{i}]"), dtb)?.0));
         }
+        for (name, src) in &boot.files {
+            files.push((name.clone(), sources.read(&format!("boot.files.{name}"), src)?.0));
+        }
+        match &boot.initramfs {
+            None => {}
+            Some(InitramfsRecipe::Prebuilt(src)) => {
+                files.push((INITRAMFS_NAME.into(), sources.read("boot.initramfs", src)?.0));
+            }
+            Some(InitramfsRecipe::Build(spec)) => {
+                files.push((INITRAMFS_NAME.into(), self.build_initramfs(&sources, spec)?));
+            }
+        }
+        Ok(files)
     }
 
-    // 4. The disk.
-    let ids = Ids::new(&recipe.name, &recipe.version);
-    let layout = Layout::new(&recipe.partitions);
-    let img_tmp = work.path().join(format!("{stem}.img"));
-    let img = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&img_tmp)
-        .with_context(|| format!("creating {}", img_tmp.display()))?;
-    img.set_len(layout.disk_size)?;
-    write_gpt(&img, &layout, &ids)?;
+    /// Unpacks the files the boot partition takes from packages (and the initramfs modules),
+    /// one tree per package.
+    fn unpack_boot_debs(&self, packages: &[Package]) -> Result<BTreeMap<String, Tree>> {
+        let mut debs = BTreeMap::new();
+        for (package, paths) in deb_requests(&self.recipe) {
+            let mut tree = Tree::new(&self.work.path().join("staging").join(&package))?;
+            let modules: BTreeSet<String> = match &self.recipe.boot.initramfs {
+                Some(InitramfsRecipe::Build(s))
+                    if s.modules_package.as_deref() == Some(&package) =>
+                {
+                    s.modules.iter().map(|m| format!("{m}.ko")).collect()
+                }
+                _ => BTreeSet::new(),
+            };
+            packages::unpack(&deb_path(packages, &package), &mut tree, &|p| {
+                paths.iter().any(|w| w == p || w.starts_with(p))
+                    || (p.starts_with("/lib/modules") || p.starts_with("/usr/lib/modules"))
+                        && p.file_name().is_some_and(|n| modules.contains(&*n.to_string_lossy()))
+            })?;
+            debs.insert(package, tree);
+        }
+        Ok(debs)
+    }
 
-    let step = progress.bar(4, "writing FAT partitions");
-    let region = |label: &str| {
-        let p = layout.get(label);
-        Region { file: &img, start: p.start, len: p.len }
-    };
-    fat::format(region("config"), "config", ids.volume_id("config"))
-        .and_then(|()| {
+    /// The initramfs the recipe describes: `/init`, its files and the kernel modules.
+    fn build_initramfs(&self, sources: &Sources<'_>, spec: &InitramfsSpec) -> Result<Vec<u8>> {
+        let mut ir = Initramfs::new();
+        ir.add_file("/init", 0o755, sources.read("boot.initramfs.init", &spec.init)?.0)?;
+        for (path, src) in &spec.files {
+            let (bytes, mode) = sources.read(&format!("boot.initramfs.files.\"{path}\""), src)?;
+            ir.add_file(path, mode, bytes)?;
+        }
+        if let Some(pkg) = &spec.modules_package {
+            let tree = &sources.debs[pkg];
+            let mut modules = Vec::new();
+            for m in &spec.modules {
+                let path = find_module(tree, m).ok_or_else(|| {
+                    self.recipe.err(
+                        "boot.initramfs.modules",
+                        format!("module {m} is not in package {pkg}"),
+                    )
+                })?;
+                modules.push((m.clone(), tree.read(&path)?));
+            }
+            ir.add_modules(&modules)?;
+        }
+        let mut bytes = Vec::new();
+        ir.write(&mut bytes, self.epoch)?;
+        Ok(bytes)
+    }
+
+    /// The image file, at its full size, with its GPT.
+    fn create_disk(&self) -> Result<Disk> {
+        let ids = Ids::new(&self.recipe.name, &self.recipe.version);
+        let layout = Layout::new(&self.recipe.partitions);
+        let path = self.work(&format!("{}.img", self.stem));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.set_len(layout.disk_size)?;
+        write_gpt(&file, &layout, &ids)?;
+        Ok(Disk { ids, layout, path, file })
+    }
+
+    /// The FAT partitions: config (autoboot.txt), both boot partitions, and an empty
+    /// provision partition. Returns the boot filesystem image (for the bundle).
+    fn write_fat_partitions(
+        &self,
+        disk: &Disk,
+        boot_files: &[(String, Vec<u8>)],
+    ) -> Result<PathBuf> {
+        let recipe = &self.recipe;
+        let ids = &disk.ids;
+        let step = self.progress.bar(4, "writing FAT partitions");
+        fat::format(disk.region("config"), "config", ids.volume_id("config"))
+            .and_then(|()| {
+                fat::write_files(
+                    disk.region("config"),
+                    "config",
+                    &[("autoboot.txt".into(), Autoboot::committed(Slot::A).render())],
+                )
+            })
+            .map_err(|e| recipe.err("partitions.config", format!("{e:#}")))?;
+        step.inc(1);
+        let boot_fat = self.write_boot_fat(disk, boot_files)?;
+        let boot_file = File::open(&boot_fat)?;
+        for slot in Slot::ALL {
+            let label = slot.boot().label;
+            output::copy_sparse(&boot_file, &disk.file, disk.layout.get(label).start)?;
+            let cmdline =
+                updater::cmdline::with_root(&recipe.boot.cmdline, &ids.partuuid(slot.root().label));
             fat::write_files(
-                region("config"),
-                "config",
-                &[("autoboot.txt".into(), Autoboot::committed(Slot::A).render())],
+                disk.region(label),
+                label,
+                &[("cmdline.txt".into(), cmdline.into_bytes())],
             )
-        })
-        .map_err(|e| recipe.err("partitions.config", format!("{e:#}")))?;
-    step.inc(1);
-    // The boot filesystem is slot-independent (bundles carry one boot image for either slot):
-    // it is written once, copied into both boot partitions, and only cmdline.txt then differs.
-    let boot_fat = work.path().join("boot.fat");
-    {
+            .map_err(|e| recipe.err(&format!("partitions.{label}"), format!("{e:#}")))?;
+            step.inc(1);
+        }
+        fat::format(disk.region("provision"), "provision", ids.volume_id("provision"))
+            .map_err(|e| recipe.err("partitions.provision", format!("{e:#}")))?;
+        step.inc(1);
+        step.finish();
+        Ok(boot_fat)
+    }
+
+    /// The boot filesystem is slot-independent (bundles carry one boot image for either slot):
+    /// it is written once, copied into both boot partitions, and only cmdline.txt then differs.
+    fn write_boot_fat(&self, disk: &Disk, boot_files: &[(String, Vec<u8>)]) -> Result<PathBuf> {
+        let boot_fat = self.work("boot.fat");
         let f =
             std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&boot_fat)?;
-        let len = layout.get("boot_a").len;
+        let len = disk.layout.get("boot_a").len;
         f.set_len(len)?;
         let whole = Region { file: &f, start: 0, len };
-        let mut files = boot_files.clone();
+        let mut files = boot_files.to_vec();
+        let root_a = disk.ids.partuuid("root_a");
         files.push((
             "cmdline.txt".into(),
-            updater::cmdline::with_root(&recipe.boot.cmdline, &ids.partuuid("root_a")).into_bytes(),
+            updater::cmdline::with_root(&self.recipe.boot.cmdline, &root_a).into_bytes(),
         ));
-        fat::format(whole, "boot", ids.volume_id("boot_a"))
+        fat::format(whole, "boot", disk.ids.volume_id("boot_a"))
             .and_then(|()| fat::write_files(whole, "boot_a", &files))
-            .map_err(|e| recipe.err("partitions.boot_a", format!("{e:#}")))?;
+            .map_err(|e| self.recipe.err("partitions.boot_a", format!("{e:#}")))?;
+        Ok(boot_fat)
     }
-    let boot_file = File::open(&boot_fat)?;
-    for slot in Slot::ALL {
-        let label = slot.boot().label;
-        output::copy_sparse(&boot_file, &img, layout.get(label).start)?;
-        let cmdline =
-            updater::cmdline::with_root(&recipe.boot.cmdline, &ids.partuuid(slot.root().label));
-        fat::write_files(region(label), label, &[("cmdline.txt".into(), cmdline.into_bytes())])
-            .map_err(|e| recipe.err(&format!("partitions.{label}"), format!("{e:#}")))?;
-        step.inc(1);
-    }
-    fat::format(region("provision"), "provision", ids.volume_id("provision"))
-        .map_err(|e| recipe.err("partitions.provision", format!("{e:#}")))?;
-    step.inc(1);
-    step.finish();
 
-    let root_img = work.path().join("root.ext4");
-    let root_len = layout.get("root_a").len;
-    ext4::build(
-        &root,
-        &root_img,
-        &Ext4Params {
-            name: "root_a",
-            label: "root",
-            size: root_len,
-            uuid: ids.fs_uuid("root_a"),
-            hash_seed: ids.hash_seed("root_a"),
-            epoch,
-            journal: false,
-        },
-        progress,
-    )
-    .map_err(|e| recipe.err("partitions.root_a", format!("{e:#}")))?;
-    let data_img = work.path().join("data.ext4");
-    let empty = Tree::new(&work.path().join("staging/data"))?;
-    let data = layout.get("data");
-    ext4::build(
-        &empty,
-        &data_img,
-        &Ext4Params {
-            name: "data",
-            label: "data",
-            size: data.len,
-            uuid: ids.fs_uuid("data"),
-            hash_seed: ids.hash_seed("data"),
-            epoch,
-            journal: true,
-        },
-        progress,
-    )
-    .map_err(|e| recipe.err("partitions.data", format!("{e:#}")))?;
-    let step = progress.bar(3, "copying filesystems");
-    let root_file = File::open(&root_img)?;
-    for label in ["root_a", "root_b"] {
-        output::copy_sparse(&root_file, &img, layout.get(label).start)?;
+    /// The ext4 partitions: the root filesystem into both root slots, an empty data
+    /// filesystem. Returns the root filesystem image (for the bundle).
+    fn write_ext4_partitions(&self, disk: &Disk, root: &Tree) -> Result<PathBuf> {
+        let root_img = self.work("root.ext4");
+        let fs = Ext4Fs { name: "root_a", label: "root", journal: false };
+        self.make_ext4(disk, root, &root_img, fs)?;
+        let data_img = self.work("data.ext4");
+        let empty = Tree::new(&self.work("staging/data"))?;
+        let fs = Ext4Fs { name: "data", label: "data", journal: true };
+        self.make_ext4(disk, &empty, &data_img, fs)?;
+        let step = self.progress.bar(3, "copying filesystems");
+        let root_file = File::open(&root_img)?;
+        for label in ["root_a", "root_b"] {
+            output::copy_sparse(&root_file, &disk.file, disk.layout.get(label).start)?;
+            step.inc(1);
+        }
+        output::copy_sparse(&File::open(&data_img)?, &disk.file, disk.layout.get("data").start)?;
         step.inc(1);
+        step.finish();
+        disk.file.sync_all()?;
+        Ok(root_img)
     }
-    output::copy_sparse(&File::open(&data_img)?, &img, data.start)?;
-    step.inc(1);
-    step.finish();
-    img.sync_all()?;
 
-    // 5. Outputs.
-    let step = progress.bar(layout.parts.len() as u64, "hashing partitions");
-    let hashes: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = layout
-            .parts
-            .iter()
-            // root_b is a copy of root_a's filesystem image, byte for byte: hash it once.
-            .filter(|p| p.role.label != "root_b")
-            .map(|p| {
-                let (img, step) = (&img, &step);
-                scope.spawn(move || {
-                    let h = output::sha256_range(img, p.start, p.len);
-                    step.inc(1);
-                    h
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("hashing thread")).collect::<Result<_>>()
-    })?;
-    let mut parts = Vec::new();
-    let mut next = hashes.into_iter();
-    let mut root_a_hash = String::new();
-    for p in &layout.parts {
-        let sha256 = if p.role.label == "root_b" {
-            root_a_hash.clone()
-        } else {
-            next.next().expect("one hash per partition")
+    /// One ext4 filesystem image of `tree`, the size of partition `name`.
+    fn make_ext4(&self, disk: &Disk, tree: &Tree, out: &Path, fs: Ext4Fs) -> Result<()> {
+        let params = Ext4Params {
+            name: fs.name,
+            label: fs.label,
+            size: disk.layout.get(fs.name).len,
+            uuid: disk.ids.fs_uuid(fs.name),
+            hash_seed: disk.ids.hash_seed(fs.name),
+            epoch: self.epoch,
+            journal: fs.journal,
         };
-        if p.role.label == "root_a" {
-            root_a_hash = sha256.clone();
-        }
-        parts.push(ManifestPartition {
-            number: p.role.number,
-            label: p.role.label,
-            start: p.start,
-            size: p.len,
-            partuuid: ids.partuuid(p.role.label).hyphenated().to_string(),
-            sha256,
-        });
+        ext4::build(tree, out, &params, self.progress)
+            .map_err(|e| self.recipe.err(&format!("partitions.{}", fs.name), format!("{e:#}")))
     }
-    step.finish();
-    drop(img);
 
-    let zst_tmp = work.path().join(format!("{stem}.img.zst"));
-    output::compress_zstd(&img_tmp, &zst_tmp, opts.zstd_level, progress)?;
-    let bmap_tmp = work.path().join(format!("{stem}.bmap"));
-    let mapped_bytes = output::write_bmap(&img_tmp, &bmap_tmp)?;
-    let manifest_tmp = work.path().join(format!("{stem}.manifest.json"));
-    let manifest = Manifest {
-        name: &recipe.name,
-        version: recipe.version.to_string(),
-        compatible: &recipe.compatible,
-        security_epoch: recipe.security_epoch,
-        source_date_epoch: epoch,
-        recipe_sha256: output::sha256_file(&recipe.file)?,
-        packages: &packages,
-        root_files: root.len(),
-        root_content_bytes: root.content_bytes(),
-        partitions: parts,
-    };
-    std::fs::write(&manifest_tmp, serde_json::to_string_pretty(&manifest)? + "\n")?;
-
-    // The OS bundle: the slot-independent boot filesystem and the root filesystem image.
-    let bundle_tmp = work.path().join(format!("{stem}.mfb"));
-    let bundle = match &recipe.signing_key {
-        _ if opts.no_bundle => None,
-        None => {
-            progress.line("no signing_key in the recipe: no bundle written");
-            None
-        }
-        Some(key_path) => {
-            if !key_path.exists() {
-                bail!(recipe.err(
-                    "signing_key",
-                    format!(
-                        "{} does not exist; make a key with `imager keygen --dir DIR --name NAME`",
-                        key_path.display()
-                    )
-                ));
-            }
-            let key = crate::keys::load_signing_key(key_path)
-                .map_err(|e| recipe.err("signing_key", format!("{e:#}")))?;
-            let meta = crate::bundle::BundleMeta {
-                compatible: recipe.compatible.clone(),
-                version: recipe.version.clone(),
-                security_epoch: recipe.security_epoch,
-                created: epoch,
-                zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
+    /// The manifest's partitions, each with the sha256 of its bytes (hashed in parallel).
+    fn hash_partitions(&self, disk: &Disk) -> Result<Vec<ManifestPartition>> {
+        let layout = &disk.layout;
+        let step = self.progress.bar(layout.parts.len() as u64, "hashing partitions");
+        let hashes: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = layout
+                .parts
+                .iter()
+                // root_b is a copy of root_a's filesystem image, byte for byte: hash it once.
+                .filter(|p| p.role.label != "root_b")
+                .map(|p| {
+                    let (img, step) = (&disk.file, &step);
+                    scope.spawn(move || {
+                        let h = output::sha256_range(img, p.start, p.len);
+                        step.inc(1);
+                        h
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("hashing thread")).collect::<Result<_>>()
+        })?;
+        let mut parts = Vec::new();
+        let mut next = hashes.into_iter();
+        let mut root_a_hash = String::new();
+        for p in &layout.parts {
+            let sha256 = if p.role.label == "root_b" {
+                root_a_hash.clone()
+            } else {
+                next.next().expect("one hash per partition")
             };
-            let images = [
-                crate::bundle::ImageSource::file(updater::bundle::SlotClass::Boot, &boot_fat)?,
-                crate::bundle::ImageSource::file(updater::bundle::SlotClass::Root, &root_img)?,
-            ];
-            crate::bundle::write_bundle(&bundle_tmp, &meta, &images, &key, progress)?;
-            Some(bundle_tmp)
+            if p.role.label == "root_a" {
+                root_a_hash = sha256.clone();
+            }
+            parts.push(ManifestPartition {
+                number: p.role.number,
+                label: p.role.label,
+                start: p.start,
+                size: p.len,
+                partuuid: disk.ids.partuuid(p.role.label).hyphenated().to_string(),
+                sha256,
+            });
         }
-    };
-
-    // 6. Into place.
-    let mut moved = Vec::new();
-    for tmp in [&img_tmp, &zst_tmp, &bmap_tmp, &manifest_tmp].into_iter().chain(bundle.as_ref()) {
-        let dst = opts.output.join(tmp.file_name().expect("named"));
-        std::fs::rename(tmp, &dst)
-            .with_context(|| format!("moving {} into place", dst.display()))?;
-        moved.push(dst);
+        step.finish();
+        Ok(parts)
     }
-    let image = moved[0].clone();
-    Ok(BuildReport {
-        name: recipe.name.clone(),
-        version: recipe.version.to_string(),
-        image_size: layout.disk_size,
-        mapped_bytes,
-        zst_size: std::fs::metadata(&moved[1])?.len(),
-        zst: moved[1].clone(),
-        bmap: moved[2].clone(),
-        manifest: moved[3].clone(),
-        image,
-        bundle: moved.get(4).cloned(),
-        seconds: started.elapsed().as_secs_f64(),
-    })
+
+    /// The `.img.zst`, `.bmap` and manifest beside the image.
+    fn write_outputs(
+        &self,
+        img: PathBuf,
+        packages: &[Package],
+        root: &Tree,
+        partitions: Vec<ManifestPartition>,
+    ) -> Result<Outputs> {
+        let recipe = &self.recipe;
+        let zst = self.work(&format!("{}.img.zst", self.stem));
+        output::compress_zstd(&img, &zst, self.opts.zstd_level, self.progress)?;
+        let bmap = self.work(&format!("{}.bmap", self.stem));
+        let mapped_bytes = output::write_bmap(&img, &bmap)?;
+        let manifest_path = self.work(&format!("{}.manifest.json", self.stem));
+        let manifest = Manifest {
+            name: &recipe.name,
+            version: recipe.version.to_string(),
+            compatible: &recipe.compatible,
+            security_epoch: recipe.security_epoch,
+            source_date_epoch: self.epoch,
+            recipe_sha256: output::sha256_file(&recipe.file)?,
+            packages,
+            root_files: root.len(),
+            root_content_bytes: root.content_bytes(),
+            partitions,
+        };
+        std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)? + "\n")?;
+        Ok(Outputs { img, zst, bmap, manifest: manifest_path, mapped_bytes })
+    }
+
+    /// The OS bundle: the slot-independent boot filesystem and the root filesystem image.
+    /// None with --no-bundle or without a signing key in the recipe.
+    fn write_bundle(&self, boot_fat: &Path, root_img: &Path) -> Result<Option<PathBuf>> {
+        let recipe = &self.recipe;
+        let key_path = match &recipe.signing_key {
+            _ if self.opts.no_bundle => return Ok(None),
+            None => {
+                self.progress.line("no signing_key in the recipe: no bundle written");
+                return Ok(None);
+            }
+            Some(key_path) => key_path,
+        };
+        if !key_path.exists() {
+            bail!(recipe.err(
+                "signing_key",
+                format!(
+                    "{} does not exist; make a key with `imager keygen --dir DIR --name NAME`",
+                    key_path.display()
+                )
+            ));
+        }
+        let key = crate::keys::load_signing_key(key_path)
+            .map_err(|e| recipe.err("signing_key", format!("{e:#}")))?;
+        let meta = crate::bundle::BundleMeta {
+            compatible: recipe.compatible.clone(),
+            version: recipe.version.clone(),
+            security_epoch: recipe.security_epoch,
+            created: self.epoch,
+            zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
+        };
+        let images = [
+            crate::bundle::ImageSource::file(updater::bundle::SlotClass::Boot, boot_fat)?,
+            crate::bundle::ImageSource::file(updater::bundle::SlotClass::Root, root_img)?,
+        ];
+        let bundle = self.work(&format!("{}.mfb", self.stem));
+        crate::bundle::write_bundle(&bundle, &meta, &images, &key, self.progress)?;
+        Ok(Some(bundle))
+    }
+
+    /// Moves every output from the work folder into the output folder; the report.
+    fn into_place(
+        self,
+        outputs: &Outputs,
+        bundle: Option<&PathBuf>,
+        image_size: u64,
+        started: Instant,
+    ) -> Result<BuildReport> {
+        let into_place = |tmp: &PathBuf| -> Result<PathBuf> {
+            let dst = self.opts.output.join(tmp.file_name().expect("named"));
+            std::fs::rename(tmp, &dst)
+                .with_context(|| format!("moving {} into place", dst.display()))?;
+            Ok(dst)
+        };
+        let image = into_place(&outputs.img)?;
+        let zst = into_place(&outputs.zst)?;
+        let bmap = into_place(&outputs.bmap)?;
+        let manifest = into_place(&outputs.manifest)?;
+        let bundle = bundle.map(into_place).transpose()?;
+        Ok(BuildReport {
+            name: self.recipe.name.clone(),
+            version: self.recipe.version.to_string(),
+            image_size,
+            mapped_bytes: outputs.mapped_bytes,
+            zst_size: std::fs::metadata(&zst)?.len(),
+            zst,
+            bmap,
+            manifest,
+            image,
+            bundle,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// The `.deb` file of a pinned package.
+fn deb_path(packages: &[Package], name: &str) -> PathBuf {
+    packages.iter().find(|p| p.name == name).map(|p| p.path.clone()).expect("pinned")
+}
+
+/// The path of kernel module `name` (`name.ko`) in an unpacked package.
+fn find_module(tree: &Tree, name: &str) -> Option<String> {
+    let want = format!("{name}.ko");
+    tree.iter()
+        .find(|(p, n)| {
+            matches!(n.kind, Kind::File { .. })
+                && p.file_name().is_some_and(|f| f.to_string_lossy() == want)
+        })
+        .map(|(p, _)| p.to_string_lossy().into_owned())
 }
 
 /// `/etc/os-release` for a release.

@@ -96,37 +96,7 @@ pub enum Command {
     /// Write the provision partition: of an image file or card in place, of per-device copies
     /// of an image (--output), or onto cards flashed one after the other (TARGET). Every device
     /// and file is validated before anything is written.
-    Provision {
-        /// The image (.img or .img.zst). Without TARGET or --output: the image file or card
-        /// (block device) whose provision partition is rewritten in place.
-        image: PathBuf,
-        /// A card (block device) or file to flash with the image and provision; with --batch,
-        /// card after card (asks for each).
-        target: Option<PathBuf>,
-        /// One device per row of this CSV (columns: docs/provisioning.md, "imager provision").
-        #[arg(long, value_name = "FLEET.CSV")]
-        batch: Option<PathBuf>,
-        /// Write DIR/NAME-DEVICE_ID.img and .bmap per device instead of a TARGET.
-        #[arg(long, short, value_name = "DIR")]
-        output: Option<PathBuf>,
-        /// The image's block map (for TARGET and --output); default: next to the image.
-        #[arg(long, value_name = "FILE")]
-        bmap: Option<PathBuf>,
-        /// Do not ask before writing a card.
-        #[arg(long, short)]
-        yes: bool,
-        /// Skip reading the image back from a TARGET.
-        #[arg(long)]
-        no_verify: bool,
-        /// Only validate (every device, every file, the partition's room) and write nothing.
-        #[arg(long)]
-        check: bool,
-        #[command(
-            flatten,
-            next_help_heading = "Device (flags; with --batch, defaults for every row)"
-        )]
-        device: crate::provision::DeviceArgs,
-    },
+    Provision(ProvisionArgs),
     /// Make a signed OS bundle (.mfb) from an image built by `imager build`.
     Bundle {
         /// The disk image; its boot_a and root_a partitions go into the bundle.
@@ -173,6 +143,37 @@ pub enum Command {
         #[command(subcommand)]
         command: ChannelCommand,
     },
+}
+
+/// The arguments of `imager provision`.
+#[derive(Debug, clap::Args)]
+pub struct ProvisionArgs {
+    /// The image (.img or .img.zst). Without TARGET or --output: the image file or card
+    /// (block device) whose provision partition is rewritten in place.
+    pub image: PathBuf,
+    /// A card (block device) or file to flash with the image and provision; with --batch,
+    /// card after card (asks for each).
+    pub target: Option<PathBuf>,
+    /// One device per row of this CSV (columns: docs/provisioning.md, "imager provision").
+    #[arg(long, value_name = "FLEET.CSV")]
+    pub batch: Option<PathBuf>,
+    /// Write DIR/NAME-DEVICE_ID.img and .bmap per device instead of a TARGET.
+    #[arg(long, short, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// The image's block map (for TARGET and --output); default: next to the image.
+    #[arg(long, value_name = "FILE")]
+    pub bmap: Option<PathBuf>,
+    /// Do not ask before writing a card.
+    #[arg(long, short)]
+    pub yes: bool,
+    /// Skip reading the image back from a TARGET.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Only validate (every device, every file, the partition's room) and write nothing.
+    #[arg(long)]
+    pub check: bool,
+    #[command(flatten, next_help_heading = "Device (flags; with --batch, defaults for every row)")]
+    pub device: crate::provision::DeviceArgs,
 }
 
 /// The channel a command signs.
@@ -358,38 +359,7 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
     let now = unix_now()?;
     let (target, change, keyring) = match command {
         ChannelCommand::Show { folder, channel, keyring } => {
-            let path = folder.join(updater::channel::document_path(&channel));
-            let doc =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            // With a keyring, check as a device does: signature first, then the contents.
-            let (ch, signer) = match keyring {
-                Some(dir) => {
-                    let ring = Keyring::load(&dir)
-                        .with_context(|| format!("loading the keyring {}", dir.display()))?;
-                    let sig_path = folder.join(updater::channel::signature_path(&channel));
-                    let sig = std::fs::read(&sig_path).ok();
-                    let expect = updater::channel::Expect {
-                        keyring: &ring,
-                        name: &channel,
-                        last_sequence: None,
-                        now,
-                    };
-                    let v = updater::channel::verify(&doc, sig.as_deref(), &expect)
-                        .with_context(|| format!("checking {}", path.display()))?;
-                    (v.channel, Some(v.key_id))
-                }
-                None => (
-                    updater::channel::Channel::parse(&doc)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                    None,
-                ),
-            };
-            print!("{}", crate::publish::describe(&ch, now));
-            match signer {
-                Some(id) => println!("signature valid, by key {id}; fresh"),
-                None => println!("signature not checked (no --keyring)"),
-            }
-            return Ok(());
+            return show_channel(&folder, &channel, keyring.as_deref(), now);
         }
         ChannelCommand::Set { target, rollout } => {
             let change = rollout.change(now)?;
@@ -431,9 +401,50 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
     Ok(())
 }
 
+/// `imager channel show`: with a keyring, checked as a device does: signature first, then the
+/// contents.
+fn show_channel(
+    folder: &std::path::Path,
+    channel: &str,
+    keyring: Option<&std::path::Path>,
+    now: u64,
+) -> Result<()> {
+    let path = folder.join(updater::channel::document_path(channel));
+    let doc = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (ch, signer) = match keyring {
+        Some(dir) => {
+            let ring = Keyring::load(dir)
+                .with_context(|| format!("loading the keyring {}", dir.display()))?;
+            let sig_path = folder.join(updater::channel::signature_path(channel));
+            let sig = std::fs::read(&sig_path).ok();
+            let expect = updater::channel::Expect {
+                keyring: &ring,
+                name: channel,
+                last_sequence: None,
+                now,
+            };
+            let v = updater::channel::verify(&doc, sig.as_deref(), &expect)
+                .with_context(|| format!("checking {}", path.display()))?;
+            (v.channel, Some(v.key_id))
+        }
+        None => (
+            updater::channel::Channel::parse(&doc)
+                .with_context(|| format!("reading {}", path.display()))?,
+            None,
+        ),
+    };
+    print!("{}", crate::publish::describe(&ch, now));
+    match signer {
+        Some(id) => println!("signature valid, by key {id}; fresh"),
+        None => println!("signature not checked (no --keyring)"),
+    }
+    Ok(())
+}
+
 /// Runs the command line; exit code 0 done, 1 failed, 2 usage (from clap).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    crate::logger::install();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -454,217 +465,237 @@ fn run(cli: Cli) -> Result<()> {
             json,
             no_bundle,
         } => {
-            let progress = Progress::detect();
-            let report = build(
-                &BuildOptions {
-                    recipe,
-                    output,
-                    version,
-                    epoch: source_date_epoch,
-                    zstd_level,
-                    no_bundle,
-                },
-                &progress,
-            )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            }
-            let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
-            if let Some(b) = &report.bundle {
-                eprintln!("  bundle   {}", b.display());
-            }
-            eprintln!(
-                "built {}-{} in {:.1} s\n  image    {} ({}, {} mapped)\n  zstd     {} ({})\n  bmap     {}\n  manifest {}",
-                report.name,
-                report.version,
-                report.seconds,
-                report.image.display(),
-                mib(report.image_size),
-                mib(report.mapped_bytes),
-                report.zst.display(),
-                mib(report.zst_size),
-                report.bmap.display(),
-                report.manifest.display()
-            );
-            Ok(())
+            let epoch = source_date_epoch;
+            run_build(&BuildOptions { recipe, output, version, epoch, zstd_level, no_bundle }, json)
         }
         Command::Inspect { path, keyring, cat, json } => {
-            if is_bundle(&path)? {
-                let inspection = crate::bundle::inspect(&path, keyring.as_deref())?;
-                print!("{inspection}");
-                if keyring.is_some() && !inspection.signature.is_valid() {
-                    anyhow::bail!("{}: the signature is not valid for keyring", path.display());
-                }
-                return Ok(());
-            }
-            if let Some(spec) = cat {
-                let bytes = crate::inspect::cat(&path, &spec)?;
-                std::io::stdout().write_all(&bytes).context("writing to stdout")?;
-                return Ok(());
-            }
-            let info = crate::inspect::inspect_image(&path)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                print!("{}", crate::inspect::render(&info));
-            }
-            Ok(())
+            run_inspect(&path, keyring.as_deref(), cat.as_deref(), json)
         }
         Command::Flash { image, target, bmap, yes, no_verify, json, device } => {
-            let progress = Progress::detect();
-            let overlay = if device.any() {
-                let d = crate::provision::single(&device)?;
-                Some(crate::provision::overlay(&image, &d)?)
-            } else {
-                None
-            };
             let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
-            let report = crate::flash::flash(
-                &opts,
-                overlay.as_ref(),
-                &mut *crate::flash::confirmation(yes),
-                &progress,
-            )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            }
-            eprintln!("{}", report.summary());
-            Ok(())
+            run_flash(&opts, &device, yes, json)
         }
-        Command::Provision {
-            image,
-            target,
-            batch,
-            output,
-            bmap,
-            yes,
-            no_verify,
-            check,
-            device,
-        } => {
-            use crate::provision as p;
-            let progress = Progress::detect();
-            if target.is_some() && output.is_some() {
-                anyhow::bail!("give either a TARGET or --output DIR, not both");
-            }
-            let devices = match &batch {
-                Some(csv) => p::batch(csv, &device)?,
-                None if device.any() => vec![p::single(&device)?],
-                None => anyhow::bail!(
-                    "nothing to provision: give --device FILE and/or device flags, or --batch FLEET.CSV"
-                ),
-            };
-            // The partition's room, for every device, before anything is written.
-            let part = p::find_partition(&image)?;
-            for d in &devices {
-                p::build_partition(&image, part.len, d)?;
-            }
-            if check {
-                for d in &devices {
-                    println!("{}	{}	{}", d.id, d.hostname, d.label);
-                }
-                eprintln!("{} device(s) valid; nothing written (--check)", devices.len());
-                return Ok(());
-            }
-            match (output, target) {
-                (Some(out), _) => {
-                    let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, &progress)?;
-                    eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
-                }
-                (None, Some(target)) if batch.is_some() => {
-                    use std::io::IsTerminal;
-                    if !std::io::stdin().is_terminal() {
-                        anyhow::bail!("writing card after card needs a terminal to ask for the next card; standard input is not one (use --output DIR for per-device images instead)");
-                    }
-                    let done = p::cards(
-                        &image,
-                        bmap.as_deref(),
-                        &devices,
-                        &target,
-                        !no_verify,
-                        &mut p::TerminalCards,
-                        &progress,
-                    )?;
-                    eprintln!("wrote {} of {} card(s): {}", done.len(), devices.len(), done.join(", "));
-                }
-                (None, Some(target)) => {
-                    let overlay = p::overlay(&image, &devices[0])?;
-                    let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
-                    let report = crate::flash::flash(
-                        &opts,
-                        Some(&overlay),
-                        &mut *crate::flash::confirmation(yes),
-                        &progress,
-                    )?;
-                    eprintln!("{}", report.summary());
-                }
-                (None, None) if batch.is_some() => anyhow::bail!(
-                    "a batch writes per-device images (--output DIR) or cards (TARGET); give one of them"
-                ),
-                (None, None) => {
-                    p::in_place(&image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
-                }
-            }
-            Ok(())
-        }
-        Command::Keygen { dir, name } => {
-            let pair = crate::keys::generate(&dir, &name)?;
-            println!("key id {}", pair.key_id);
-            println!("private {} (keep it secret; never commit it)", pair.private.display());
-            println!("public  {} (copy it into the keyring of the images)", pair.public.display());
-            Ok(())
-        }
+        Command::Provision(args) => run_provision(args),
+        Command::Keygen { dir, name } => run_keygen(&dir, &name),
         Command::Bundle { image, key, output, security_epoch, source_date_epoch } => {
-            let progress = Progress::detect();
-            let release = crate::inspect::inspect_image(&image)?
-                .slots
-                .into_iter()
-                .find(|s| s.slot == updater::layout::Slot::A)
-                .and_then(|s| s.release)
-                .with_context(|| {
-                    format!("{}: root_a has no readable /etc/metrica/release.toml", image.display())
-                })?;
-            let created = match source_date_epoch {
-                Some(e) => e,
-                None => {
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
-                }
-            };
-            let meta = crate::bundle::BundleMeta {
-                compatible: release.compatible,
-                version: release.version,
-                security_epoch: security_epoch.unwrap_or(release.security_epoch),
-                created,
-                zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
-            };
-            let images = [
-                crate::bundle::ImageSource::partition(
-                    updater::bundle::SlotClass::Boot,
-                    &image,
-                    "boot_a",
-                )?,
-                crate::bundle::ImageSource::partition(
-                    updater::bundle::SlotClass::Root,
-                    &image,
-                    "root_a",
-                )?,
-            ];
-            let signing = crate::keys::load_signing_key(&key)?;
-            let summary =
-                crate::bundle::write_bundle(&output, &meta, &images, &signing, &progress)?;
-            eprintln!(
-                "wrote {} ({} bytes, signed by {})",
-                summary.path.display(),
-                summary.size,
-                summary.key_id
-            );
-            Ok(())
+            run_bundle(&image, &key, &output, security_epoch, source_date_epoch)
         }
         Command::Publish { bundle, target, keyring, name, rollout, sequence } => {
             run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout, sequence)
         }
         Command::Channel { command } => run_channel(command),
     }
+}
+
+fn run_build(opts: &BuildOptions, json: bool) -> Result<()> {
+    let report = build(opts, &Progress::detect())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    if let Some(b) = &report.bundle {
+        eprintln!("  bundle   {}", b.display());
+    }
+    eprintln!(
+        "built {}-{} in {:.1} s\n  image    {} ({}, {} mapped)\n  zstd     {} ({})\n  bmap     {}\n  manifest {}",
+        report.name,
+        report.version,
+        report.seconds,
+        report.image.display(),
+        mib(report.image_size),
+        mib(report.mapped_bytes),
+        report.zst.display(),
+        mib(report.zst_size),
+        report.bmap.display(),
+        report.manifest.display()
+    );
+    Ok(())
+}
+
+fn run_inspect(
+    path: &std::path::Path,
+    keyring: Option<&std::path::Path>,
+    cat: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    if is_bundle(path)? {
+        let inspection = crate::bundle::inspect(path, keyring)?;
+        print!("{inspection}");
+        if keyring.is_some() && !inspection.signature.is_valid() {
+            anyhow::bail!("{}: the signature is not valid for keyring", path.display());
+        }
+        return Ok(());
+    }
+    if let Some(spec) = cat {
+        let bytes = crate::inspect::cat(path, spec)?;
+        std::io::stdout().write_all(&bytes).context("writing to stdout")?;
+        return Ok(());
+    }
+    let info = crate::inspect::inspect_image(path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", crate::inspect::render(&info));
+    }
+    Ok(())
+}
+
+fn run_flash(
+    opts: &crate::flash::FlashOptions,
+    device: &crate::provision::DeviceArgs,
+    yes: bool,
+    json: bool,
+) -> Result<()> {
+    let progress = Progress::detect();
+    let overlay = if device.any() {
+        let d = crate::provision::single(device)?;
+        Some(crate::provision::overlay(&opts.image, &d)?)
+    } else {
+        None
+    };
+    let report = crate::flash::flash(
+        opts,
+        overlay.as_ref(),
+        &mut *crate::flash::confirmation(yes),
+        &progress,
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    eprintln!("{}", report.summary());
+    Ok(())
+}
+
+/// Where `imager provision` writes, worked out once from TARGET, --output and --batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Destination {
+    /// Per-device images in this folder (--output).
+    Folder(PathBuf),
+    /// A batch, card after card, each into TARGET.
+    Cards(PathBuf),
+    /// One device flashed onto TARGET.
+    Card(PathBuf),
+    /// The image (file or card) itself, its provision partition rewritten.
+    InPlace,
+}
+
+impl Destination {
+    fn of(target: Option<PathBuf>, output: Option<PathBuf>, batch: bool) -> Result<Destination> {
+        Ok(match (output, target) {
+            (Some(_), Some(_)) => anyhow::bail!("give either a TARGET or --output DIR, not both"),
+            (Some(out), None) => Destination::Folder(out),
+            (None, Some(target)) if batch => Destination::Cards(target),
+            (None, Some(target)) => Destination::Card(target),
+            (None, None) => Destination::InPlace,
+        })
+    }
+}
+
+fn run_provision(args: ProvisionArgs) -> Result<()> {
+    use crate::provision as p;
+    let progress = Progress::detect();
+    let ProvisionArgs { image, target, batch, output, bmap, yes, no_verify, check, device } = args;
+    let destination = Destination::of(target, output, batch.is_some())?;
+    let devices = match &batch {
+        Some(csv) => p::batch(csv, &device)?,
+        None if device.any() => vec![p::single(&device)?],
+        None => anyhow::bail!(
+            "nothing to provision: give --device FILE and/or device flags, or --batch FLEET.CSV"
+        ),
+    };
+    // The partition's room, for every device, before anything is written.
+    let part = p::find_partition(&image)?;
+    for d in &devices {
+        p::build_partition(&image, part.len, d)?;
+    }
+    if check {
+        for d in &devices {
+            println!("{}	{}	{}", d.id, d.hostname, d.label);
+        }
+        eprintln!("{} device(s) valid; nothing written (--check)", devices.len());
+        return Ok(());
+    }
+    match destination {
+        Destination::Folder(out) => {
+            let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, &progress)?;
+            eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
+        }
+        Destination::Cards(target) => {
+            use std::io::IsTerminal;
+            if !std::io::stdin().is_terminal() {
+                anyhow::bail!("writing card after card needs a terminal to ask for the next card; standard input is not one (use --output DIR for per-device images instead)");
+            }
+            let (bmap, verify) = (bmap.as_deref(), !no_verify);
+            let mut prompt = p::TerminalCards;
+            let done = p::cards(&image, bmap, &devices, &target, verify, &mut prompt, &progress)?;
+            eprintln!("wrote {} of {} card(s): {}", done.len(), devices.len(), done.join(", "));
+        }
+        Destination::Card(target) => {
+            let overlay = p::overlay(&image, &devices[0])?;
+            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+            let report = crate::flash::flash(
+                &opts,
+                Some(&overlay),
+                &mut *crate::flash::confirmation(yes),
+                &progress,
+            )?;
+            eprintln!("{}", report.summary());
+        }
+        Destination::InPlace if batch.is_some() => anyhow::bail!(
+            "a batch writes per-device images (--output DIR) or cards (TARGET); give one of them"
+        ),
+        Destination::InPlace => {
+            p::in_place(&image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
+        }
+    }
+    Ok(())
+}
+
+fn run_keygen(dir: &std::path::Path, name: &str) -> Result<()> {
+    let pair = crate::keys::generate(dir, name)?;
+    println!("key id {}", pair.key_id);
+    println!("private {} (keep it secret; never commit it)", pair.private.display());
+    println!("public  {} (copy it into the keyring of the images)", pair.public.display());
+    Ok(())
+}
+
+fn run_bundle(
+    image: &std::path::Path,
+    key: &std::path::Path,
+    output: &std::path::Path,
+    security_epoch: Option<u64>,
+    source_date_epoch: Option<u64>,
+) -> Result<()> {
+    use updater::bundle::SlotClass;
+    let progress = Progress::detect();
+    let release = crate::inspect::inspect_image(image)?
+        .slots
+        .into_iter()
+        .find(|s| s.slot == updater::layout::Slot::A)
+        .and_then(|s| s.release)
+        .with_context(|| {
+            format!("{}: root_a has no readable /etc/metrica/release.toml", image.display())
+        })?;
+    let meta = crate::bundle::BundleMeta {
+        compatible: release.compatible,
+        version: release.version,
+        security_epoch: security_epoch.unwrap_or(release.security_epoch),
+        created: source_date_epoch.map_or_else(unix_now, Ok)?,
+        zstd_level: updater::bundle::DEFAULT_ZSTD_LEVEL,
+    };
+    let images = [
+        crate::bundle::ImageSource::partition(SlotClass::Boot, image, "boot_a")?,
+        crate::bundle::ImageSource::partition(SlotClass::Root, image, "root_a")?,
+    ];
+    let signing = crate::keys::load_signing_key(key)?;
+    let summary = crate::bundle::write_bundle(output, &meta, &images, &signing, &progress)?;
+    eprintln!(
+        "wrote {} ({} bytes, signed by {})",
+        summary.path.display(),
+        summary.size,
+        summary.key_id
+    );
+    Ok(())
 }
 
 fn run_publish(
@@ -802,6 +833,20 @@ mod tests {
         std::fs::write(&doc, text).unwrap();
         let err = call(&[&show[..], &["--keyring", &d("keys")]].concat()).unwrap_err();
         assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
+    }
+
+    /// `imager provision`'s destination from TARGET, --output and --batch.
+    #[test]
+    fn provision_destinations() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let of = |t, o, batch| Destination::of(t, o, batch);
+        assert_eq!(of(None, p("out"), true).unwrap(), Destination::Folder("out".into()));
+        assert_eq!(of(None, p("out"), false).unwrap(), Destination::Folder("out".into()));
+        assert_eq!(of(p("/dev/sdx"), None, true).unwrap(), Destination::Cards("/dev/sdx".into()));
+        assert_eq!(of(p("/dev/sdx"), None, false).unwrap(), Destination::Card("/dev/sdx".into()));
+        assert_eq!(of(None, None, false).unwrap(), Destination::InPlace);
+        let e = of(p("/dev/sdx"), p("out"), false).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
     }
 
     #[test]

@@ -128,6 +128,7 @@ pub fn build(tree: &Tree, out: &Path, p: &Ext4Params<'_>, progress: &Progress) -
         .arg(out)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .logged()
         .spawn()
         .context("running debugfs (is e2fsprogs installed?)")?;
     let stderr = child.stderr.take().expect("piped");

@@ -15,6 +15,7 @@ pub mod image;
 pub mod initramfs;
 pub mod inspect;
 pub mod keys;
+pub mod logger;
 pub mod output;
 pub mod packages;
 pub mod progress;

@@ -54,6 +54,7 @@ pub fn fetch(recipe: &Recipe, progress: &Progress) -> Result<Vec<Package>> {
                 .args(["download", "-q", &spec])
                 .current_dir(&debian.cache)
                 .stdin(Stdio::null())
+                .logged()
                 .output()
                 .context("running apt-get download (is apt installed?)")?;
             if !out.status.success()
@@ -121,6 +122,7 @@ pub fn unpack(deb: &Path, tree: &mut Tree, keep: &dyn Fn(&Path) -> bool) -> Resu
         .arg(deb)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .logged()
         .spawn()
         .context("running dpkg-deb (is dpkg installed?)")?;
     let stdout = child.stdout.take().expect("piped");

@@ -312,8 +312,41 @@ fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) {
 /// the value came from.
 fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device, Vec<String>> {
     let mut errs = Vec::new();
+    let config = device_config(spec, template, batch, &mut errs);
+    let mut files = device_files(spec, batch, &mut errs);
+    let Some(config) = config else { return Err(errs) };
+    files.list.insert(0, (prov::DEVICE_TOML.to_string(), config.to_toml().into_bytes()));
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    match prov::validate_files(&files.list) {
+        Ok(provisioning) => Ok(Device {
+            id: config.device_id.clone(),
+            hostname: config.hostname,
+            label: spec.label.clone(),
+            provisioning,
+        }),
+        Err(list) => {
+            for e in list.0 {
+                let at = match files.origin.get(e.file.as_str()) {
+                    Some((o, path)) => format!("{o} ({})", path.display()),
+                    None => spec.label.clone(),
+                };
+                errs.push(format!("{at}: {}", describe(&e)));
+            }
+            Err(errs)
+        }
+    }
+}
+
+/// The device.toml table of a device: the template with the text, list and boolean inputs set
+/// over it; and the input that set each field (to name it in validation errors).
+fn device_table<'s>(
+    spec: &'s Spec,
+    template: Option<&Template>,
+    errs: &mut Vec<String>,
+) -> (toml::Table, BTreeMap<&'static str, &'s Origin>) {
     let mut table = template.map(|t| t.table.clone()).unwrap_or_default();
-    // The device.toml field each input set (to name the input in validation errors).
     let mut field_origin: BTreeMap<&'static str, &Origin> = BTreeMap::new();
     for (name, (value, origin)) in &spec.values {
         let c = column(name).expect("only known columns are read");
@@ -336,6 +369,17 @@ fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device
             _ => {}
         }
     }
+    (table, field_origin)
+}
+
+/// The device's validated device.toml, or None with its problems added to `errs`.
+fn device_config(
+    spec: &Spec,
+    template: Option<&Template>,
+    batch: bool,
+    errs: &mut Vec<String>,
+) -> Option<prov::DeviceConfig> {
+    let (table, field_origin) = device_table(spec, template, errs);
     let where_from = |field: &str| -> String {
         let top = field.split('[').next().unwrap_or(field);
         match field_origin.get(top) {
@@ -346,8 +390,8 @@ fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device
             },
         }
     };
-    let raw: Option<DeviceToml> = match toml::Value::Table(table).try_into::<DeviceToml>() {
-        Ok(d) => Some(d),
+    let raw = match toml::Value::Table(table).try_into::<DeviceToml>() {
+        Ok(d) => d,
         Err(e) => {
             let msg = e.message().to_string();
             let name = msg.split('`').nth(1).unwrap_or("").to_string();
@@ -364,10 +408,10 @@ fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device
                     template.map_or("device.toml".to_string(), |t| t.path.display().to_string());
                 errs.push(format!("{}: {at}: {msg}", spec.label));
             }
-            None
+            return None;
         }
     };
-    let config = raw.and_then(|raw| match raw.validate() {
+    match raw.validate() {
         Ok(c) => Some(c),
         Err(list) => {
             for e in list.0 {
@@ -376,11 +420,35 @@ fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device
             }
             None
         }
-    });
+    }
+}
 
-    // The files.
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut file_origin: BTreeMap<&'static str, (Origin, PathBuf)> = BTreeMap::new();
+/// The files of one device, in input order, with the input and path each came from.
+#[derive(Debug, Default)]
+struct DeviceFiles {
+    list: Vec<(String, Vec<u8>)>,
+    origin: BTreeMap<&'static str, (Origin, PathBuf)>,
+}
+
+/// Plain-text secrets as read, before they are encrypted.
+#[derive(Debug)]
+struct PlainSecrets {
+    origin: Origin,
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// An age recipient and where it was given.
+#[derive(Debug)]
+struct Recipient {
+    key: String,
+    given: String,
+}
+
+/// Reads the files a device's inputs name (problems go to `errs`), and encrypts plain-text
+/// secrets to its recipients.
+fn device_files(spec: &Spec, batch: bool, errs: &mut Vec<String>) -> DeviceFiles {
+    let mut files = DeviceFiles::default();
     let mut read = |origin: &Origin, value: &str| -> Option<(PathBuf, Vec<u8>)> {
         let path = origin.resolve(value);
         match std::fs::read(&path) {
@@ -392,32 +460,36 @@ fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device
         }
     };
     let mut plain_secrets = None;
-    // (recipient, where it was given)
-    let mut recipients: Vec<(String, String)> = Vec::new();
+    let mut recipients: Vec<Recipient> = Vec::new();
     for (name, (value, origin)) in &spec.values {
         match column(name).expect("known").use_ {
             Use::File(file) => {
                 if let Some((path, bytes)) = read(origin, value) {
-                    files.push((file.to_string(), bytes));
-                    file_origin.insert(file, (origin.clone(), path));
+                    files.list.push((file.to_string(), bytes));
+                    files.origin.insert(file, (origin.clone(), path));
                 }
             }
             Use::Secrets => {
                 if let Some((path, bytes)) = read(origin, value) {
-                    plain_secrets = Some((origin.clone(), path, bytes));
+                    plain_secrets = Some(PlainSecrets { origin: origin.clone(), path, bytes });
                 }
             }
             Use::Recipients => {
-                recipients
-                    .extend(value.split_whitespace().map(|r| (r.to_string(), origin.to_string())));
+                recipients.extend(
+                    value
+                        .split_whitespace()
+                        .map(|r| Recipient { key: r.to_string(), given: origin.to_string() }),
+                );
             }
             Use::RecipientsFile => {
                 if let Some((path, bytes)) = read(origin, value) {
                     let text = String::from_utf8_lossy(&bytes);
                     for line in text.lines().map(str::trim) {
                         if !line.is_empty() && !line.starts_with('#') {
-                            recipients
-                                .push((line.to_string(), format!("{origin} ({})", path.display())));
+                            recipients.push(Recipient {
+                                key: line.to_string(),
+                                given: format!("{origin} ({})", path.display()),
+                            });
                         }
                     }
                 }
@@ -425,60 +497,52 @@ fn build(spec: &Spec, template: Option<&Template>, batch: bool) -> Result<Device
             _ => {}
         }
     }
-    if let Some((origin, path, plain)) = plain_secrets {
-        if file_origin.contains_key(prov::SECRETS_AGE) {
-            errs.push(format!(
-                "{origin}: give either plain-text secrets (secrets) or an encrypted secrets.age (secrets_age), not both"
-            ));
-        } else if recipients.is_empty() {
-            errs.push(format!(
-                "{origin}: {} must be encrypted to the device: give its age recipient ({} or {})",
-                path.display(),
-                if batch { "a recipients column" } else { "--recipient" },
-                if batch { "recipients_file" } else { "--recipients-file" },
-            ));
-        } else {
-            let mut parsed = Vec::new();
-            for (r, what) in &recipients {
-                match prov::secrets::parse_recipient(what, r) {
-                    Ok(p) => parsed.push(p),
-                    Err(e) => errs.push(e),
-                }
-            }
-            if parsed.len() == recipients.len() {
-                match prov::secrets::encrypt(&plain, &parsed) {
-                    Ok(bytes) => {
-                        files.push((prov::SECRETS_AGE.to_string(), bytes));
-                        file_origin.insert(prov::SECRETS_AGE, (origin, path));
-                    }
-                    Err(e) => errs.push(format!("{origin} ({}): {}", path.display(), describe(&e))),
-                }
-            }
-        }
+    if let Some(plain) = plain_secrets {
+        encrypt_secrets(plain, &recipients, batch, &mut files, errs);
     }
+    files
+}
 
-    let Some(config) = config else { return Err(errs) };
-    files.insert(0, (prov::DEVICE_TOML.to_string(), config.to_toml().into_bytes()));
-    if !errs.is_empty() {
-        return Err(errs);
+/// Encrypts plain-text secrets to the recipients into `secrets.age`; problems go to `errs`.
+fn encrypt_secrets(
+    plain: PlainSecrets,
+    recipients: &[Recipient],
+    batch: bool,
+    files: &mut DeviceFiles,
+    errs: &mut Vec<String>,
+) {
+    let PlainSecrets { origin, path, bytes } = plain;
+    if files.origin.contains_key(prov::SECRETS_AGE) {
+        errs.push(format!(
+            "{origin}: give either plain-text secrets (secrets) or an encrypted secrets.age (secrets_age), not both"
+        ));
+        return;
     }
-    match prov::validate_files(&files) {
-        Ok(provisioning) => Ok(Device {
-            id: config.device_id.clone(),
-            hostname: config.hostname,
-            label: spec.label.clone(),
-            provisioning,
-        }),
-        Err(list) => {
-            for e in list.0 {
-                let at = match file_origin.get(e.file.as_str()) {
-                    Some((o, path)) => format!("{o} ({})", path.display()),
-                    None => spec.label.clone(),
-                };
-                errs.push(format!("{at}: {}", describe(&e)));
-            }
-            Err(errs)
+    if recipients.is_empty() {
+        errs.push(format!(
+            "{origin}: {} must be encrypted to the device: give its age recipient ({} or {})",
+            path.display(),
+            if batch { "a recipients column" } else { "--recipient" },
+            if batch { "recipients_file" } else { "--recipients-file" },
+        ));
+        return;
+    }
+    let mut parsed = Vec::new();
+    for r in recipients {
+        match prov::secrets::parse_recipient(&r.given, &r.key) {
+            Ok(p) => parsed.push(p),
+            Err(e) => errs.push(e),
         }
+    }
+    if parsed.len() != recipients.len() {
+        return;
+    }
+    match prov::secrets::encrypt(&bytes, &parsed) {
+        Ok(sealed) => {
+            files.list.push((prov::SECRETS_AGE.to_string(), sealed));
+            files.origin.insert(prov::SECRETS_AGE, (origin, path));
+        }
+        Err(e) => errs.push(format!("{origin} ({}): {}", path.display(), describe(&e))),
     }
 }
 
@@ -530,20 +594,74 @@ pub fn batch(csv_path: &Path, args: &DeviceArgs) -> Result<Vec<Device>> {
     let flags: Vec<(&'static str, String)> = args.values();
     let text =
         std::fs::read(csv_path).with_context(|| format!("reading {}", csv_path.display()))?;
-    // The file's line of a record at a byte offset. csv's own line count skips comment lines,
-    // and a record's offset is where reading started: before the comments and blank lines
-    // skipped to reach it.
-    let line_at = |byte: u64| {
-        let mut at = (byte as usize).min(text.len());
-        while at < text.len() && matches!(text[at], b'#' | b'\n' | b'\r') {
-            at = text[at..].iter().position(|&b| b == b'\n').map_or(text.len(), |n| at + n + 1);
-        }
-        text[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
-    };
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .comment(Some(b'#'))
         .from_reader(text.as_slice());
+    let cols = csv_columns(csv_path, &mut reader)?;
+    let mut errs: Vec<String> = Vec::new();
+    let mut devices: Vec<Device> = Vec::new();
+    let mut seen: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for (i, record) in reader.records().enumerate() {
+        let row = i + 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| line_at(&text, p.byte()));
+                errs.push(format!("{}: row {row} (line {line}): {e}", csv_path.display()));
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| line_at(&text, p.byte()));
+        let spec = row_spec(csv_path, row, line, &cols, &record, &flags);
+        let Some((id, _)) = spec.values.get("device_id") else {
+            errs.push(format!(
+                "{}, column device_id: missing; every row needs a device_id",
+                spec.label
+            ));
+            continue;
+        };
+        if let Some((r0, l0)) = seen.get(id) {
+            errs.push(format!(
+                "{}, column device_id: {id:?} is already the device_id of row {r0} (line {l0}); device ids must be unique",
+                spec.label
+            ));
+            continue;
+        }
+        seen.insert(id.clone(), (row, line));
+        match build(&spec, template.as_ref(), true) {
+            Ok(d) => devices.push(d),
+            Err(e) => errs.extend(e),
+        }
+    }
+    if !errs.is_empty() {
+        bail!(
+            "{}: {} problem{} found, nothing written:\n  {}",
+            csv_path.display(),
+            errs.len(),
+            if errs.len() == 1 { "" } else { "s" },
+            errs.join("\n  ")
+        );
+    }
+    if devices.is_empty() {
+        bail!("{}: no rows; expected a header line and one row per device", csv_path.display());
+    }
+    Ok(devices)
+}
+
+/// The file's line of a CSV record at a byte offset. csv's own line count skips comment lines,
+/// and a record's offset is where reading started: before the comments and blank lines
+/// skipped to reach it.
+fn line_at(text: &[u8], byte: u64) -> u64 {
+    let mut at = (byte as usize).min(text.len());
+    while at < text.len() && matches!(text[at], b'#' | b'\n' | b'\r') {
+        at = text[at..].iter().position(|&b| b == b'\n').map_or(text.len(), |n| at + n + 1);
+    }
+    text[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+}
+
+/// The columns of a batch CSV's header line: known, each once, device_id among them.
+fn csv_columns(csv_path: &Path, reader: &mut csv::Reader<&[u8]>) -> Result<Vec<&'static Column>> {
     let headers = reader
         .headers()
         .with_context(|| format!("{}: reading the header line", csv_path.display()))?
@@ -566,62 +684,30 @@ pub fn batch(csv_path: &Path, args: &DeviceArgs) -> Result<Vec<Device>> {
     if !cols.iter().any(|c| c.name == "device_id") {
         bail!("{}: line 1: no device_id column; every row needs a device_id", csv_path.display());
     }
+    Ok(cols)
+}
 
-    let mut errs: Vec<String> = Vec::new();
-    let mut devices: Vec<Device> = Vec::new();
-    let mut seen: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-    for (i, record) in reader.records().enumerate() {
-        let row = i + 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| line_at(p.byte()));
-                errs.push(format!("{}: row {row} (line {line}): {e}", csv_path.display()));
-                continue;
-            }
-        };
-        let line = record.position().map_or(0, |p| line_at(p.byte()));
-        let cell =
-            |column: &'static str| Origin::Cell { csv: csv_path.to_path_buf(), row, line, column };
-        let mut values: BTreeMap<&'static str, (String, Origin)> = flags
-            .iter()
-            .map(|(k, v)| (*k, (v.clone(), Origin::Flag(column(k).expect("known").flag))))
-            .collect();
-        for (c, v) in cols.iter().zip(record.iter()) {
-            if !v.is_empty() {
-                values.insert(c.name, (v.to_string(), cell(c.name)));
-            }
-        }
-        let label = format!("{}: row {row} (line {line})", csv_path.display());
-        let Some((id, _)) = values.get("device_id") else {
-            errs.push(format!("{label}, column device_id: missing; every row needs a device_id"));
-            continue;
-        };
-        if let Some((r0, l0)) = seen.get(id) {
-            errs.push(format!(
-                "{label}, column device_id: {id:?} is already the device_id of row {r0} (line {l0}); device ids must be unique"
-            ));
-            continue;
-        }
-        seen.insert(id.clone(), (row, line));
-        match build(&Spec { label, values }, template.as_ref(), true) {
-            Ok(d) => devices.push(d),
-            Err(e) => errs.extend(e),
+/// One row's inputs: the flags, with the row's non-empty cells over them.
+fn row_spec(
+    csv_path: &Path,
+    row: usize,
+    line: u64,
+    cols: &[&'static Column],
+    record: &csv::StringRecord,
+    flags: &[(&'static str, String)],
+) -> Spec {
+    let cell =
+        |column: &'static str| Origin::Cell { csv: csv_path.to_path_buf(), row, line, column };
+    let mut values: BTreeMap<&'static str, (String, Origin)> = flags
+        .iter()
+        .map(|(k, v)| (*k, (v.clone(), Origin::Flag(column(k).expect("known").flag))))
+        .collect();
+    for (c, v) in cols.iter().zip(record.iter()) {
+        if !v.is_empty() {
+            values.insert(c.name, (v.to_string(), cell(c.name)));
         }
     }
-    if !errs.is_empty() {
-        bail!(
-            "{}: {} problem{} found, nothing written:\n  {}",
-            csv_path.display(),
-            errs.len(),
-            if errs.len() == 1 { "" } else { "s" },
-            errs.join("\n  ")
-        );
-    }
-    if devices.is_empty() {
-        bail!("{}: no rows; expected a header line and one row per device", csv_path.display());
-    }
-    Ok(devices)
+    Spec { label: format!("{}: row {row} (line {line})", csv_path.display()), values }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -405,221 +405,25 @@ impl Recipe {
     }
 
     /// Parses and checks recipe text; `file` names it in errors and anchors relative paths.
+    /// Sections are checked in file order, so the first error is the first bad key.
     pub fn parse(file: &Path, text: &str) -> Result<Recipe> {
         let raw: RawRecipe =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
         let c = Checker { file, dir: &dir };
-
-        if raw.name.is_empty()
-            || !raw.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-        {
-            bail!(c.err(
-                "name",
-                format!("expected letters, digits, '-' or '_', found {:?}", raw.name)
-            ));
-        }
-        let version = semver::Version::parse(&raw.version).map_err(|e| {
-            c.err("version", format!("expected a semantic version like \"1.2.3\": {e}"))
-        })?;
-        if raw.compatible.is_empty() {
-            bail!(c.err("compatible", "expected a non-empty string such as \"metrica-rpi4-arm64\""));
-        }
-
-        let p = &raw.partitions;
-        let (boot_a, boot_b) =
-            (c.size("partitions.boot_a", &p.boot_a)?, c.size("partitions.boot_b", &p.boot_b)?);
-        let (root_a, root_b) =
-            (c.size("partitions.root_a", &p.root_a)?, c.size("partitions.root_b", &p.root_b)?);
-        if boot_a != boot_b {
-            bail!(c.err(
-                "partitions.boot_b",
-                format!(
-                    "expected the same size as partitions.boot_a ({}), found {}",
-                    mib(boot_a),
-                    mib(boot_b)
-                )
-            ));
-        }
-        if root_a != root_b {
-            bail!(c.err(
-                "partitions.root_b",
-                format!(
-                    "expected the same size as partitions.root_a ({}), found {}",
-                    mib(root_a),
-                    mib(root_b)
-                )
-            ));
-        }
-        let partitions = Partitions {
-            config: c.size("partitions.config", &p.config)?,
-            boot: boot_a,
-            root: root_a,
-            provision: c.size("partitions.provision", &p.provision)?,
-            data: c.size("partitions.data", &p.data)?,
-        };
-
-        let base = match raw.base {
-            None | Some(RawBase::Empty) => Base::Empty,
-            Some(RawBase::Tarball { path }) => Base::Tarball(c.existing("base.path", &path)?),
-        };
-
-        let debian = match raw.debian {
-            None => None,
-            Some(d) => {
-                if d.architecture.is_empty() {
-                    bail!(c.err(
-                        "debian.architecture",
-                        "expected a Debian architecture such as \"arm64\""
-                    ));
-                }
-                for (name, version) in &d.packages {
-                    if version.is_empty() || version == "*" {
-                        bail!(c.err(
-                            &format!("debian.packages.{name}"),
-                            "expected a pinned version such as \"1:1.35.0-4\", found none"
-                        ));
-                    }
-                }
-                Some(Debian {
-                    architecture: d.architecture,
-                    cache: c.host_path("debian.cache", &d.cache)?,
-                    packages: d.packages,
-                })
-            }
-        };
-
-        let mut layers = Vec::new();
-        for (i, layer) in raw.layers.into_iter().enumerate() {
-            let key = |field: &str| format!("layers[{i}].{field}");
-            layers.push(match layer {
-                RawLayer::Deb { package, paths } => {
-                    c.pinned(&key("package"), &package, debian.as_ref())?;
-                    for path in &paths {
-                        c.image_path(&key("paths"), path)?;
-                    }
-                    Layer::Deb { package, paths }
-                }
-                RawLayer::Tarball { path } => {
-                    Layer::Tarball { path: c.existing(&key("path"), &path)? }
-                }
-                RawLayer::Overlay { name } => {
-                    if name.is_empty() || name.contains('/') || name.contains("..") {
-                        bail!(c.err(
-                            &key("name"),
-                            format!("expected the name of a folder in overlays/, found {name:?}")
-                        ));
-                    }
-                    let path = overlays_dir(&dir).join(&name);
-                    if !path.is_dir() {
-                        bail!(c.err(
-                            &key("name"),
-                            format!("overlay folder {} does not exist", path.display())
-                        ));
-                    }
-                    Layer::Overlay { name, path }
-                }
-                RawLayer::File { source, path, mode, owner } => {
-                    let source = c.source(&key("source"), &source, debian.as_ref())?;
-                    if matches!(source, Source::Deb { .. }) {
-                        bail!(c.err(&key("source"), "expected a host path or root:/path; for a file of a package use a deb layer with paths"));
-                    }
-                    let path = c.image_path(&key("path"), &path)?;
-                    let mode = c.mode(&key("mode"), &mode)?;
-                    let (uid, gid) = c.owner(&key("owner"), owner.as_deref())?;
-                    Layer::File { source, path, mode, uid, gid }
-                }
-                RawLayer::Symlink { path, target } => {
-                    if target.is_empty() {
-                        bail!(
-                            c.err(&key("target"), "expected a link target, found an empty string")
-                        );
-                    }
-                    Layer::Symlink { path: c.image_path(&key("path"), &path)?, target }
-                }
-                RawLayer::Symlinks { dir, target, names } => {
-                    let dir = c.image_path(&key("dir"), &dir)?;
-                    if target.is_empty() {
-                        bail!(
-                            c.err(&key("target"), "expected a link target, found an empty string")
-                        );
-                    }
-                    if let Some(bad) =
-                        names.iter().find(|n| n.is_empty() || n.contains('/') || *n == "..")
-                    {
-                        bail!(c.err(
-                            &key("names"),
-                            format!("expected plain file names, found {bad:?}")
-                        ));
-                    }
-                    Layer::Symlinks { dir, target, names }
-                }
-                RawLayer::Dir { path, mode, owner } => {
-                    let mode = match mode {
-                        Some(m) => c.mode(&key("mode"), &m)?,
-                        None => 0o755,
-                    };
-                    let (uid, gid) = c.owner(&key("owner"), owner.as_deref())?;
-                    Layer::Dir { path: c.image_path(&key("path"), &path)?, mode, uid, gid }
-                }
-            });
-        }
-
-        let b = raw.boot;
-        let kernel = c.source("boot.kernel", &b.kernel, debian.as_ref())?;
-        let config_txt = c.source("boot.config_txt", &b.config_txt, debian.as_ref())?;
-        if b.cmdline.contains('\n') || b.cmdline.split_whitespace().any(|a| a.starts_with("root="))
-        {
-            bail!(c.err(
-                "boot.cmdline",
-                "expected one line without root= (the imager adds root=PARTUUID= per slot)"
-            ));
-        }
-        let mut dtbs = Vec::new();
-        for (i, d) in b.dtbs.iter().enumerate() {
-            dtbs.push(c.source(&format!("boot.dtbs[{i}]"), d, debian.as_ref())?);
-        }
-        let mut files = BTreeMap::new();
-        for (name, src) in &b.files {
-            check_fat_name(&c, &format!("boot.files.{name}"), name)?;
-            files.insert(
-                name.clone(),
-                c.source(&format!("boot.files.{name}"), src, debian.as_ref())?,
-            );
-        }
-        let initramfs = match b.initramfs {
-            None => None,
-            Some(RawInitramfs::Prebuilt(s)) => {
-                Some(Initramfs::Prebuilt(c.source("boot.initramfs", &s, debian.as_ref())?))
-            }
-            Some(RawInitramfs::Build(spec)) => {
-                let init = c.source("boot.initramfs.init", &spec.init, debian.as_ref())?;
-                let mut files = BTreeMap::new();
-                for (path, src) in &spec.files {
-                    let key = format!("boot.initramfs.files.\"{path}\"");
-                    let path = c.image_path(&key, path)?;
-                    files.insert(path, c.source(&key, src, debian.as_ref())?);
-                }
-                if let Some(pkg) = &spec.modules_package {
-                    c.pinned("boot.initramfs.modules_package", pkg, debian.as_ref())?;
-                } else if !spec.modules.is_empty() {
-                    bail!(c.err(
-                        "boot.initramfs.modules_package",
-                        "expected the package that holds the listed modules"
-                    ));
-                }
-                Some(Initramfs::Build(InitramfsSpec {
-                    init,
-                    files,
-                    modules_package: spec.modules_package,
-                    modules: spec.modules,
-                }))
-            }
-        };
-
+        let version = c.identity(&raw.name, &raw.version, &raw.compatible)?;
+        let partitions = c.partitions(&raw.partitions)?;
+        let base = c.base(raw.base)?;
+        let debian = raw.debian.map(|d| c.debian(d)).transpose()?;
+        let layers = raw
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| c.layer(i, layer, debian.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let boot = c.boot(raw.boot, debian.as_ref())?;
         let signing_key = raw.signing_key.map(|k| c.host_path("signing_key", &k)).transpose()?;
-
         Ok(Recipe {
             file: file.to_path_buf(),
             dir: dir.clone(),
@@ -633,7 +437,7 @@ impl Recipe {
             base,
             debian,
             layers,
-            boot: Boot { kernel, config_txt, cmdline: b.cmdline, dtbs, files, initramfs },
+            boot,
         })
     }
 
@@ -645,6 +449,220 @@ impl Recipe {
     /// `<name>-<version>`, the stem of every output file.
     pub fn stem(&self) -> String {
         format!("{}-{}", self.name, self.version)
+    }
+}
+
+/// The checks of each recipe section: raw TOML shapes to checked values.
+impl Checker<'_> {
+    /// `name`, `version` and `compatible`; the parsed version.
+    fn identity(&self, name: &str, version: &str, compatible: &str) -> Result<semver::Version> {
+        if name.is_empty()
+            || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            bail!(self.err("name", format!("expected letters, digits, '-' or '_', found {name:?}")));
+        }
+        let version = semver::Version::parse(version).map_err(|e| {
+            self.err("version", format!("expected a semantic version like \"1.2.3\": {e}"))
+        })?;
+        if compatible.is_empty() {
+            bail!(self
+                .err("compatible", "expected a non-empty string such as \"metrica-rpi4-arm64\""));
+        }
+        Ok(version)
+    }
+
+    /// `[partitions]`: sizes, the A and B slots of the same size.
+    fn partitions(&self, p: &RawPartitions) -> Result<Partitions> {
+        let (boot_a, boot_b) = (
+            self.size("partitions.boot_a", &p.boot_a)?,
+            self.size("partitions.boot_b", &p.boot_b)?,
+        );
+        let (root_a, root_b) = (
+            self.size("partitions.root_a", &p.root_a)?,
+            self.size("partitions.root_b", &p.root_b)?,
+        );
+        for (b_key, a_key, a, b) in [
+            ("partitions.boot_b", "partitions.boot_a", boot_a, boot_b),
+            ("partitions.root_b", "partitions.root_a", root_a, root_b),
+        ] {
+            if a != b {
+                bail!(self.err(
+                    b_key,
+                    format!("expected the same size as {a_key} ({}), found {}", mib(a), mib(b))
+                ));
+            }
+        }
+        Ok(Partitions {
+            config: self.size("partitions.config", &p.config)?,
+            boot: boot_a,
+            root: root_a,
+            provision: self.size("partitions.provision", &p.provision)?,
+            data: self.size("partitions.data", &p.data)?,
+        })
+    }
+
+    /// `[base]`: empty unless a tarball is named.
+    fn base(&self, raw: Option<RawBase>) -> Result<Base> {
+        Ok(match raw {
+            None | Some(RawBase::Empty) => Base::Empty,
+            Some(RawBase::Tarball { path }) => Base::Tarball(self.existing("base.path", &path)?),
+        })
+    }
+
+    /// `[debian]`: an architecture, and every package pinned to a version.
+    fn debian(&self, d: RawDebian) -> Result<Debian> {
+        if d.architecture.is_empty() {
+            bail!(
+                self.err("debian.architecture", "expected a Debian architecture such as \"arm64\"")
+            );
+        }
+        for (name, version) in &d.packages {
+            if version.is_empty() || version == "*" {
+                bail!(self.err(
+                    &format!("debian.packages.{name}"),
+                    "expected a pinned version such as \"1:1.35.0-4\", found none"
+                ));
+            }
+        }
+        Ok(Debian {
+            architecture: d.architecture,
+            cache: self.host_path("debian.cache", &d.cache)?,
+            packages: d.packages,
+        })
+    }
+
+    /// `[[layers]]` number `i`.
+    fn layer(&self, i: usize, layer: RawLayer, debian: Option<&Debian>) -> Result<Layer> {
+        let key = |field: &str| format!("layers[{i}].{field}");
+        Ok(match layer {
+            RawLayer::Deb { package, paths } => {
+                self.pinned(&key("package"), &package, debian)?;
+                for path in &paths {
+                    self.image_path(&key("paths"), path)?;
+                }
+                Layer::Deb { package, paths }
+            }
+            RawLayer::Tarball { path } => {
+                Layer::Tarball { path: self.existing(&key("path"), &path)? }
+            }
+            RawLayer::Overlay { name } => {
+                let path = self.overlay(&key("name"), &name)?;
+                Layer::Overlay { name, path }
+            }
+            RawLayer::File { source, path, mode, owner } => {
+                let source = self.source(&key("source"), &source, debian)?;
+                if matches!(source, Source::Deb { .. }) {
+                    bail!(self.err(&key("source"), "expected a host path or root:/path; for a file of a package use a deb layer with paths"));
+                }
+                let path = self.image_path(&key("path"), &path)?;
+                let mode = self.mode(&key("mode"), &mode)?;
+                let (uid, gid) = self.owner(&key("owner"), owner.as_deref())?;
+                Layer::File { source, path, mode, uid, gid }
+            }
+            RawLayer::Symlink { path, target } => {
+                self.link_target(&key("target"), &target)?;
+                Layer::Symlink { path: self.image_path(&key("path"), &path)?, target }
+            }
+            RawLayer::Symlinks { dir, target, names } => {
+                let dir = self.image_path(&key("dir"), &dir)?;
+                self.link_target(&key("target"), &target)?;
+                if let Some(bad) =
+                    names.iter().find(|n| n.is_empty() || n.contains('/') || *n == "..")
+                {
+                    bail!(self
+                        .err(&key("names"), format!("expected plain file names, found {bad:?}")));
+                }
+                Layer::Symlinks { dir, target, names }
+            }
+            RawLayer::Dir { path, mode, owner } => {
+                let mode = match mode {
+                    Some(m) => self.mode(&key("mode"), &m)?,
+                    None => 0o755,
+                };
+                let (uid, gid) = self.owner(&key("owner"), owner.as_deref())?;
+                Layer::Dir { path: self.image_path(&key("path"), &path)?, mode, uid, gid }
+            }
+        })
+    }
+
+    /// The folder of an overlay layer: a plain name of a folder in `overlays/`.
+    fn overlay(&self, key: &str, name: &str) -> Result<PathBuf> {
+        if name.is_empty() || name.contains('/') || name.contains("..") {
+            bail!(self
+                .err(key, format!("expected the name of a folder in overlays/, found {name:?}")));
+        }
+        let path = overlays_dir(self.dir).join(name);
+        if !path.is_dir() {
+            bail!(self.err(key, format!("overlay folder {} does not exist", path.display())));
+        }
+        Ok(path)
+    }
+
+    fn link_target(&self, key: &str, target: &str) -> Result<()> {
+        if target.is_empty() {
+            bail!(self.err(key, "expected a link target, found an empty string"));
+        }
+        Ok(())
+    }
+
+    /// `[boot]`: its sources, a `cmdline` without `root=`, FAT names for further files.
+    fn boot(&self, b: RawBoot, debian: Option<&Debian>) -> Result<Boot> {
+        let kernel = self.source("boot.kernel", &b.kernel, debian)?;
+        let config_txt = self.source("boot.config_txt", &b.config_txt, debian)?;
+        if b.cmdline.contains('\n') || b.cmdline.split_whitespace().any(|a| a.starts_with("root="))
+        {
+            bail!(self.err(
+                "boot.cmdline",
+                "expected one line without root= (the imager adds root=PARTUUID= per slot)"
+            ));
+        }
+        let mut dtbs = Vec::new();
+        for (i, d) in b.dtbs.iter().enumerate() {
+            dtbs.push(self.source(&format!("boot.dtbs[{i}]"), d, debian)?);
+        }
+        let mut files = BTreeMap::new();
+        for (name, src) in &b.files {
+            check_fat_name(self, &format!("boot.files.{name}"), name)?;
+            files.insert(name.clone(), self.source(&format!("boot.files.{name}"), src, debian)?);
+        }
+        let initramfs = self.initramfs(b.initramfs, debian)?;
+        Ok(Boot { kernel, config_txt, cmdline: b.cmdline, dtbs, files, initramfs })
+    }
+
+    /// `boot.initramfs`: a prebuilt file, or what to build one from.
+    fn initramfs(
+        &self,
+        raw: Option<RawInitramfs>,
+        debian: Option<&Debian>,
+    ) -> Result<Option<Initramfs>> {
+        let spec = match raw {
+            None => return Ok(None),
+            Some(RawInitramfs::Prebuilt(s)) => {
+                return Ok(Some(Initramfs::Prebuilt(self.source("boot.initramfs", &s, debian)?)))
+            }
+            Some(RawInitramfs::Build(spec)) => spec,
+        };
+        let init = self.source("boot.initramfs.init", &spec.init, debian)?;
+        let mut files = BTreeMap::new();
+        for (path, src) in &spec.files {
+            let key = format!("boot.initramfs.files.\"{path}\"");
+            let path = self.image_path(&key, path)?;
+            files.insert(path, self.source(&key, src, debian)?);
+        }
+        if let Some(pkg) = &spec.modules_package {
+            self.pinned("boot.initramfs.modules_package", pkg, debian)?;
+        } else if !spec.modules.is_empty() {
+            bail!(self.err(
+                "boot.initramfs.modules_package",
+                "expected the package that holds the listed modules"
+            ));
+        }
+        Ok(Some(Initramfs::Build(InitramfsSpec {
+            init,
+            files,
+            modules_package: spec.modules_package,
+            modules: spec.modules,
+        })))
     }
 }
 

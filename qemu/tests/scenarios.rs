@@ -1,30 +1,32 @@
 //! The A/B scenarios of issue 5 against the real images: `pi-qemu scenario all`, in process.
 //!
-//! Runs only with `METRICA_QEMU_TESTS=1` and `METRICA_IMAGE_DIR` naming the folder where
-//! `imager build recipes/qemu.toml` put v1 and v2 (CI: out/qemu); `METRICA_QEMU_CUTS` sets the
-//! number of power cuts per power-cut scenario (default 10). Without `METRICA_QEMU_TESTS=1` the
-//! test says it was skipped; with it, a missing image folder is a failure, never a skip.
+//! The QEMU tier (docs/testing.md): `#[ignore]`d, so a plain `cargo test` reports it as ignored;
+//! `cargo test -p qemu --test scenarios -- --ignored` runs it, with `METRICA_IMAGE_DIR` naming
+//! the folder where `imager build recipes/qemu.toml` put v1 and v2 (CI: out/qemu).
+//! `METRICA_QEMU_CUTS` sets the number of power cuts per power-cut scenario (default 10). When
+//! it runs, a missing qemu-system-aarch64 or image folder is a failure, never a skip.
 //! The `imager` binary is found beside this test binary (target/debug/imager, built by
 //! `cargo test --workspace` or `cargo build --workspace`) or through `METRICA_IMAGER`.
 
 use qemu::harness::{Echo, Timeouts};
 use qemu::scenario::{self, Context, ImageSet, DEFAULT_HEALTHY_PATTERN, SCENARIOS};
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[test]
+#[ignore = "QEMU aarch64 boot test: run with --ignored (see docs/testing.md)"]
 fn every_scenario_passes_against_the_built_images() {
-    if std::env::var("METRICA_QEMU_TESTS").as_deref() != Ok("1") {
-        let _ = writeln!(
-            std::io::stderr(),
-            "qemu scenario tests SKIPPED: set METRICA_QEMU_TESTS=1 and METRICA_IMAGE_DIR=out/qemu to run them"
-        );
-        return;
-    }
     let image_dir = std::env::var_os("METRICA_IMAGE_DIR").map(PathBuf::from).expect(
-        "METRICA_QEMU_TESTS=1 needs METRICA_IMAGE_DIR: the folder with the v1 and v2 images \
-         built from recipes/qemu.toml (e.g. out/qemu)",
+        "the QEMU scenarios need METRICA_IMAGE_DIR: the folder with the v1 and v2 images \
+         built from recipes/qemu.toml (e.g. out/qemu; see docs/testing.md)",
+    );
+    let qemu = std::env::var_os("METRICA_QEMU")
+        .map_or_else(|| qemu::machine::DEFAULT_QEMU.into(), PathBuf::from);
+    assert!(
+        qemu::machine::find_qemu(&qemu).is_some(),
+        "the QEMU scenarios cannot run: {} is not installed (Debian package qemu-system-arm; \
+         or set METRICA_QEMU)",
+        qemu.display()
     );
     let cuts = std::env::var("METRICA_QEMU_CUTS")
         .ok()
@@ -34,8 +36,7 @@ fn every_scenario_passes_against_the_built_images() {
         images: ImageSet::find(&image_dir).unwrap(),
         work_dir: work.path().to_path_buf(),
         cuts,
-        qemu: std::env::var_os("METRICA_QEMU")
-            .map_or_else(|| qemu::machine::DEFAULT_QEMU.into(), PathBuf::from),
+        qemu,
         memory_mib: 512,
         timeouts: Timeouts::default(),
         echo: Echo::Notes,
