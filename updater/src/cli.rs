@@ -8,6 +8,7 @@
 use crate::bootinfo::BootInfo;
 use crate::health::{self, Check};
 use crate::layout::Slot;
+use crate::log::Log;
 use crate::reboot::{Reboot, RebootMode, RecordReboot, SystemReboot};
 use crate::release::{Release, RELEASE_PATH};
 use crate::slot::{self, Device, HealthPlan, Status};
@@ -165,7 +166,7 @@ pub enum Command {
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = Log { file: cli.log_file.clone() };
+    let log = Log::command_line(cli.log_file.clone());
     match run(&cli, &mut std::io::stdout()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -177,42 +178,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// JSON-line log events, on stderr or appended to a file.
-#[derive(Debug)]
-struct Log {
-    file: Option<PathBuf>,
-}
-
-impl Log {
-    /// Where JSON lines go: the log file (appended) or stderr.
-    fn writer(&self) -> Box<dyn Write> {
-        if let Some(path) = &self.file {
-            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                return Box::new(f);
-            }
-        }
-        Box::new(std::io::stderr())
-    }
-
-    fn event(&self, level: &str, msg: &str) {
-        let line = serde_json::json!({ "time": slot::unix_now(), "level": level, "msg": msg });
-        let line = format!("{line}\n");
-        match &self.file {
-            Some(path) => {
-                let _ = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .and_then(|mut f| f.write_all(line.as_bytes()));
-            }
-            None => eprint!("{line}"),
-        }
-    }
-}
-
 /// Runs one command, writing what it reports to `out`. `Ok(false)`: it ran but failed.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
-    let log = Log { file: cli.log_file.clone() };
+    let log = Log::command_line(cli.log_file.clone());
     if let Command::Locate { partuuid, label, sys_block, dev } = &cli.command {
         let (disk, part) = match (partuuid, label) {
             (Some(u), _) => crate::disk::locate_partuuid(sys_block, dev, u)?,
@@ -319,7 +287,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
                 ),
                 record: crate::daemon::Daemon::open_record(&device, &config, now),
                 cache: crate::daemon::Cache::new(&cli.data_dir),
-                log: crate::daemon::log::Log::new(cli.log_file.clone(), &device_id),
+                log: Log::new(cli.log_file.clone(), &device_id),
                 planner: Box::new(crate::daemon::ChannelPlanner {
                     keyring: keyring.clone(),
                     overrides,

@@ -21,6 +21,7 @@ pub mod history;
 pub mod http;
 pub mod install;
 pub mod layout;
+pub mod log;
 pub mod metrics;
 pub mod provision;
 pub mod reboot;

@@ -18,7 +18,6 @@ pub mod connectivity;
 pub mod fetch;
 #[cfg(test)]
 mod fleet;
-pub mod log;
 pub mod record;
 #[cfg(test)]
 mod tests;
@@ -26,13 +25,13 @@ mod tests;
 use crate::bootinfo::BootInfo;
 use crate::history::Entry;
 use crate::layout::Slot;
+use crate::log::Log;
 use crate::reboot::{Reboot, RebootMode};
 use crate::release::Release;
 use crate::slot::{Device, LockBusy};
 use crate::state::{SlotState, State};
 use connectivity::Connectivity;
 use fetch::{ChannelFetcher, Document, Fetched, Validators};
-use log::Log;
 use record::{Attempt, ChannelRecord, DaemonRecord, DecisionRecord, NamedError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -366,7 +365,7 @@ impl Daemon {
         if c != self.record.connectivity {
             let msg = format!("connectivity {} -> {c}", self.record.connectivity);
             let level = if c == Connectivity::Online { "info" } else { "warning" };
-            self.log.event(
+            self.log.line(
                 level,
                 "connectivity_changed",
                 &msg,
@@ -776,12 +775,7 @@ pub struct BundleInstaller {
 
 impl BundleInstaller {
     fn progress(&self) -> Box<dyn std::io::Write> {
-        if let Some(path) = &self.log_file {
-            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                return Box::new(f);
-            }
-        }
-        Box::new(std::io::stderr())
+        Box::new(Log::command_line(self.log_file.clone()).writer())
     }
 }
 
