@@ -31,6 +31,8 @@ pub mod serve;
 pub mod sign;
 pub mod slot;
 pub mod state;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testserver;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod watchdog;
