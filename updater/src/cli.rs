@@ -6,6 +6,7 @@
 //! Exit codes: 0 done, 1 refused or failed (with the reason), 2 usage.
 
 use crate::bootinfo::BootInfo;
+use crate::firstboot::FirstbootResult;
 use crate::health::{self, Check};
 use crate::layout::Slot;
 use crate::log::Log;
@@ -344,9 +345,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             };
             let o = fb.run().context("first boot")?;
             let who = o.device_id.as_deref().unwrap_or("unknown device");
-            let summary = match (o.result.as_str(), &o.reason) {
-                ("already-provisioned", _) => format!("metrica: provisioned ({who})"),
-                ("ok", _) => format!(
+            let summary = match (o.result, &o.reason) {
+                (FirstbootResult::AlreadyProvisioned, _) => format!("metrica: provisioned ({who})"),
+                (FirstbootResult::Ok, _) => format!(
                     "metrica: first boot done: {who}, host {}, data {} MiB",
                     o.hostname.as_deref().unwrap_or("?"),
                     o.data_bytes >> 20

@@ -23,7 +23,7 @@ use crate::daemon::record::{record_path, DaemonRecord};
 use crate::disk::{self, Partition};
 use crate::failpoint;
 use crate::health::{self, Check, Timer, Verdict};
-use crate::history::{Entry, History};
+use crate::history::{Entry, History, HistoryEvent};
 use crate::install::{check_manifest, DeviceFacts, Policy, Refusal as InstallRefusal};
 use crate::layout::{Slot, CONFIG};
 use crate::reboot::RebootMode;
@@ -369,7 +369,7 @@ impl Device {
                 let (s, from) = self.rebuild(booted, running)?;
                 state::save(&path, &s)?;
                 self.record(
-                    &Entry::new(now, "init")
+                    &Entry::new(now, HistoryEvent::Init)
                         .slot(s.committed)
                         .version(s.slot(s.committed).version.as_ref())
                         .reason(format!("state created; committed slot from {from}")),
@@ -388,7 +388,9 @@ impl Device {
                 s.recovered = Some(Recovery { at: now, backup, reason: reason.clone() });
                 s.last_error = Some(reason.clone());
                 state::save(&path, &s)?;
-                self.record(&Entry::new(now, "repair").slot(s.committed).reason(reason))?;
+                self.record(
+                    &Entry::new(now, HistoryEvent::Repair).slot(s.committed).reason(reason),
+                )?;
                 Ok(s)
             }
             Err(e) => Err(e.into()),
@@ -475,7 +477,7 @@ impl Device {
         );
         write_autoboot(&self.disk, &want).context("repairing autoboot.txt")?;
         let s = self.apply(s, &Event::AutobootRepaired)?;
-        self.record(&Entry::new(now, "repair").slot(s.committed).reason(what.clone()))?;
+        self.record(&Entry::new(now, HistoryEvent::Repair).slot(s.committed).reason(what.clone()))?;
         Ok((s, Some(what)))
     }
 
@@ -489,7 +491,9 @@ impl Device {
         write_autoboot(&self.disk, &Autoboot::committed(t.slot))
             .with_context(|| format!("committing slot {}", t.slot))?;
         let s = self.apply(s, &Event::Committed { slot: t.slot })?;
-        self.record(&Entry::new(now, "commit").slot(t.slot).version(t.version.as_ref()))?;
+        self.record(
+            &Entry::new(now, HistoryEvent::Commit).slot(t.slot).version(t.version.as_ref()),
+        )?;
         Ok(s)
     }
 
@@ -534,7 +538,7 @@ impl Device {
         if let BootCase::UnexpectedTryboot { slot } = case {
             let (_, repair) = self.ensure_autoboot(&s, now())?;
             self.record(
-                &Entry::new(now(), "unexpected-tryboot")
+                &Entry::new(now(), HistoryEvent::UnexpectedTryboot)
                     .slot(slot)
                     .reason("trial boot without a pending trial; rebooting to the committed slot"),
             )?;
@@ -551,13 +555,16 @@ impl Device {
             BootCase::TrialFailed { slot, reason } => {
                 let v = s.slot(*slot).version.clone();
                 self.record(
-                    &Entry::new(now(), "rollback").slot(*slot).version(v.as_ref()).reason(reason),
+                    &Entry::new(now(), HistoryEvent::Rollback)
+                        .slot(*slot)
+                        .version(v.as_ref())
+                        .reason(reason),
                 )?;
                 notes.push(format!("rolled back: {reason}"));
             }
             BootCase::CommitInterrupted { slot } => {
                 self.record(
-                    &Entry::new(now(), "commit-interrupted")
+                    &Entry::new(now(), HistoryEvent::CommitInterrupted)
                         .slot(*slot)
                         .reason("autoboot.txt still named the old slot; the slot stays installed"),
                 )?;
@@ -568,7 +575,7 @@ impl Device {
             BootCase::CommitLanded { slot } => {
                 let v = s.slot(*slot).version.clone();
                 self.record(
-                    &Entry::new(now(), "commit")
+                    &Entry::new(now(), HistoryEvent::Commit)
                         .slot(*slot)
                         .version(v.as_ref())
                         .reason("finished at boot: autoboot.txt already named the slot"),
@@ -576,9 +583,9 @@ impl Device {
                 notes.push(format!("commit of slot {slot} finished"));
             }
             BootCase::NotCommitted { committed, .. } => {
-                self.record(&Entry::new(now(), "wrong-slot").slot(slot).reason(format!(
-                    "plain boot of slot {slot} while slot {committed} is committed"
-                )))?;
+                self.record(&Entry::new(now(), HistoryEvent::WrongSlot).slot(slot).reason(
+                    format!("plain boot of slot {slot} while slot {committed} is committed"),
+                ))?;
             }
             BootCase::Normal | BootCase::TrialBoot { .. } | BootCase::UnexpectedTryboot { .. } => {}
         }
@@ -690,7 +697,10 @@ impl Device {
             other => other.name().to_string(),
         };
         self.record(
-            &Entry::new(now, "rollback").slot(slot).version(info.version.as_ref()).reason(reason),
+            &Entry::new(now, HistoryEvent::Rollback)
+                .slot(slot)
+                .version(info.version.as_ref())
+                .reason(reason),
         )
     }
 
@@ -711,7 +721,7 @@ impl Device {
         let s = self.apply(&s, &Event::TrialStarted { slot: target, at: now })?;
         let v = s.slot(target).version.clone();
         self.record(
-            &Entry::new(now, "trial")
+            &Entry::new(now, HistoryEvent::Trial)
                 .slot(target)
                 .version(v.as_ref())
                 .reason("tryboot reboot requested"),
@@ -730,7 +740,7 @@ impl Device {
         let before_trial = s.trial.clone();
         let s = self.apply(&s, &Event::MarkGood { slot })?;
         let v = s.slot(slot).version.clone();
-        self.record(&Entry::new(now, "mark-good").slot(slot).version(v.as_ref()))?;
+        self.record(&Entry::new(now, HistoryEvent::MarkGood).slot(slot).version(v.as_ref()))?;
         if before_trial.is_some_and(|t| t.slot == slot) {
             if booted.is_some_and(|b| b.slot() == Some(slot) && b.tryboot) {
                 let s = self.commit_trial(&s, now)?;
@@ -752,7 +762,9 @@ impl Device {
         let s = self.open_state(booted.and_then(|b| b.slot()), None, now)?;
         let s = self.apply(&s, &Event::MarkBad { slot, reason: reason.to_string() })?;
         let v = s.slot(slot).version.clone();
-        self.record(&Entry::new(now, "mark-bad").slot(slot).version(v.as_ref()).reason(reason))?;
+        self.record(
+            &Entry::new(now, HistoryEvent::MarkBad).slot(slot).version(v.as_ref()).reason(reason),
+        )?;
         Ok(s)
     }
 
@@ -785,7 +797,9 @@ impl Device {
                 allow_bad,
             },
         )?;
-        self.record(&Entry::new(now, "install-started").slot(target).version(Some(version)))?;
+        self.record(
+            &Entry::new(now, HistoryEvent::InstallStarted).slot(target).version(Some(version)),
+        )?;
         Ok((s, target))
     }
 
@@ -793,7 +807,7 @@ impl Device {
     pub fn finish_install(&self, slot: Slot, version: &semver::Version, now: u64) -> Result<State> {
         let s = self.open_state(None, None, now)?;
         let s = self.apply(&s, &Event::Installed { slot, version: version.clone() })?;
-        self.record(&Entry::new(now, "install").slot(slot).version(Some(version)))?;
+        self.record(&Entry::new(now, HistoryEvent::Install).slot(slot).version(Some(version)))?;
         Ok(s)
     }
 
@@ -826,7 +840,7 @@ impl Device {
             .unwrap_or_default()
             .iter()
             .rev()
-            .find(|e| e.event == "commit")
+            .find(|e| e.event == HistoryEvent::Commit)
             .map(|e| e.time);
         Status {
             disk: self.disk.clone(),
@@ -1016,7 +1030,7 @@ mod tests {
     }
 
     fn events(dev: &Device) -> Vec<String> {
-        dev.history().tail(100).unwrap().into_iter().map(|e| e.event).collect()
+        dev.history().tail(100).unwrap().into_iter().map(|e| e.event.to_string()).collect()
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod record;
 mod tests;
 
 use crate::bootinfo::BootInfo;
-use crate::history::Entry;
+use crate::history::{Entry, HistoryEvent};
 use crate::layout::Slot;
 use crate::log::Log;
 use crate::reboot::{Reboot, RebootMode};
@@ -371,7 +371,7 @@ impl Daemon {
                 &msg,
                 serde_json::json!({ "state": c.name() }),
             );
-            self.history(&Entry::new(now, "connectivity").reason(msg));
+            self.history(&Entry::new(now, HistoryEvent::Connectivity).reason(msg));
             self.record.connectivity = c;
         }
 
@@ -601,7 +601,7 @@ impl Daemon {
         });
         if changed {
             self.history(
-                &Entry::new(now, "decision")
+                &Entry::new(now, HistoryEvent::Decision)
                     .version(version)
                     .reason(format!("{outcome}: {reason}")),
             );
@@ -611,7 +611,10 @@ impl Daemon {
 
     fn refuse(&mut self, now: u64, kind: &'static str, message: String) -> PollOutcome {
         self.error(now, kind, message.clone());
-        self.history_once(kind, &Entry::new(now, "refused").reason(format!("{kind}: {message}")));
+        self.history_once(
+            kind,
+            &Entry::new(now, HistoryEvent::Refused).reason(format!("{kind}: {message}")),
+        );
         PollOutcome::InstallFailed(InstallFailure { kind, message })
     }
 
@@ -718,7 +721,7 @@ impl Daemon {
                     self.error(now, f.kind, f.message.clone());
                     self.history_once(
                         f.kind,
-                        &Entry::new(now, "install-failed")
+                        &Entry::new(now, HistoryEvent::InstallFailed)
                             .slot(target)
                             .version(Some(version))
                             .reason(format!("{}: {}", f.kind, f.message)),
