@@ -76,14 +76,14 @@ impl TestServer {
     /// A server of one body, at [`BUNDLE_PATH`] (its URL in `url`).
     pub fn start(body: Vec<u8>, mode: Mode) -> TestServer {
         let server = TestServer::launch(mode, None, None);
-        server.put(BUNDLE_PATH, &body);
+        server.shared.files.lock().unwrap().insert(BUNDLE_PATH.to_string(), body);
         server
     }
 
     /// Like [`TestServer::start`], over HTTPS with this configuration (certificate and key).
     pub fn start_tls(body: Vec<u8>, mode: Mode, tls: Arc<rustls::ServerConfig>) -> TestServer {
         let server = TestServer::launch(mode, None, Some(tls));
-        server.put(BUNDLE_PATH, &body);
+        server.shared.files.lock().unwrap().insert(BUNDLE_PATH.to_string(), body);
         server
     }
 
@@ -246,15 +246,14 @@ fn serve<S: Read + Write>(mut stream: S, s: &Shared) {
     let mut out = Counted { out: stream, count: &s.bytes_out };
     match mode {
         Mode::Status(code) => {
-            let _ = write!(out, "HTTP/1.1 {code} Oops\r\n{}", END);
+            let _ = write!(out, "HTTP/1.1 {code} Oops\r\n{END}");
         }
         Mode::Html => {
             let body = b"<!DOCTYPE html><html><body>Please log in to the Wi-Fi</body></html>";
             let _ = write!(
                 out,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n{}",
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n{CLOSE}",
                 body.len(),
-                CLOSE
             );
             let _ = out.write_all(body);
         }

@@ -171,9 +171,9 @@ impl Rig {
     fn status(&self) -> serde_json::Value {
         serde_json::to_value(self.daemon.device.status(Err("test".into()), 50)).unwrap()
     }
-    fn history(&self, event: HistoryEvent) -> Vec<Entry> {
+    fn history(&self, event: &HistoryEvent) -> Vec<Entry> {
         let h = self.daemon.device.history();
-        h.tail(1000).unwrap().into_iter().filter(|e| e.event == event).collect()
+        h.tail(1000).unwrap().into_iter().filter(|e| &e.event == event).collect()
     }
     fn committed_version(&self) -> String {
         let s = self.daemon.device.status(Err("test".into()), 0).state.unwrap();
@@ -203,7 +203,7 @@ fn installs_what_the_rollout_says_then_reboots_for_the_trial() {
     assert_eq!(st["daemon"]["decision"]["outcome"], "install");
     assert_eq!(st["connectivity"], "online");
     assert_eq!(
-        r.history(HistoryEvent::Decision)[0].reason.as_deref(),
+        r.history(&HistoryEvent::Decision)[0].reason.as_deref(),
         Some("install: selected by the rollout")
     );
     // The document is cached for the next poll and for restarts.
@@ -243,7 +243,7 @@ fn an_unchanged_channel_is_a_conditional_get_and_every_decision_is_logged() {
     assert_eq!(s.not_modified(), 2);
     assert_eq!(r.events("decision").len(), 3, "every decision is logged");
     assert_eq!(
-        r.history(HistoryEvent::Decision).len(),
+        r.history(&HistoryEvent::Decision).len(),
         1,
         "the history gets a decision when it changes"
     );
@@ -372,7 +372,7 @@ fn long_without_network_goes_degraded_then_airgapped_and_back() {
             "connectivity airgapped -> online"
         ]
     );
-    assert_eq!(r.history(HistoryEvent::Connectivity).len(), 3);
+    assert_eq!(r.history(&HistoryEvent::Connectivity).len(), 3);
     // Through it all the cached channel kept deciding, and nothing was installed.
     assert_eq!(r.events("decision").len(), 9);
     assert_eq!(r.committed_version(), "1.0.0");
@@ -391,13 +391,13 @@ fn low_disk_refuses_the_install() {
     assert!(f.message.contains("below the floor of"), "{}", f.message);
     assert!(r.installs.0.borrow().is_empty());
     assert_eq!(r.status()["daemon"]["last_error"]["kind"], "disk_low");
-    assert_eq!(r.history(HistoryEvent::Refused).len(), 1);
+    assert_eq!(r.history(&HistoryEvent::Refused).len(), 1);
     // The disk stays full: refused at every poll, logged every time, in the history once.
     for i in 1..5 {
         assert!(matches!(r.daemon.poll(T0 + i * 300), PollOutcome::InstallFailed(_)));
     }
     assert_eq!(r.events("disk_low").len(), 5);
-    assert_eq!(r.history(HistoryEvent::Refused).len(), 1);
+    assert_eq!(r.history(&HistoryEvent::Refused).len(), 1);
 }
 
 #[test]
@@ -605,7 +605,7 @@ mod signed {
             r.events("decision").iter().map(|e| e["code"].as_str().unwrap().to_string()).collect();
         assert_eq!(logged, ["paused", "not_selected"]);
         let hist: Vec<String> =
-            r.history(HistoryEvent::Decision).iter().map(|e| e.reason.clone().unwrap()).collect();
+            r.history(&HistoryEvent::Decision).iter().map(|e| e.reason.clone().unwrap()).collect();
         assert!(hist[0].starts_with("stay: "), "{hist:?}");
         assert_eq!(hist.len(), 2);
         assert!(r.installs.0.borrow().is_empty());
