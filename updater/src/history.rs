@@ -16,9 +16,9 @@ pub fn history_path(data_dir: &Path) -> PathBuf {
     data_dir.join("metrica").join("history.jsonl")
 }
 
-/// What a history entry records; in the file, its name (docs/slots.md, docs/daemon.md).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// What a history entry records; in the file, its name ([`HistoryEvent::as_str`], the one
+/// table of names; docs/slots.md, docs/daemon.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistoryEvent {
     /// A device's first state.
     Init,
@@ -42,7 +42,6 @@ pub enum HistoryEvent {
     Refused,
     InstallFailed,
     /// An event this version does not know (written by another one), kept as it was.
-    #[serde(untagged)]
     Other(String),
 }
 
@@ -88,6 +87,20 @@ impl HistoryEvent {
             HistoryEvent::InstallFailed => "install-failed",
             HistoryEvent::Other(name) => name,
         }
+    }
+}
+
+impl Serialize for HistoryEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HistoryEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        let known = HistoryEvent::KNOWN.iter().find(|e| e.as_str() == name);
+        Ok(known.cloned().unwrap_or(HistoryEvent::Other(name)))
     }
 }
 

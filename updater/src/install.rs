@@ -248,10 +248,12 @@ impl From<PowerCut> for InstallError {
 
 fn disk_err(e: impl Into<anyhow::Error>, what: impl std::fmt::Display) -> InstallError {
     let e: anyhow::Error = e.into();
-    match e.downcast::<PowerCut>() {
-        Ok(cut) => cut.into(),
-        Err(e) => InstallError::Disk(e.context(what.to_string())),
-    }
+    #[cfg(any(test, feature = "failpoints"))]
+    let e = match e.downcast::<PowerCut>() {
+        Ok(cut) => return InstallError::PowerCut(cut),
+        Err(e) => e,
+    };
+    InstallError::Disk(e.context(what.to_string()))
 }
 
 /// Something that shows install progress: a bar on a terminal, JSON lines in a log.
