@@ -5,6 +5,7 @@
 
 use crate::daemon::connectivity::Connectivity;
 use crate::daemon::fetch::FetchError;
+use crate::daemon::record::DecisionOutcome;
 use crate::layout::Slot;
 use crate::slot::Status;
 use std::fmt::Write;
@@ -156,7 +157,9 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
         let target = c.target_version.clone().unwrap_or_default();
         o.sample("metrica_channel_target_info", &[("channel", &c.name), ("version", &target)], 1);
     }
-    let pending = daemon.and_then(|d| d.decision.as_ref()).is_some_and(|d| d.outcome == "install");
+    let pending = daemon
+        .and_then(|d| d.decision.as_ref())
+        .is_some_and(|d| d.outcome == DecisionOutcome::Install);
     o.one(
         "metrica_update_pending",
         "gauge",

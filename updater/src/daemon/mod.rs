@@ -32,7 +32,7 @@ use crate::slot::{Device, LockBusy};
 use crate::state::{SlotState, State};
 use connectivity::Connectivity;
 use fetch::{ChannelFetcher, Document, Fetched, Validators};
-use record::{Attempt, ChannelRecord, DaemonRecord, DecisionRecord, NamedError};
+use record::{Attempt, ChannelRecord, DaemonRecord, DecisionOutcome, DecisionRecord, NamedError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -428,7 +428,7 @@ impl Daemon {
         self.record.channel.name = self.fetcher.channel.clone();
         let Some(plan) = plan else {
             let why = "no good channel document: running what is installed";
-            self.decide(now, "stay", "no_channel", None, why);
+            self.decide(now, DecisionOutcome::Stay, "no_channel", None, why);
             return PollOutcome::NoChannel;
         };
         self.record.channel.sequence = Some(plan.channel.sequence);
@@ -437,11 +437,11 @@ impl Daemon {
             plan.channel.target_version.as_ref().map(ToString::to_string);
         match plan.decision {
             Decision::Stay { code, reason, .. } => {
-                self.decide(now, "stay", &code, None, &reason);
+                self.decide(now, DecisionOutcome::Stay, &code, None, &reason);
                 PollOutcome::Stayed { reason }
             }
             Decision::Install { version, urls, pinned, code, reason } => {
-                self.decide(now, "install", &code, Some(&version), &reason);
+                self.decide(now, DecisionOutcome::Install, &code, Some(&version), &reason);
                 let mirror =
                     self.record.channel.mirror.clone().unwrap_or_else(|| {
                         self.config.mirrors.first().cloned().unwrap_or_default()
@@ -579,14 +579,14 @@ impl Daemon {
     fn decide(
         &mut self,
         now: u64,
-        outcome: &str,
+        outcome: DecisionOutcome,
         code: &str,
         version: Option<&semver::Version>,
         reason: &str,
     ) {
         let d = DecisionRecord {
             time: now,
-            outcome: outcome.to_string(),
+            outcome,
             code: code.to_string(),
             version: version.map(ToString::to_string),
             reason: reason.to_string(),
