@@ -6,8 +6,10 @@
 //! Exit codes: 0 done, 1 refused or failed (with the reason), 2 usage.
 
 use crate::bootinfo::BootInfo;
+use crate::firstboot::FirstbootResult;
 use crate::health::{self, Check};
 use crate::layout::Slot;
+use crate::log::Log;
 use crate::reboot::{Reboot, RebootMode, RecordReboot, SystemReboot};
 use crate::release::{Release, RELEASE_PATH};
 use crate::slot::{self, Device, HealthPlan};
@@ -171,7 +173,7 @@ pub struct RunArgs {
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = Log { file: cli.log_file.clone() };
+    let log = Log::command_line(cli.log_file.clone());
     match run(&cli, &mut std::io::stdout()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -179,39 +181,6 @@ pub fn main() -> ExitCode {
             log.event("error", &format!("{e:#}"));
             eprintln!("updater: error: {e:#}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// JSON-line log events, on stderr or appended to a file.
-#[derive(Debug)]
-struct Log {
-    file: Option<PathBuf>,
-}
-
-impl Log {
-    /// Where JSON lines go: the log file (appended) or stderr.
-    fn writer(&self) -> Box<dyn Write> {
-        if let Some(path) = &self.file {
-            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                return Box::new(f);
-            }
-        }
-        Box::new(std::io::stderr())
-    }
-
-    fn event(&self, level: &str, msg: &str) {
-        let line = serde_json::json!({ "time": slot::unix_now(), "level": level, "msg": msg });
-        let line = format!("{line}\n");
-        match &self.file {
-            Some(path) => {
-                let _ = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .and_then(|mut f| f.write_all(line.as_bytes()));
-            }
-            None => eprint!("{line}"),
         }
     }
 }
@@ -272,7 +241,7 @@ impl<'a> HostFacts<'a> {
         };
         Ok(HostFacts {
             cli,
-            log: Log { file: cli.log_file.clone() },
+            log: Log::command_line(cli.log_file.clone()),
             device: Device::new(&disk, &cli.data_dir),
             block_device: is_block_device(&disk),
             disk,
@@ -424,7 +393,7 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
         ),
         record: crate::daemon::Daemon::open_record(&host.device, &config, host.now),
         cache: crate::daemon::Cache::new(&cli.data_dir),
-        log: crate::daemon::log::Log::new(cli.log_file.clone(), &config.device_id),
+        log: Log::new(cli.log_file.clone(), &config.device_id),
         planner: Box::new(crate::daemon::ChannelPlanner { keyring: keyring.clone(), overrides }),
         installer: Box::new(crate::daemon::BundleInstaller {
             keyring,
@@ -479,9 +448,9 @@ fn firstboot(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
     };
     let o = fb.run().context("first boot")?;
     let who = o.device_id.as_deref().unwrap_or("unknown device");
-    let summary = match (o.result.as_str(), &o.reason) {
-        ("already-provisioned", _) => format!("metrica: provisioned ({who})"),
-        ("ok", _) => format!(
+    let summary = match (o.result, &o.reason) {
+        (FirstbootResult::AlreadyProvisioned, _) => format!("metrica: provisioned ({who})"),
+        (FirstbootResult::Ok, _) => format!(
             "metrica: first boot done: {who}, host {}, data {} MiB",
             o.hostname.as_deref().unwrap_or("?"),
             o.data_bytes >> 20

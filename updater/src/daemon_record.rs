@@ -41,12 +41,35 @@ pub struct ChannelRecord {
     pub followed_from: Option<String>,
 }
 
+/// What the rollout decided; in the record, the log and /status, its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionOutcome {
+    Install,
+    Stay,
+}
+
+impl DecisionOutcome {
+    /// The name (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionOutcome::Install => "install",
+            DecisionOutcome::Stay => "stay",
+        }
+    }
+}
+
+impl std::fmt::Display for DecisionOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One decision of the rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
     pub time: u64,
-    /// `install` or `stay`.
-    pub outcome: String,
+    pub outcome: DecisionOutcome,
     /// The rollout's stable name of the reason (`rollout`, `paused`, `throttled`, ...).
     pub code: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +203,18 @@ impl DaemonRecord {
 
 #[cfg(test)]
 mod tests {
+    /// The outcomes in the record, the log and /status are the documented names.
+    #[test]
+    fn decision_outcomes_are_written_as_install_and_stay() {
+        use super::DecisionOutcome::{self, *};
+        for (outcome, name) in [(Install, "install"), (Stay, "stay")] {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), name);
+            assert_eq!((outcome.as_str(), outcome.to_string()), (name, name.to_string()));
+            let back: DecisionOutcome = serde_json::from_value(name.into()).unwrap();
+            assert_eq!(back, outcome);
+        }
+    }
+
     use super::*;
 
     #[test]

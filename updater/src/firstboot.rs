@@ -74,11 +74,39 @@ pub trait Platform {
     fn otp_key(&self) -> Option<[u8; 32]>;
 }
 
+/// How a first boot ended; in `firstboot.json` and the status JSON, its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FirstbootResult {
+    /// Provisioned: every step done.
+    Ok,
+    /// Provisioning missing or invalid, or a step failed: the reason says which.
+    Degraded,
+    /// A later boot: provisioning was already complete.
+    AlreadyProvisioned,
+}
+
+impl FirstbootResult {
+    /// The name in `firstboot.json` and `updater status` (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirstbootResult::Ok => "ok",
+            FirstbootResult::Degraded => "degraded",
+            FirstbootResult::AlreadyProvisioned => "already-provisioned",
+        }
+    }
+}
+
+impl std::fmt::Display for FirstbootResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The outcome of one first boot, as stored in [`OUTCOME`] and shown by `updater status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
-    /// `ok`, `degraded` or `already-provisioned`.
-    pub result: String,
+    pub result: FirstbootResult,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,7 +125,7 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn is_ok(&self) -> bool {
-        self.result != "degraded"
+        self.result != FirstbootResult::Degraded
     }
 }
 
@@ -120,7 +148,7 @@ impl Firstboot<'_> {
         if let Ok(bytes) = std::fs::read(self.data(PROVISIONED)) {
             let mut o: Outcome = serde_json::from_slice(&bytes)
                 .with_context(|| format!("parsing {}", self.data(PROVISIONED).display()))?;
-            o.result = "already-provisioned".into();
+            o.result = FirstbootResult::AlreadyProvisioned;
             // The running kernel forgets the host name at every boot.
             if let Ok(name) = std::fs::read_to_string(self.data("etc/hostname")) {
                 if provision::check_hostname(name.trim()).is_ok() {
@@ -195,7 +223,11 @@ impl Firstboot<'_> {
 
         // 7. record
         let outcome = Outcome {
-            result: if problems.is_empty() { "ok" } else { "degraded" }.into(),
+            result: if problems.is_empty() {
+                FirstbootResult::Ok
+            } else {
+                FirstbootResult::Degraded
+            },
             reason: (!problems.is_empty()).then(|| problems.join("; ")),
             device_id: prov.as_ref().map(|p| p.device.device_id.clone()),
             hostname: prov.as_ref().map(|p| p.device.hostname.clone()),
@@ -207,7 +239,7 @@ impl Firstboot<'_> {
         let mut json = serde_json::to_vec_pretty(&outcome)?;
         json.push(b'\n');
         write_atomic(&self.data(OUTCOME), &json, "firstboot.outcome")?;
-        if outcome.result == "ok" {
+        if outcome.result == FirstbootResult::Ok {
             write_atomic(&self.data(PROVISIONED), &json, "firstboot.provisioned")?;
         }
         failpoint::hit(STEPS[6])?;

@@ -16,13 +16,106 @@ pub fn history_path(data_dir: &Path) -> PathBuf {
     data_dir.join("metrica").join("history.jsonl")
 }
 
+/// What a history entry records; in the file, its name ([`HistoryEvent::as_str`], the one
+/// table of names; docs/slots.md, docs/daemon.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryEvent {
+    /// A device's first state.
+    Init,
+    InstallStarted,
+    Install,
+    Trial,
+    Commit,
+    Rollback,
+    /// A power cut between the trial's commit and its bookkeeping, finished at boot.
+    CommitInterrupted,
+    WrongSlot,
+    UnexpectedTryboot,
+    Repair,
+    MarkGood,
+    MarkBad,
+    /// The daemon: the network came or went.
+    Connectivity,
+    /// The daemon: a rollout decision that differs from the last one.
+    Decision,
+    /// The daemon: an install it would not start.
+    Refused,
+    InstallFailed,
+    /// An event this version does not know (written by another one), kept as it was.
+    Other(String),
+}
+
+impl HistoryEvent {
+    /// Every known event, in the order of [`HistoryEvent`].
+    pub const KNOWN: [HistoryEvent; 16] = [
+        HistoryEvent::Init,
+        HistoryEvent::InstallStarted,
+        HistoryEvent::Install,
+        HistoryEvent::Trial,
+        HistoryEvent::Commit,
+        HistoryEvent::Rollback,
+        HistoryEvent::CommitInterrupted,
+        HistoryEvent::WrongSlot,
+        HistoryEvent::UnexpectedTryboot,
+        HistoryEvent::Repair,
+        HistoryEvent::MarkGood,
+        HistoryEvent::MarkBad,
+        HistoryEvent::Connectivity,
+        HistoryEvent::Decision,
+        HistoryEvent::Refused,
+        HistoryEvent::InstallFailed,
+    ];
+
+    /// The name in the file and in `updater status` (as serialized).
+    pub fn as_str(&self) -> &str {
+        match self {
+            HistoryEvent::Init => "init",
+            HistoryEvent::InstallStarted => "install-started",
+            HistoryEvent::Install => "install",
+            HistoryEvent::Trial => "trial",
+            HistoryEvent::Commit => "commit",
+            HistoryEvent::Rollback => "rollback",
+            HistoryEvent::CommitInterrupted => "commit-interrupted",
+            HistoryEvent::WrongSlot => "wrong-slot",
+            HistoryEvent::UnexpectedTryboot => "unexpected-tryboot",
+            HistoryEvent::Repair => "repair",
+            HistoryEvent::MarkGood => "mark-good",
+            HistoryEvent::MarkBad => "mark-bad",
+            HistoryEvent::Connectivity => "connectivity",
+            HistoryEvent::Decision => "decision",
+            HistoryEvent::Refused => "refused",
+            HistoryEvent::InstallFailed => "install-failed",
+            HistoryEvent::Other(name) => name,
+        }
+    }
+}
+
+impl Serialize for HistoryEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HistoryEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        let known = HistoryEvent::KNOWN.iter().find(|e| e.as_str() == name);
+        Ok(known.cloned().unwrap_or(HistoryEvent::Other(name)))
+    }
+}
+
+impl std::fmt::Display for HistoryEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One history entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Unix time in seconds.
     pub time: u64,
-    /// `install`, `trial`, `commit`, `rollback`, `mark-good`, `mark-bad`, `repair`, ...
-    pub event: String,
+    pub event: HistoryEvent,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,8 +126,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(time: u64, event: &str) -> Entry {
-        Entry { time, event: event.into(), slot: None, version: None, reason: None }
+    pub fn new(time: u64, event: HistoryEvent) -> Entry {
+        Entry { time, event, slot: None, version: None, reason: None }
     }
     pub fn slot(mut self, slot: crate::layout::Slot) -> Entry {
         self.slot = Some(slot.to_string());
@@ -148,13 +241,13 @@ mod tests {
         let h = History::new(dir.path());
         assert!(h.tail(5).unwrap().is_empty());
         let v: semver::Version = "1.2.3".parse().unwrap();
-        h.append(&Entry::new(1, "install").slot(Slot::B).version(Some(&v))).unwrap();
-        h.append(&Entry::new(2, "rollback").slot(Slot::B).reason("watchdog")).unwrap();
+        h.append(&Entry::new(1, HistoryEvent::Install).slot(Slot::B).version(Some(&v))).unwrap();
+        h.append(&Entry::new(2, HistoryEvent::Rollback).slot(Slot::B).reason("watchdog")).unwrap();
         let t = h.tail(5).unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t[0].version.as_deref(), Some("1.2.3"));
         assert_eq!(t[1].reason.as_deref(), Some("watchdog"));
-        assert_eq!(h.tail(1).unwrap()[0].event, "rollback");
+        assert_eq!(h.tail(1).unwrap()[0].event, HistoryEvent::Rollback);
         let text = std::fs::read_to_string(&h.path).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
@@ -165,14 +258,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = History { max_entries: 10, max_bytes: 100_000, ..History::new(dir.path()) };
         for i in 0..35 {
-            h.append(&Entry::new(i, "commit")).unwrap();
+            h.append(&Entry::new(i, HistoryEvent::Commit)).unwrap();
             let n = std::fs::read_to_string(&h.path).unwrap().lines().count();
             assert!(n <= 10, "{n} entries after {i}");
         }
         assert_eq!(h.tail(1).unwrap()[0].time, 34);
         let h = History { max_entries: 1000, max_bytes: 600, ..History::new(dir.path()) };
         for i in 0..100 {
-            h.append(&Entry::new(i, "repair").reason("x".repeat(20))).unwrap();
+            h.append(&Entry::new(i, HistoryEvent::Repair).reason("x".repeat(20))).unwrap();
             assert!(std::fs::metadata(&h.path).unwrap().len() <= 600);
         }
         let t = h.tail(1000).unwrap();
@@ -184,12 +277,47 @@ mod tests {
     fn a_torn_last_line_is_skipped_and_ended() {
         let dir = tempfile::tempdir().unwrap();
         let h = History::new(dir.path());
-        h.append(&Entry::new(1, "trial")).unwrap();
+        h.append(&Entry::new(1, HistoryEvent::Trial)).unwrap();
         let mut f = std::fs::OpenOptions::new().append(true).open(&h.path).unwrap();
         f.write_all(b"{\"time\": 2, \"ev").unwrap();
         assert_eq!(h.tail(5).unwrap().len(), 1);
-        h.append(&Entry::new(3, "commit")).unwrap();
+        h.append(&Entry::new(3, HistoryEvent::Commit)).unwrap();
         let times: Vec<u64> = h.tail(5).unwrap().iter().map(|e| e.time).collect();
         assert_eq!(times, [1, 3]);
+    }
+
+    /// The names in the file are the documented ones (docs/slots.md, docs/daemon.md), and an
+    /// event of another version reads back and is written again unchanged.
+    #[test]
+    fn events_are_written_as_their_documented_names() {
+        let documented = [
+            "init",
+            "install-started",
+            "install",
+            "trial",
+            "commit",
+            "rollback",
+            "commit-interrupted",
+            "wrong-slot",
+            "unexpected-tryboot",
+            "repair",
+            "mark-good",
+            "mark-bad",
+            "connectivity",
+            "decision",
+            "refused",
+            "install-failed",
+        ];
+        for (event, name) in HistoryEvent::KNOWN.iter().zip(documented) {
+            let line = serde_json::to_string(&Entry::new(7, event.clone())).unwrap();
+            assert_eq!(line, format!("{{\"time\":7,\"event\":\"{name}\"}}"));
+            assert_eq!((event.as_str(), event.to_string()), (name, name.to_string()));
+            let back: Entry = serde_json::from_str(&line).unwrap();
+            assert_eq!(&back.event, event);
+        }
+        let line = r#"{"time":7,"event":"factory-reset"}"#;
+        let back: Entry = serde_json::from_str(line).unwrap();
+        assert_eq!(back.event, HistoryEvent::Other("factory-reset".into()));
+        assert_eq!(serde_json::to_string(&back).unwrap(), line);
     }
 }

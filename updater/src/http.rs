@@ -171,230 +171,11 @@ impl Fetch for HttpFetch {
     }
 }
 
-/// A small HTTP/1.1 server on 127.0.0.1 for tests: serves one body with `Range` support and
-/// misbehaves on request, over plain TCP or TLS ([`TestServer::start_tls`]). It handles a
-/// bounded number of connections and stops when dropped.
-#[cfg(test)]
-pub(crate) mod testserver {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    /// How the server behaves.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) enum Mode {
-        /// Honours `Range` with 206.
-        Normal,
-        /// Always 200 with the whole body.
-        IgnoreRange,
-        /// Like `Normal` (or `IgnoreRange` when `ignore_range`), but the first `times`
-        /// responses close the connection after `after` body bytes (the headers promise more).
-        Cut { after: u64, times: usize, ignore_range: bool },
-        /// Answers every request with this status.
-        Status(u16),
-        /// Reads the request and never answers (until dropped, at most 10 s).
-        Hang,
-    }
-
-    pub(crate) struct TestServer {
-        pub url: String,
-        /// The `Range` header of each request (`None` without one).
-        pub ranges: Arc<Mutex<Vec<Option<String>>>>,
-        stop: Arc<AtomicBool>,
-        addr: std::net::SocketAddr,
-        thread: Option<std::thread::JoinHandle<()>>,
-    }
-
-    impl TestServer {
-        pub(crate) fn start(body: Vec<u8>, mode: Mode) -> TestServer {
-            TestServer::start_with(body, mode, None)
-        }
-
-        /// An HTTPS server with this TLS configuration (certificate and key).
-        pub(crate) fn start_tls(
-            body: Vec<u8>,
-            mode: Mode,
-            tls: Arc<rustls::ServerConfig>,
-        ) -> TestServer {
-            TestServer::start_with(body, mode, Some(tls))
-        }
-
-        fn start_with(
-            body: Vec<u8>,
-            mode: Mode,
-            tls: Option<Arc<rustls::ServerConfig>>,
-        ) -> TestServer {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let stop = Arc::new(AtomicBool::new(false));
-            let ranges = Arc::new(Mutex::new(Vec::new()));
-            let (stop2, ranges2) = (stop.clone(), ranges.clone());
-            let thread = std::thread::spawn(move || {
-                let mut cuts = 0usize;
-                // Bounded: at most 200 connections.
-                for _ in 0..200 {
-                    let Ok((stream, _)) = listener.accept() else { break };
-                    if stop2.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                    match &tls {
-                        None => serve(stream, &body, mode, &mut cuts, &ranges2, &stop2),
-                        Some(config) => {
-                            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
-                                continue;
-                            };
-                            let tls_stream = rustls::StreamOwned::new(conn, stream);
-                            serve(tls_stream, &body, mode, &mut cuts, &ranges2, &stop2);
-                        }
-                    }
-                }
-            });
-            TestServer {
-                url: format!("{scheme}://{addr}/bundle.mfb"),
-                ranges,
-                stop,
-                addr,
-                thread: Some(thread),
-            }
-        }
-
-        pub(crate) fn ranges(&self) -> Vec<Option<String>> {
-            self.ranges.lock().unwrap().clone()
-        }
-    }
-
-    /// A test CA and a server configuration with a certificate for `127.0.0.1` signed by it:
-    /// the CA's certificate (PEM, for a CA bundle) and the server's TLS configuration.
-    pub(crate) fn test_tls() -> (String, Arc<rustls::ServerConfig>) {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "metrica test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone()], der.into())
-            .unwrap();
-        (ca.pem(), Arc::new(config))
-    }
-
-    impl Drop for TestServer {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::SeqCst);
-            let _ = TcpStream::connect(self.addr);
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
-
-    fn serve<S: Read + Write>(
-        mut stream: S,
-        body: &[u8],
-        mode: Mode,
-        cuts: &mut usize,
-        ranges: &Mutex<Vec<Option<String>>>,
-        stop: &AtomicBool,
-    ) {
-        let mut range = None;
-        {
-            // A GET has no body: nothing after the headers is lost with this reader.
-            let mut reader = BufReader::new(&mut stream);
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let line = line.trim_end();
-                if line.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = line.split_once(':') {
-                    if k.eq_ignore_ascii_case("range") {
-                        range = Some(v.trim().to_string());
-                    }
-                }
-            }
-        }
-        ranges.lock().unwrap().push(range.clone());
-        let mut out = stream;
-        let start: Option<u64> = range
-            .as_deref()
-            .and_then(|r| r.strip_prefix("bytes="))
-            .and_then(|r| r.strip_suffix('-'))
-            .and_then(|n| n.parse().ok());
-        let len = body.len() as u64;
-        match mode {
-            Mode::Status(code) => {
-                let _ = write!(
-                    out,
-                    "HTTP/1.1 {code} Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
-            }
-            Mode::Hang => {
-                for _ in 0..100 {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-            Mode::IgnoreRange => {
-                let _ = write!(
-                    out,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-                );
-                let _ = out.write_all(body);
-            }
-            Mode::Normal | Mode::Cut { .. } => {
-                let start = match mode {
-                    Mode::Cut { ignore_range: true, .. } => None,
-                    _ => start,
-                };
-                let from = start.unwrap_or(0);
-                if from >= len && start.is_some() {
-                    let _ = write!(out, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                    return;
-                }
-                let part = &body[from as usize..];
-                if start.is_some() {
-                    let _ = write!(out, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", len - 1, part.len());
-                } else {
-                    let _ = write!(
-                        out,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-                    );
-                }
-                let send = match mode {
-                    Mode::Cut { after, times, .. } if *cuts < times => {
-                        *cuts += 1;
-                        &part[..(after as usize).min(part.len())]
-                    }
-                    _ => part,
-                };
-                let _ = out.write_all(send);
-            }
-        }
-        let _ = out.flush();
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::testserver::{Mode, TestServer};
     use super::*;
+    use crate::testserver::{Mode, TestServer};
+    use crate::testutil::test_tls;
 
     fn read_from(fetch: &mut HttpFetch, offset: u64) -> Result<Option<Vec<u8>>, FetchError> {
         Ok(fetch.open_at(offset)?.map(|mut r| {
@@ -422,7 +203,7 @@ mod tests {
     #[test]
     fn https_servers_are_checked_against_the_ca_bundle() {
         let body: Vec<u8> = (0..5_000u32).map(|i| (i % 253) as u8).collect();
-        let (ca_pem, tls) = super::testserver::test_tls();
+        let (ca_pem, tls) = test_tls();
         let server = TestServer::start_tls(body.clone(), Mode::Normal, tls);
         assert!(server.url.starts_with("https://"), "{}", server.url);
         let dir = tempfile::tempdir().unwrap();
@@ -433,7 +214,7 @@ mod tests {
         assert_eq!(read_from(&mut f, 0).unwrap().unwrap(), body);
         assert_eq!(read_from(&mut f, 4000).unwrap().unwrap(), &body[4000..]);
         // The built-in roots, or a bundle of another CA, do not know this server.
-        let (other_pem, _) = super::testserver::test_tls();
+        let (other_pem, _) = test_tls();
         let other = dir.path().join("other.pem");
         std::fs::write(&other, other_pem).unwrap();
         for mut f in [

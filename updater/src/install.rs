@@ -215,6 +215,8 @@ pub enum InstallError {
     Refused(#[from] Refusal),
     #[error("{class} image ({size} bytes) does not fit partition {partition} ({available} bytes)")]
     DoesNotFit { class: SlotClass, size: u64, partition: String, available: u64 },
+    /// A test's power cut (only where failpoints can be armed).
+    #[cfg(any(test, feature = "failpoints"))]
     #[error(transparent)]
     PowerCut(#[from] PowerCut),
     /// Disk access failed (partition table, open, write, fsync, resume record).
@@ -236,12 +238,22 @@ impl InstallError {
     }
 }
 
+/// Without failpoints no power cut is ever made; were one made, it would be a disk error.
+#[cfg(not(any(test, feature = "failpoints")))]
+impl From<PowerCut> for InstallError {
+    fn from(cut: PowerCut) -> Self {
+        InstallError::Disk(cut.into())
+    }
+}
+
 fn disk_err(e: impl Into<anyhow::Error>, what: impl std::fmt::Display) -> InstallError {
     let e: anyhow::Error = e.into();
-    match e.downcast::<PowerCut>() {
-        Ok(cut) => InstallError::PowerCut(cut),
-        Err(e) => InstallError::Disk(e.context(what.to_string())),
-    }
+    #[cfg(any(test, feature = "failpoints"))]
+    let e = match e.downcast::<PowerCut>() {
+        Ok(cut) => return InstallError::PowerCut(cut),
+        Err(e) => e,
+    };
+    InstallError::Disk(e.context(what.to_string()))
 }
 
 /// Something that shows install progress: a bar on a terminal, JSON lines in a log.

@@ -12,13 +12,18 @@ pub mod connectivity;
 pub mod daemon;
 pub mod daemon_record;
 pub mod disk;
+// The power-cut failpoints: public only where they can be armed (docs/design.md, "Failpoints").
+#[cfg(any(test, feature = "failpoints"))]
 pub mod failpoint;
+#[cfg(not(any(test, feature = "failpoints")))]
+mod failpoint;
 pub mod firstboot;
 pub mod health;
 pub mod history;
 pub mod http;
 pub mod install;
 pub mod layout;
+pub mod log;
 pub mod metrics;
 pub mod provision;
 pub mod reboot;
@@ -30,6 +35,8 @@ pub mod sign;
 pub mod slot;
 pub mod state;
 pub mod status;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testserver;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod watchdog;

@@ -4,6 +4,7 @@
 //! show) into text. Metric names follow DESIGN.md section 9; docs/daemon.md lists them all.
 
 use crate::connectivity::Connectivity;
+use crate::daemon_record::DecisionOutcome;
 use crate::layout::Slot;
 use crate::status::Status;
 use std::fmt::Write;
@@ -155,7 +156,9 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
         let target = c.target_version.clone().unwrap_or_default();
         o.sample("metrica_channel_target_info", &[("channel", &c.name), ("version", &target)], 1);
     }
-    let pending = daemon.and_then(|d| d.decision.as_ref()).is_some_and(|d| d.outcome == "install");
+    let pending = daemon
+        .and_then(|d| d.decision.as_ref())
+        .is_some_and(|d| d.outcome == DecisionOutcome::Install);
     o.one(
         "metrica_update_pending",
         "gauge",

@@ -4,7 +4,7 @@
 use crate::bootinfo::BootInfo;
 use crate::connectivity::Connectivity;
 use crate::daemon_record::{record_path, DaemonRecord};
-use crate::history::Entry;
+use crate::history::{Entry, HistoryEvent};
 use crate::layout::Slot;
 use crate::slot::{unix_now, Device, OnDisk};
 use crate::state::{self, State};
@@ -41,7 +41,7 @@ impl Device {
             .unwrap_or_default()
             .iter()
             .rev()
-            .find(|e| e.event == "commit")
+            .find(|e| e.event == HistoryEvent::Commit)
             .map(|e| e.time);
         Status {
             disk: self.disk.clone(),

@@ -2,14 +2,11 @@
 //! and a device's view of the folder served by a static HTTP server on loopback.
 
 use super::*;
-use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use updater::bundle::testkit::{make_bundle, test_image, TestMeta};
 use updater::bundle::{Fetch, SlotClass};
 use updater::channel::{verify, ChannelError, Expect};
 use updater::rollout::{decide, AttemptHistory, Decision, DeviceFacts, InstallReason, Overrides};
+use updater::testserver::TestServer;
 
 /// 2026-11-24T08:00:00Z
 const T0: u64 = 1_795_507_200;
@@ -303,83 +300,6 @@ fn wave_and_time_specs() {
     assert!(bundle_name(None, Path::new("os.mfb"), &facts).is_err());
 }
 
-/// A static file server over a folder on 127.0.0.1 (GET, `Range: bytes=N-`, 404), counting
-/// requests, for as long as it lives.
-struct StaticServer {
-    base: String,
-    requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    addr: std::net::SocketAddr,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StaticServer {
-    fn start(root: &Path) -> StaticServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, requests) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-        let (stop2, requests2, root) = (stop.clone(), requests.clone(), root.to_path_buf());
-        let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(s) = stream {
-                    requests2.fetch_add(1, Ordering::SeqCst);
-                    let _ = serve_file(s, &root);
-                }
-            }
-        });
-        StaticServer { base: format!("http://{addr}/"), requests, stop, addr, thread: Some(thread) }
-    }
-}
-
-impl Drop for StaticServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve_file(stream: TcpStream, root: &Path) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    let mut from = 0u64;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
-        }
-        let lower = line.to_ascii_lowercase();
-        if let Some(r) = lower.strip_prefix("range: bytes=") {
-            from = r.trim().trim_end_matches('-').parse().unwrap_or(0);
-        }
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/');
-    let mut out = stream;
-    let file = (!path.split('/').any(|c| c == ".."))
-        .then(|| std::fs::read(root.join(path)).ok())
-        .flatten();
-    match file {
-        None => out
-            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
-        Some(body) => {
-            let from = from.min(body.len() as u64) as usize;
-            let status = if from > 0 { "206 Partial Content" } else { "200 OK" };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len() - from
-            );
-            out.write_all(head.as_bytes())?;
-            out.write_all(&body[from..])
-        }
-    }
-}
-
 fn http_get(url: &str) -> Option<Vec<u8>> {
     let mut f = updater::http::HttpFetch::new(url, Duration::from_secs(5));
     let mut r = f.open_at(0).ok()??;
@@ -395,8 +315,8 @@ fn devices_follow_the_published_folder_over_http() {
     let s = setup();
     s.publish(&s.bundle("1.0.0", 1), 100, T0).unwrap();
     s.publish(&s.bundle("2.0.0", 1), 10, T0 + 60).unwrap();
-    let server = StaticServer::start(&s.folder);
-    let doc_url = format!("{}channels/stable.toml", server.base);
+    let server = TestServer::folder(&s.folder);
+    let doc_url = server.url_of("/channels/stable.toml");
     let fetch_channel = |last: Option<u64>, now: u64| {
         let doc = http_get(&doc_url).expect("the document is served");
         let sig = http_get(&format!("{doc_url}.sig"));
@@ -421,7 +341,7 @@ fn devices_follow_the_published_folder_over_http() {
     };
     assert!(matches!(reason, InstallReason::Rollout { percent: 10, .. }));
     let url = updater::channel::resolve_url(&doc_url, &urls[0]);
-    assert_eq!(url, format!("{}bundles/qemu-2.0.0.mfb", server.base));
+    assert_eq!(url, server.url_of("/bundles/qemu-2.0.0.mfb"));
     let bytes = http_get(&url).unwrap();
     assert_eq!((bytes.len() as u64, hex::encode(Sha256::digest(&bytes))), (size, sha256));
     let mut fetch = updater::http::HttpFetch::new(&url, Duration::from_secs(5));
@@ -455,6 +375,6 @@ fn devices_follow_the_published_folder_over_http() {
     // A missing signature file on the server: unsigned.
     std::fs::remove_file(s.folder.join("channels/stable.toml.sig")).unwrap();
     assert_eq!(fetch_channel(Some(4), now).unwrap_err().code(), "unsigned");
-    assert!(http_get(&format!("{}channels/beta.toml", server.base)).is_none());
-    assert!(server.requests.load(Ordering::SeqCst) >= 10);
+    assert!(http_get(&server.url_of("/channels/beta.toml")).is_none());
+    assert!(server.requests() >= 10);
 }

@@ -270,188 +270,16 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// A static-file server on 127.0.0.1 for tests: serves a folder's files with `ETag` and
-/// `Last-Modified`, answers conditional GETs with `304`, counts requests and bytes, and
-/// misbehaves on request (HTML, a status, a slow loris, a hang).
-#[cfg(test)]
-pub(crate) mod testserver {
-    use std::collections::BTreeMap;
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub(crate) enum Mode {
-        Normal,
-        /// `200` with an HTML page, whatever was asked.
-        Html,
-        Status(u16),
-        /// Headers, then one body byte every 200 ms for ever (until dropped).
-        SlowLoris,
-    }
-
-    #[derive(Default)]
-    pub(crate) struct Shared {
-        pub files: Mutex<BTreeMap<String, Vec<u8>>>,
-        pub mode: Mutex<Option<Mode>>,
-        pub requests: AtomicU64,
-        pub not_modified: AtomicU64,
-        pub bytes_in: AtomicU64,
-        pub bytes_out: AtomicU64,
-        stop: AtomicBool,
-    }
-
-    pub(crate) struct FileServer {
-        pub base: String,
-        pub shared: Arc<Shared>,
-        addr: std::net::SocketAddr,
-        thread: Option<std::thread::JoinHandle<()>>,
-    }
-
-    impl FileServer {
-        pub(crate) fn start(mode: Mode) -> FileServer {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let shared = Arc::new(Shared::default());
-            *shared.mode.lock().unwrap() = Some(mode);
-            let s = shared.clone();
-            let thread = std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if s.stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let s = s.clone();
-                    std::thread::spawn(move || serve(stream, &s));
-                }
-            });
-            FileServer { base: format!("http://{addr}"), shared, addr, thread: Some(thread) }
-        }
-
-        pub(crate) fn put(&self, path: &str, body: &[u8]) {
-            self.shared.files.lock().unwrap().insert(path.to_string(), body.to_vec());
-        }
-
-        pub(crate) fn set_mode(&self, mode: Mode) {
-            *self.shared.mode.lock().unwrap() = Some(mode);
-        }
-
-        pub(crate) fn requests(&self) -> u64 {
-            self.shared.requests.load(Ordering::SeqCst)
-        }
-    }
-
-    impl Drop for FileServer {
-        fn drop(&mut self) {
-            self.shared.stop.store(true, Ordering::SeqCst);
-            let _ = TcpStream::connect(self.addr);
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
-
-    fn etag(body: &[u8]) -> String {
-        use sha2::Digest;
-        format!("\"{}\"", &hex::encode(sha2::Sha256::digest(body))[..16])
-    }
-
-    fn serve(stream: TcpStream, s: &Shared) {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut first = String::new();
-        if reader.read_line(&mut first).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut bytes_in = first.len() as u64;
-        let mut if_none_match = None;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            bytes_in += line.len() as u64;
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("if-none-match") {
-                    if_none_match = Some(v.trim().to_string());
-                }
-            }
-        }
-        s.requests.fetch_add(1, Ordering::SeqCst);
-        s.bytes_in.fetch_add(bytes_in, Ordering::SeqCst);
-        let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let mode = s.mode.lock().unwrap().clone().unwrap_or(Mode::Normal);
-        let mut out = stream;
-        let send = |bytes: &[u8], out: &mut TcpStream| {
-            s.bytes_out.fetch_add(bytes.len() as u64, Ordering::SeqCst);
-            out.write_all(bytes)
-        };
-        match mode {
-            Mode::Html => {
-                let body = b"<!DOCTYPE html><html><body>Please log in to the Wi-Fi</body></html>";
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                let _ = send(head.as_bytes(), &mut out);
-                let _ = send(body, &mut out);
-            }
-            Mode::Status(code) => {
-                let head = format!(
-                    "HTTP/1.1 {code} Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
-                let _ = send(head.as_bytes(), &mut out);
-            }
-            Mode::SlowLoris => {
-                let head = "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n";
-                let _ = send(head.as_bytes(), &mut out);
-                for _ in 0..300 {
-                    if s.stop.load(Ordering::SeqCst) || send(b"a", &mut out).is_err() {
-                        break;
-                    }
-                    let _ = out.flush();
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-            Mode::Normal => {
-                let body = s.files.lock().unwrap().get(&path).cloned();
-                let head = match &body {
-                    None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
-                    Some(b) if if_none_match.as_deref() == Some(etag(b).as_str()) => {
-                        s.not_modified.fetch_add(1, Ordering::SeqCst);
-                        format!("HTTP/1.1 304 Not Modified\r\nETag: {}\r\nConnection: close\r\n\r\n", etag(b))
-                    }
-                    Some(b) => format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/toml\r\nETag: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        etag(b),
-                        b.len()
-                    ),
-                };
-                let _ = send(head.as_bytes(), &mut out);
-                if let Some(b) = body {
-                    if head.starts_with("HTTP/1.1 200") {
-                        let _ = send(&b, &mut out);
-                    }
-                }
-            }
-        }
-        let _ = out.flush();
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::testserver::{FileServer, Mode};
     use super::*;
+    use crate::testserver::{Mode, TestServer};
     use std::time::Instant;
 
     const DOC: &[u8] = b"sequence = 1\n";
 
-    fn server(mode: Mode) -> FileServer {
-        let s = FileServer::start(mode);
+    fn server(mode: Mode) -> TestServer {
+        let s = TestServer::empty(mode);
         s.put("/channels/stable.toml", DOC);
         s.put("/channels/stable.toml.sig", b"sig");
         s
@@ -525,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_missing_signature_is_none_and_a_missing_channel_is_4xx() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         s.put("/channels/stable.toml", DOC);
         let Ok(Fetched::New { document, .. }) = fetcher(&[&s.base]).poll(None).result else {
             panic!("a document without a signature is still a document")

@@ -17,7 +17,6 @@
 //! `METRICA_FLEET_DEVICES` sets the fleet size (default 500). `bench/fleet.sh` runs this in
 //! release mode and prints the figures (requests, bytes, time per round).
 
-use super::fetch::testserver::{FileServer, Mode};
 use super::*;
 use crate::autoboot::Autoboot;
 use crate::bootinfo::BootInfoSource;
@@ -26,6 +25,7 @@ use crate::channel::{Channel, OsTarget, Pin, Rollout, Segment, Timestamp, Wave};
 use crate::health::Check;
 use crate::sign::tests::test_key;
 use crate::slot::HealthPlan;
+use crate::testserver::{Mode, TestServer};
 use crate::testutil::{build_disk_with_roots, ext4_root, fat_boot_image, release, FakeTimer};
 use semver::Version;
 use sha2::Digest;
@@ -61,7 +61,7 @@ struct SimDevice {
 }
 
 struct Fleet {
-    servers: Vec<Option<FileServer>>,
+    servers: Vec<Option<TestServer>>,
     mirrors: Vec<String>,
     devices: Vec<SimDevice>,
     keyring: crate::sign::Keyring,
@@ -276,12 +276,11 @@ impl Fleet {
     }
 
     fn requests(&self) -> (u64, u64, u64) {
-        use std::sync::atomic::Ordering;
         let mut t = self.gone;
         for s in self.servers.iter().flatten() {
             t.0 += s.requests();
-            t.1 += s.shared.bytes_out.load(Ordering::SeqCst);
-            t.2 += s.shared.not_modified.load(Ordering::SeqCst);
+            t.1 += s.bytes_out();
+            t.2 += s.not_modified();
         }
         t
     }
@@ -325,8 +324,8 @@ fn a_fleet_follows_waves_pause_pin_failover_and_ignores_replayed_and_expired_cha
     // logic and traffic, not 500 devices' fsyncs on one disk.
     let shm = Path::new("/dev/shm");
     let root = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
-    let primary = FileServer::start(Mode::Normal);
-    let secondary = FileServer::start(Mode::Normal);
+    let primary = TestServer::empty(Mode::Normal);
+    let secondary = TestServer::empty(Mode::Normal);
     let mut fleet = Fleet {
         mirrors: vec![primary.base.clone(), secondary.base.clone()],
         servers: vec![Some(primary), Some(secondary)],

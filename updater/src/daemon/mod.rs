@@ -17,7 +17,6 @@
 pub mod fetch;
 #[cfg(test)]
 mod fleet;
-pub mod log;
 #[cfg(test)]
 mod tests;
 
@@ -25,16 +24,16 @@ mod tests;
 pub use crate::{connectivity, daemon_record as record};
 
 use crate::bootinfo::BootInfo;
-use crate::history::Entry;
+use crate::history::{Entry, HistoryEvent};
 use crate::layout::Slot;
+use crate::log::Log;
 use crate::reboot::{Reboot, RebootMode};
 use crate::release::Release;
 use crate::slot::{Device, LockBusy};
 use crate::state::{policy, SlotState, State};
 use connectivity::Connectivity;
 use fetch::{ChannelFetcher, Document, Fetched, Validators};
-use log::Log;
-use record::{Attempt, ChannelRecord, DaemonRecord, DecisionRecord, NamedError};
+use record::{Attempt, ChannelRecord, DaemonRecord, DecisionOutcome, DecisionRecord, NamedError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -367,13 +366,13 @@ impl Daemon {
         if c != self.record.connectivity {
             let msg = format!("connectivity {} -> {c}", self.record.connectivity);
             let level = if c == Connectivity::Online { "info" } else { "warning" };
-            self.log.event(
+            self.log.line(
                 level,
                 "connectivity_changed",
                 &msg,
                 serde_json::json!({ "state": c.name() }),
             );
-            self.history(&Entry::new(now, "connectivity").reason(msg));
+            self.history(&Entry::new(now, HistoryEvent::Connectivity).reason(msg));
             self.record.connectivity = c;
         }
 
@@ -430,7 +429,7 @@ impl Daemon {
         self.record.channel.name = self.fetcher.channel.clone();
         let Some(plan) = plan else {
             let why = "no good channel document: running what is installed";
-            self.decide(now, "stay", "no_channel", None, why);
+            self.decide(now, DecisionOutcome::Stay, "no_channel", None, why);
             return PollOutcome::NoChannel;
         };
         self.record.channel.sequence = Some(plan.channel.sequence);
@@ -439,11 +438,11 @@ impl Daemon {
             plan.channel.target_version.as_ref().map(ToString::to_string);
         match plan.decision {
             Decision::Stay { code, reason, .. } => {
-                self.decide(now, "stay", &code, None, &reason);
+                self.decide(now, DecisionOutcome::Stay, &code, None, &reason);
                 PollOutcome::Stayed { reason }
             }
             Decision::Install { version, urls, pinned, code, reason } => {
-                self.decide(now, "install", &code, Some(&version), &reason);
+                self.decide(now, DecisionOutcome::Install, &code, Some(&version), &reason);
                 let mirror =
                     self.record.channel.mirror.clone().unwrap_or_else(|| {
                         self.config.mirrors.first().cloned().unwrap_or_default()
@@ -581,14 +580,14 @@ impl Daemon {
     fn decide(
         &mut self,
         now: u64,
-        outcome: &str,
+        outcome: DecisionOutcome,
         code: &str,
         version: Option<&semver::Version>,
         reason: &str,
     ) {
         let d = DecisionRecord {
             time: now,
-            outcome: outcome.to_string(),
+            outcome,
             code: code.to_string(),
             version: version.map(ToString::to_string),
             reason: reason.to_string(),
@@ -603,7 +602,7 @@ impl Daemon {
         });
         if changed {
             self.history(
-                &Entry::new(now, "decision")
+                &Entry::new(now, HistoryEvent::Decision)
                     .version(version)
                     .reason(format!("{outcome}: {reason}")),
             );
@@ -613,7 +612,10 @@ impl Daemon {
 
     fn refuse(&mut self, now: u64, kind: &'static str, message: String) -> PollOutcome {
         self.error(now, kind, message.clone());
-        self.history_once(kind, &Entry::new(now, "refused").reason(format!("{kind}: {message}")));
+        self.history_once(
+            kind,
+            &Entry::new(now, HistoryEvent::Refused).reason(format!("{kind}: {message}")),
+        );
         PollOutcome::InstallFailed(InstallFailure { kind, message })
     }
 
@@ -707,7 +709,7 @@ impl Daemon {
                     self.error(now, f.kind, f.message.clone());
                     self.history_once(
                         f.kind,
-                        &Entry::new(now, "install-failed")
+                        &Entry::new(now, HistoryEvent::InstallFailed)
                             .slot(target)
                             .version(Some(version))
                             .reason(format!("{}: {}", f.kind, f.message)),
@@ -764,12 +766,7 @@ pub struct BundleInstaller {
 
 impl BundleInstaller {
     fn progress(&self) -> Box<dyn std::io::Write> {
-        if let Some(path) = &self.log_file {
-            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                return Box::new(f);
-            }
-        }
-        Box::new(std::io::stderr())
+        Box::new(Log::command_line(self.log_file.clone()).writer())
     }
 }
 

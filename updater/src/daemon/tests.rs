@@ -2,8 +2,8 @@
 //! format whose checks name the same kinds as the channel module's) and a test installer
 //! that records the install in the state as the real one does.
 
-use super::fetch::testserver::{FileServer, Mode};
 use super::*;
+use crate::testserver::{Mode, TestServer};
 use crate::testutil::disk_committed;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -107,7 +107,7 @@ fn doc(sequence: u64, version: &str) -> String {
     format!("sequence = {sequence}\nexpires = {}\nversion = \"{version}\"\nurl = \"../bundles/os-{version}.mfb\"\n", T0 + 30 * 86400)
 }
 
-fn publish(s: &FileServer, body: &str, sig: &str) {
+fn publish(s: &TestServer, body: &str, sig: &str) {
     s.put("/channels/stable.toml", body.as_bytes());
     s.put("/channels/stable.toml.sig", sig.as_bytes());
 }
@@ -171,9 +171,9 @@ impl Rig {
     fn status(&self) -> serde_json::Value {
         serde_json::to_value(self.daemon.device.status(Err("test".into()), 50)).unwrap()
     }
-    fn history(&self, event: &str) -> Vec<Entry> {
+    fn history(&self, event: &HistoryEvent) -> Vec<Entry> {
         let h = self.daemon.device.history();
-        h.tail(1000).unwrap().into_iter().filter(|e| e.event == event).collect()
+        h.tail(1000).unwrap().into_iter().filter(|e| &e.event == event).collect()
     }
     fn committed_version(&self) -> String {
         let s = self.daemon.device.status(Err("test".into()), 0).state.unwrap();
@@ -188,7 +188,7 @@ fn seed_state(r: &Rig) {
 
 #[test]
 fn installs_what_the_rollout_says_then_reboots_for_the_trial() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "2.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -203,7 +203,7 @@ fn installs_what_the_rollout_says_then_reboots_for_the_trial() {
     assert_eq!(st["daemon"]["decision"]["outcome"], "install");
     assert_eq!(st["connectivity"], "online");
     assert_eq!(
-        r.history("decision")[0].reason.as_deref(),
+        r.history(&HistoryEvent::Decision)[0].reason.as_deref(),
         Some("install: selected by the rollout")
     );
     // The document is cached for the next poll and for restarts.
@@ -212,7 +212,7 @@ fn installs_what_the_rollout_says_then_reboots_for_the_trial() {
 
 #[test]
 fn no_reboot_installs_once_and_leaves_the_trial_to_the_operator() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "2.0.0"), "ok");
     let mut r = rig(&[&s.base], true);
     seed_state(&r);
@@ -231,7 +231,7 @@ fn no_reboot_installs_once_and_leaves_the_trial_to_the_operator() {
 
 #[test]
 fn an_unchanged_channel_is_a_conditional_get_and_every_decision_is_logged() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "1.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -240,15 +240,19 @@ fn an_unchanged_channel_is_a_conditional_get_and_every_decision_is_logged() {
         assert_eq!(out, PollOutcome::Stayed { reason: "running 1.0.0 already".into() });
     }
     assert_eq!(s.requests(), 4, "document + signature once, then one 304 per poll");
-    assert_eq!(s.shared.not_modified.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(s.not_modified(), 2);
     assert_eq!(r.events("decision").len(), 3, "every decision is logged");
-    assert_eq!(r.history("decision").len(), 1, "the history gets a decision when it changes");
+    assert_eq!(
+        r.history(&HistoryEvent::Decision).len(),
+        1,
+        "the history gets a decision when it changes"
+    );
     assert_eq!(r.status()["daemon"]["counters"]["not_modified"], 2);
 }
 
 #[test]
 fn bad_documents_are_named_errors_and_the_last_good_one_stays() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(5, "1.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -276,7 +280,7 @@ fn bad_documents_are_named_errors_and_the_last_good_one_stays() {
 
 #[test]
 fn an_expired_cached_document_is_not_acted_on() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "1.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -305,7 +309,7 @@ fn an_expired_cached_document_is_not_acted_on() {
 /// log and in the status, and the device keeps what it runs.
 #[test]
 fn html_500_slow_loris_and_a_down_mirror_with_failover() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "1.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -313,7 +317,7 @@ fn html_500_slow_loris_and_a_down_mirror_with_failover() {
     for (mode, kind) in
         [(Mode::Html, "not_toml"), (Mode::Status(500), "http_5xx"), (Mode::SlowLoris, "timeout")]
     {
-        s.set_mode(mode.clone());
+        s.set_mode(mode);
         let out = r.daemon.poll(T0 + 300);
         assert_eq!(out, PollOutcome::Stayed { reason: "running 1.0.0 already".into() }, "{mode:?}");
         let st = r.status();
@@ -337,7 +341,7 @@ fn html_500_slow_loris_and_a_down_mirror_with_failover() {
 
 #[test]
 fn long_without_network_goes_degraded_then_airgapped_and_back() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "1.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -368,7 +372,7 @@ fn long_without_network_goes_degraded_then_airgapped_and_back() {
             "connectivity airgapped -> online"
         ]
     );
-    assert_eq!(r.history("connectivity").len(), 3);
+    assert_eq!(r.history(&HistoryEvent::Connectivity).len(), 3);
     // Through it all the cached channel kept deciding, and nothing was installed.
     assert_eq!(r.events("decision").len(), 9);
     assert_eq!(r.committed_version(), "1.0.0");
@@ -376,7 +380,7 @@ fn long_without_network_goes_degraded_then_airgapped_and_back() {
 
 #[test]
 fn low_disk_refuses_the_install() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "2.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -387,13 +391,13 @@ fn low_disk_refuses_the_install() {
     assert!(f.message.contains("below the floor of"), "{}", f.message);
     assert!(r.installs.0.borrow().is_empty());
     assert_eq!(r.status()["daemon"]["last_error"]["kind"], "disk_low");
-    assert_eq!(r.history("refused").len(), 1);
+    assert_eq!(r.history(&HistoryEvent::Refused).len(), 1);
     // The disk stays full: refused at every poll, logged every time, in the history once.
     for i in 1..5 {
         assert!(matches!(r.daemon.poll(T0 + i * 300), PollOutcome::InstallFailed(_)));
     }
     assert_eq!(r.events("disk_low").len(), 5);
-    assert_eq!(r.history("refused").len(), 1);
+    assert_eq!(r.history(&HistoryEvent::Refused).len(), 1);
 }
 
 /// Installs wait for the committed slot's plain boot and for no pending trial: the state's
@@ -401,7 +405,7 @@ fn low_disk_refuses_the_install() {
 #[test]
 fn installs_wait_outside_the_committed_slot_and_during_a_trial() {
     use crate::bootinfo::{BootInfo, BootInfoSource};
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "2.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -430,7 +434,7 @@ fn installs_wait_outside_the_committed_slot_and_during_a_trial() {
 
 #[test]
 fn a_held_lock_skips_the_decision() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "2.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -492,7 +496,7 @@ fn jitter_stays_within_twenty_percent() {
 /// status --json`), /check-now waking the loop at once, and a clean stop.
 #[test]
 fn the_loop_serves_its_endpoints_and_wakes_on_check_now() {
-    let s = FileServer::start(Mode::Normal);
+    let s = TestServer::empty(Mode::Normal);
     publish(&s, &doc(1, "1.0.0"), "ok");
     let mut r = rig(&[&s.base], false);
     seed_state(&r);
@@ -580,13 +584,13 @@ mod signed {
         })
     }
 
-    fn put(s: &FileServer, ch: &Channel, key: u8) {
+    fn put(s: &TestServer, ch: &Channel, key: u8) {
         let (doc, sig) = ch.sign(&test_key(key));
         s.put("/channels/stable.toml", &doc);
         s.put("/channels/stable.toml.sig", &sig);
     }
 
-    type Publish<'a> = Box<dyn Fn(&FileServer) + 'a>;
+    type Publish<'a> = Box<dyn Fn(&TestServer) + 'a>;
 
     fn everyone() -> Channel {
         let mut ch = sample();
@@ -594,7 +598,7 @@ mod signed {
         ch
     }
 
-    fn signed_rig(s: &FileServer) -> Rig {
+    fn signed_rig(s: &TestServer) -> Rig {
         let r = rig_with(&[&s.base], false, planner(), "metrica-rpi4-arm64");
         seed_state(&r);
         r
@@ -602,7 +606,7 @@ mod signed {
 
     #[test]
     fn a_full_rollout_installs_from_the_url_relative_to_the_document() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         put(&s, &everyone(), 1);
         let mut r = signed_rig(&s);
         let out = r.daemon.poll(CT0 + 60);
@@ -615,7 +619,7 @@ mod signed {
 
     #[test]
     fn paused_and_not_selected_are_logged_stays_with_their_codes() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         let mut ch = everyone();
         ch.paused = true;
         put(&s, &ch, 1);
@@ -633,7 +637,7 @@ mod signed {
             r.events("decision").iter().map(|e| e["code"].as_str().unwrap().to_string()).collect();
         assert_eq!(logged, ["paused", "not_selected"]);
         let hist: Vec<String> =
-            r.history("decision").iter().map(|e| e.reason.clone().unwrap()).collect();
+            r.history(&HistoryEvent::Decision).iter().map(|e| e.reason.clone().unwrap()).collect();
         assert!(hist[0].starts_with("stay: "), "{hist:?}");
         assert_eq!(hist.len(), 2);
         assert!(r.installs.0.borrow().is_empty());
@@ -643,7 +647,7 @@ mod signed {
     /// poll), and comes back when the entry is removed.
     #[test]
     fn a_device_sent_to_another_channel_follows_it_and_comes_back() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         let mut stable = sample();
         stable.os.rollout.percent = 0;
         stable.devices.insert(
@@ -682,7 +686,7 @@ mod signed {
     /// a named error (and not cached); once the clock is right the document is acted on.
     #[test]
     fn a_clock_behind_the_publisher_is_a_named_error() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         put(&s, &everyone(), 1);
         let mut r = signed_rig(&s);
         assert_eq!(r.daemon.poll(CT0 - 3600), PollOutcome::NoChannel);
@@ -696,7 +700,7 @@ mod signed {
     /// in the log and the status; the last good document stays and nothing is installed.
     #[test]
     fn bad_channels_keep_the_last_good_one() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         let mut good = sample(); // 10 %: this device is not selected, so it stays
         good.os.rollout.percent = 0;
         put(&s, &good, 1);
@@ -711,17 +715,17 @@ mod signed {
         stale.expires = crate::channel::Timestamp(CT0 + 100);
         let cases: Vec<(Publish<'_>, &str)> = vec![
             (
-                Box::new(|s: &FileServer| {
+                Box::new(|s: &TestServer| {
                     put(s, &newer, 1);
                     s.put("/channels/stable.toml.sig", b"");
                 }),
                 "channel_malformed_signature",
             ),
-            (Box::new(|s: &FileServer| put(s, &newer, 2)), "channel_unknown_key"),
-            (Box::new(|s: &FileServer| put(s, &older, 1)), "channel_replayed"),
-            (Box::new(|s: &FileServer| put(s, &stale, 1)), "channel_expired"),
+            (Box::new(|s: &TestServer| put(s, &newer, 2)), "channel_unknown_key"),
+            (Box::new(|s: &TestServer| put(s, &older, 1)), "channel_replayed"),
+            (Box::new(|s: &TestServer| put(s, &stale, 1)), "channel_expired"),
             (
-                Box::new(|s: &FileServer| {
+                Box::new(|s: &TestServer| {
                     s.put("/channels/stable.toml", b"format = 1\nname = [\n");
                     s.put(
                         "/channels/stable.toml.sig",
@@ -742,9 +746,9 @@ mod signed {
             assert_eq!(r.events(kind).len(), 1, "{kind}");
         }
         // Unsigned: no .sig on the server at all.
-        s.shared.files.lock().unwrap().remove("/channels/stable.toml.sig");
+        s.remove("/channels/stable.toml.sig");
         put(&s, &newer, 1);
-        s.shared.files.lock().unwrap().remove("/channels/stable.toml.sig");
+        s.remove("/channels/stable.toml.sig");
         r.daemon.poll(CT0 + 700);
         assert_eq!(r.status()["daemon"]["last_error"]["kind"], "channel_unsigned");
         assert!(r.installs.0.borrow().is_empty());
@@ -778,7 +782,7 @@ mod real_install {
         )
     }
 
-    fn channel(s: &FileServer, sequence: u64, version: &str, file: &str, body: &[u8]) {
+    fn channel(s: &TestServer, sequence: u64, version: &str, file: &str, body: &[u8]) {
         use sha2::Digest;
         let mut ch = sample();
         ch.sequence = sequence;
@@ -794,7 +798,7 @@ mod real_install {
         s.put("/channels/stable.toml.sig", &sig);
     }
 
-    fn daemon(s: &FileServer, dir: &Path, reboots: Rc<Calls>) -> Daemon {
+    fn daemon(s: &TestServer, dir: &Path, reboots: Rc<Calls>) -> Daemon {
         let disk = dir.join("card.img");
         build_disk_with_roots(
             &disk,
@@ -840,7 +844,7 @@ mod real_install {
 
     #[test]
     fn installs_a_signed_bundle_and_requests_the_trial() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         let b = bundle("2.0.0", &ext4_root(&release("2.0.0")));
         s.put("/bundles/metrica-test-2.0.0.mfb", &b);
         channel(&s, 1, "2.0.0", "metrica-test-2.0.0.mfb", &b);
@@ -861,13 +865,13 @@ mod real_install {
             st.state.as_ref().unwrap().slot(Slot::B).version,
             Some("2.0.0".parse().unwrap())
         );
-        assert!(st.history.iter().any(|e| e.event == "install"));
-        assert!(st.history.iter().any(|e| e.event == "trial"));
+        assert!(st.history.iter().any(|e| e.event == HistoryEvent::Install));
+        assert!(st.history.iter().any(|e| e.event == HistoryEvent::Trial));
     }
 
     #[test]
     fn missing_corrupt_and_too_large_bundles_are_named_errors() {
-        let s = FileServer::start(Mode::Normal);
+        let s = TestServer::empty(Mode::Normal);
         let dir = tempfile::tempdir().unwrap();
         let reboots = Rc::new(Calls::default());
         let mut d = daemon(&s, dir.path(), reboots.clone());

@@ -89,7 +89,7 @@ fn assert_provisioned(disk: &Path, data: &Path) {
         |p: &str| std::fs::read_to_string(data.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     let mode = |p: &str| std::fs::metadata(data.join(p)).unwrap().permissions().mode() & 0o777;
     let o: Outcome = serde_json::from_str(&read(PROVISIONED)).unwrap();
-    assert_eq!(o.result, "ok");
+    assert_eq!(o.result, FirstbootResult::Ok);
     assert_eq!(o.device_id.as_deref(), Some("pi-0042"));
     assert_eq!(o.identity_source, Some(identity::Source::Otp));
     assert_eq!(o.recipient, Some(identity::recipient_from_otp_key(&OTP)));
@@ -165,11 +165,11 @@ fn a_first_boot_provisions_everything_and_a_second_does_nothing() {
     assert!(before.start + before.len < 16 * MIB);
     let fake = Fake::new(Some(OTP));
     let o = run(&disk, &data, &fake).unwrap();
-    assert_eq!((o.result.as_str(), o.reason.as_deref()), ("ok", None));
+    assert_eq!((o.result, o.reason.as_deref()), (FirstbootResult::Ok, None));
     assert_eq!(*fake.hostnames.borrow(), ["cam-0042"]);
     assert_provisioned(&disk, &data);
     let again = run(&disk, &data, &fake).unwrap();
-    assert_eq!(again.result, "already-provisioned");
+    assert_eq!(again.result, FirstbootResult::AlreadyProvisioned);
     assert_eq!(
         *fake.hostnames.borrow(),
         ["cam-0042", "cam-0042"],
@@ -228,7 +228,7 @@ fn missing_provisioning_degrades_grows_data_and_keeps_its_files() {
     std::fs::write(data.join("user-file"), "mine").unwrap();
     card(&disk, &[]);
     let o = run(&disk, &data, &Fake::new(None)).unwrap();
-    assert_eq!(o.result, "degraded");
+    assert_eq!(o.result, FirstbootResult::Degraded);
     let reason = o.reason.clone().unwrap();
     assert!(reason.contains("device.toml: missing"), "{reason}");
     assert_eq!(o.identity_source, Some(identity::Source::Generated));
@@ -239,7 +239,7 @@ fn missing_provisioning_degrades_grows_data_and_keeps_its_files() {
     assert_grown(&disk);
     // The identity survives a retry: the recipient the device reported stays valid.
     let again = run(&disk, &data, &Fake::new(None)).unwrap();
-    assert_eq!((again.result.as_str(), &again.recipient), ("degraded", &o.recipient));
+    assert_eq!((again.result, &again.recipient), (FirstbootResult::Degraded, &o.recipient));
 }
 
 #[test]
@@ -259,7 +259,7 @@ fn no_provision_partition_at_all_is_degraded_too() {
         .write_all_at(&[0; 512], prov.start)
         .unwrap();
     let o = run(&disk, &data, &Fake::new(None)).unwrap();
-    assert_eq!(o.result, "degraded");
+    assert_eq!(o.result, FirstbootResult::Degraded);
     assert!(o.reason.unwrap().contains("no provisioning"));
 }
 
@@ -274,7 +274,7 @@ fn invalid_provisioning_names_the_file_and_field_and_applies_nothing() {
     card(&disk, &files);
     let fake = Fake::new(Some(OTP));
     let o = run(&disk, &data, &fake).unwrap();
-    assert_eq!(o.result, "degraded");
+    assert_eq!(o.result, FirstbootResult::Degraded);
     assert!(o.reason.as_deref().unwrap().contains("device.toml: hostname: \"cam_0042\""), "{o:?}");
     assert!(fake.hostnames.borrow().is_empty());
     assert!(!data.join("etc/hostname").exists());
@@ -289,7 +289,7 @@ fn secrets_for_another_device_leave_the_rest_applied_and_report_the_recipient() 
     std::fs::create_dir(&data).unwrap();
     card(&disk, &good_files());
     let o = run(&disk, &data, &Fake::new(None)).unwrap();
-    assert_eq!(o.result, "degraded");
+    assert_eq!(o.result, FirstbootResult::Degraded);
     let reason = o.reason.unwrap();
     let mine = o.recipient.unwrap();
     assert!(
@@ -322,4 +322,20 @@ fn an_ext4_superblock_gives_the_size() {
     sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
     assert_eq!(ext4_size(&sb).unwrap(), 4096 * ((1u64 << 32) + 1000));
     assert!(ext4_size(&[0; 1024]).is_err());
+}
+
+/// The results in `firstboot.json` and `updater status --json` are the documented names
+/// (docs/provisioning.md), and read back as themselves.
+#[test]
+fn results_are_written_as_their_documented_names() {
+    use FirstbootResult::*;
+    for (result, name) in
+        [(Ok, "ok"), (Degraded, "degraded"), (AlreadyProvisioned, "already-provisioned")]
+    {
+        let json = serde_json::to_string(&result).unwrap();
+        assert_eq!(json, format!("\"{name}\""));
+        assert_eq!((result.as_str(), result.to_string()), (name, name.to_string()));
+        assert_eq!(serde_json::from_str::<FirstbootResult>(&json).unwrap(), result);
+    }
+    assert!(serde_json::from_str::<FirstbootResult>("\"fine\"").is_err());
 }

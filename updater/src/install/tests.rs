@@ -3,9 +3,9 @@
 
 use super::*;
 use crate::bundle::testkit::{entry_offset, make_bundle, make_bundle_with, test_image, TestMeta};
-use crate::http::testserver::{Mode, TestServer};
 use crate::sign::tests::test_key;
 use crate::sign::{KeyId, SignError};
+use crate::testserver::{Mode, TestServer};
 use crate::testutil::disk_committed;
 use std::io::Cursor;
 
@@ -349,7 +349,7 @@ fn http_install_survives_dropped_connections_and_servers_that_ignore_range() {
 #[test]
 fn https_install_trusts_a_ca_bundle_and_resumes_over_tls() {
     let f = Fixture::new();
-    let (ca_pem, tls) = crate::http::testserver::test_tls();
+    let (ca_pem, tls) = crate::testutil::test_tls();
     let ca = f.dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
     let before = std::fs::read(&f.disk).unwrap();

@@ -289,6 +289,28 @@ fn bad_authorized_keys() {
     assert!(AuthorizedKeys::parse(with_options.as_bytes()).is_ok());
 }
 
+/// RSA and ECDSA keys are accepted beside Ed25519 ones (ssh-key parses RSA public keys
+/// without its `rsa` feature); the fingerprints are the ones `ssh-keygen -l` printed.
+#[test]
+fn rsa_ecdsa_and_ed25519_keys_with_their_fingerprints() {
+    let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCtI+jOqej1VHvk/r+Xc0Sk7zMSbHG8R2mNxoOiB65lgZ/If3jZbHcIAAzfmfDWbmffTGEu8Y8JYvj3Nq0MVtXNOR55sC3Qwnh9UmgPbNEe+XCt5EGAp1plFRPDsm3mQsE/Q+Y1gK4alQgC2cPY4T5wZaKOURuuiN2VmFSqtw3bLCEodF9J0A6cMf4fLSRbcBWbrsXy2Prr0ogGUnteA+U+V6WudKju00kwVAzifQFvqGMAohowYKXI4hH9mdJ2SbfVTDlg8UzVKfrnJ+poM2zS5F62gG6e4cSztrgVe4BwYRZV8O5aQbRTdD/u1LGd4e47L/6Ydn5SwecCdtzLc8aT ops-rsa@example";
+    let ecdsa = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBMWPaFGuD3wrccZrKBn3gOsohMh9iSXX3/EhHNvmXAw9jR6469dNMh5aMrYjArpV3Q2/5dNnezGql/pPMeBCSFg= ops-ec@example";
+    let text = format!("{rsa}\n{ecdsa}\n{KEY}\n");
+    let keys = AuthorizedKeys::parse(text.as_bytes()).unwrap();
+    assert_eq!(keys.text, text);
+    assert_eq!(
+        keys.fingerprints[..2],
+        [
+            "SHA256:T0YuJX/vETcxESKI0lZHnpaYPiaY+mZrUsU4lpibu8w",
+            "SHA256:KIM/2RXTfWMhuM9QmBWzWXS3LxgBGgJxGGOhwlv+Ovk",
+        ]
+    );
+    // A damaged blob is still refused, RSA or not.
+    let broken = rsa.replace("AAAAB3NzaC1yc2EAAAADAQABAAABAQ", "AAAAB3NzaC1yc2EAAAADAQABAAAB");
+    let e = AuthorizedKeys::parse(broken.as_bytes()).unwrap_err();
+    assert_eq!((e.kind, e.field.as_deref()), (ErrorKind::InvalidValue, Some("line 1")), "{e}");
+}
+
 #[test]
 fn bad_secrets() {
     let e = EncryptedSecrets::parse(b"wifi_shop = \"plain\"\n").unwrap_err();

@@ -5,7 +5,7 @@
 use super::Device;
 use crate::bootinfo::BootInfo;
 use crate::health::{self, Check, Timer, Verdict};
-use crate::history::Entry;
+use crate::history::{Entry, HistoryEvent};
 use crate::layout::Slot;
 use crate::reboot::RebootMode;
 use crate::release::Release;
@@ -144,7 +144,7 @@ impl Device {
         let now = boot.now;
         let (_, repair) = self.ensure_autoboot(s, now())?;
         self.record(
-            &Entry::new(now(), "unexpected-tryboot")
+            &Entry::new(now(), HistoryEvent::UnexpectedTryboot)
                 .slot(slot)
                 .reason("trial boot without a pending trial; rebooting to the committed slot"),
         )?;
@@ -165,13 +165,16 @@ impl Device {
             BootCase::TrialFailed { slot, reason } => {
                 let v = s.slot(*slot).version.clone();
                 self.record(
-                    &Entry::new(now(), "rollback").slot(*slot).version(v.as_ref()).reason(reason),
+                    &Entry::new(now(), HistoryEvent::Rollback)
+                        .slot(*slot)
+                        .version(v.as_ref())
+                        .reason(reason),
                 )?;
                 boot.notes.push(format!("rolled back: {reason}"));
             }
             BootCase::CommitInterrupted { slot } => {
                 self.record(
-                    &Entry::new(now(), "commit-interrupted")
+                    &Entry::new(now(), HistoryEvent::CommitInterrupted)
                         .slot(*slot)
                         .reason("autoboot.txt still named the old slot; the slot stays installed"),
                 )?;
@@ -182,7 +185,7 @@ impl Device {
             BootCase::CommitLanded { slot } => {
                 let v = s.slot(*slot).version.clone();
                 self.record(
-                    &Entry::new(now(), "commit")
+                    &Entry::new(now(), HistoryEvent::Commit)
                         .slot(*slot)
                         .version(v.as_ref())
                         .reason("finished at boot: autoboot.txt already named the slot"),
@@ -191,9 +194,9 @@ impl Device {
             }
             BootCase::NotCommitted { committed, .. } => {
                 let slot = boot.slot;
-                self.record(&Entry::new(now(), "wrong-slot").slot(slot).reason(format!(
-                    "plain boot of slot {slot} while slot {committed} is committed"
-                )))?;
+                self.record(&Entry::new(now(), HistoryEvent::WrongSlot).slot(slot).reason(
+                    format!("plain boot of slot {slot} while slot {committed} is committed"),
+                ))?;
             }
             BootCase::Normal | BootCase::TrialBoot { .. } | BootCase::UnexpectedTryboot { .. } => {}
         }
@@ -252,7 +255,10 @@ impl Device {
             other => other.name().to_string(),
         };
         self.record(
-            &Entry::new(now, "rollback").slot(slot).version(info.version.as_ref()).reason(reason),
+            &Entry::new(now, HistoryEvent::Rollback)
+                .slot(slot)
+                .version(info.version.as_ref())
+                .reason(reason),
         )
     }
 }

@@ -5,7 +5,7 @@
 use super::{Device, OnDisk};
 use crate::autoboot::Autoboot;
 use crate::bootinfo::BootInfo;
-use crate::history::Entry;
+use crate::history::{Entry, HistoryEvent};
 use crate::layout::Slot;
 use crate::state::{policy, Action, Event, State};
 use anyhow::{Context, Result};
@@ -26,7 +26,7 @@ impl Device {
         );
         self.selector.write(&want).context("repairing autoboot.txt")?;
         let s = self.apply(s, &Event::AutobootRepaired)?;
-        self.record(&Entry::new(now, "repair").slot(s.committed).reason(what.clone()))?;
+        self.record(&Entry::new(now, HistoryEvent::Repair).slot(s.committed).reason(what.clone()))?;
         Ok((s, Some(what)))
     }
 
@@ -38,7 +38,9 @@ impl Device {
             .write(&Autoboot::committed(t.slot))
             .with_context(|| format!("committing slot {}", t.slot))?;
         let s = self.apply(s, &Event::Committed { slot: t.slot })?;
-        self.record(&Entry::new(now, "commit").slot(t.slot).version(t.version.as_ref()))?;
+        self.record(
+            &Entry::new(now, HistoryEvent::Commit).slot(t.slot).version(t.version.as_ref()),
+        )?;
         Ok(s)
     }
 
@@ -54,7 +56,7 @@ impl Device {
             .apply(&s, &Event::TrialStarted { slot: target, at: now, booted: booted.copied() })?;
         let v = s.slot(target).version.clone();
         self.record(
-            &Entry::new(now, "trial")
+            &Entry::new(now, HistoryEvent::Trial)
                 .slot(target)
                 .version(v.as_ref())
                 .reason("tryboot reboot requested"),
@@ -73,7 +75,7 @@ impl Device {
         let before_trial = s.trial.clone();
         let s = self.apply(&s, &Event::MarkGood { slot })?;
         let v = s.slot(slot).version.clone();
-        self.record(&Entry::new(now, "mark-good").slot(slot).version(v.as_ref()))?;
+        self.record(&Entry::new(now, HistoryEvent::MarkGood).slot(slot).version(v.as_ref()))?;
         if before_trial.is_some_and(|t| t.slot == slot) {
             if booted.is_some_and(|b| b.slot() == Some(slot) && b.tryboot) {
                 let s = self.commit_trial(&s, now)?;
@@ -95,7 +97,9 @@ impl Device {
         let s = self.open_state(booted.and_then(BootInfo::slot), None, now)?;
         let s = self.apply(&s, &Event::MarkBad { slot, reason: reason.to_string() })?;
         let v = s.slot(slot).version.clone();
-        self.record(&Entry::new(now, "mark-bad").slot(slot).version(v.as_ref()).reason(reason))?;
+        self.record(
+            &Entry::new(now, HistoryEvent::MarkBad).slot(slot).version(v.as_ref()).reason(reason),
+        )?;
         Ok(s)
     }
 
@@ -119,7 +123,9 @@ impl Device {
             booted: booted.copied(),
         };
         let s = self.apply(&s, &event)?;
-        self.record(&Entry::new(now, "install-started").slot(target).version(Some(version)))?;
+        self.record(
+            &Entry::new(now, HistoryEvent::InstallStarted).slot(target).version(Some(version)),
+        )?;
         Ok((s, target))
     }
 
@@ -127,7 +133,7 @@ impl Device {
     pub fn finish_install(&self, slot: Slot, version: &semver::Version, now: u64) -> Result<State> {
         let s = self.open_state(None, None, now)?;
         let s = self.apply(&s, &Event::Installed { slot, version: version.clone() })?;
-        self.record(&Entry::new(now, "install").slot(slot).version(Some(version)))?;
+        self.record(&Entry::new(now, HistoryEvent::Install).slot(slot).version(Some(version)))?;
         Ok(s)
     }
 }

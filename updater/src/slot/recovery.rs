@@ -3,7 +3,7 @@
 
 use super::{Device, OnDisk};
 use crate::disk;
-use crate::history::Entry;
+use crate::history::{Entry, HistoryEvent};
 use crate::layout::Slot;
 use crate::release::Release;
 use crate::state::{self, LoadError, Recovery, State};
@@ -27,7 +27,7 @@ impl Device {
                 let (s, from) = self.rebuild(booted, running)?;
                 state::save(&path, &s)?;
                 self.record(
-                    &Entry::new(now, "init")
+                    &Entry::new(now, HistoryEvent::Init)
                         .slot(s.committed)
                         .version(s.slot(s.committed).version.as_ref())
                         .reason(format!("state created; committed slot from {from}")),
@@ -46,7 +46,9 @@ impl Device {
                 s.recovered = Some(Recovery { at: now, backup, reason: reason.clone() });
                 s.last_error = Some(reason.clone());
                 state::save(&path, &s)?;
-                self.record(&Entry::new(now, "repair").slot(s.committed).reason(reason))?;
+                self.record(
+                    &Entry::new(now, HistoryEvent::Repair).slot(s.committed).reason(reason),
+                )?;
                 Ok(s)
             }
             Err(e) => Err(e.into()),

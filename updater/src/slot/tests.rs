@@ -72,7 +72,7 @@ fn state(dev: &Device) -> State {
 }
 
 fn events(dev: &Device) -> Vec<String> {
-    dev.history().tail(100).unwrap().into_iter().map(|e| e.event).collect()
+    dev.history().tail(100).unwrap().into_iter().map(|e| e.event.to_string()).collect()
 }
 
 /// A device whose boot selection is a plain file (no disk image): the flows only talk to
