@@ -214,7 +214,10 @@ mod tests {
                 Refusal::Incompatible { bundle: "a".into(), device: "b".into() },
                 "bundle is for \"a\", this device is \"b\"",
             ),
-            (Refusal::EpochTooLow { bundle: 1, device: 2 }, "security epoch 1 is below the device's 2"),
+            (
+                Refusal::EpochTooLow { bundle: 1, device: 2 },
+                "security epoch 1 is below the device's 2",
+            ),
             (
                 Refusal::NotNewer { bundle: v("1.0.0"), committed: v("1.1.0") },
                 "version 1.0.0 is not newer than the committed 1.1.0",
@@ -240,7 +243,10 @@ mod tests {
         assert!(same_version(&v("1.2.3"), &v("1.2.3+build.7")));
         assert!(!same_version(&v("1.2.3"), &v("1.2.3-rc.1")));
         assert_eq!(against_committed(&v("1.2.3"), &device(None)), None);
-        assert_eq!(against_committed(&v("1.2.3"), &device(Some("1.2.3-rc.1"))), Some(Ordering::Greater));
+        assert_eq!(
+            against_committed(&v("1.2.3"), &device(Some("1.2.3-rc.1"))),
+            Some(Ordering::Greater)
+        );
         assert_eq!(against_committed(&v("1.2.3+b"), &device(Some("1.2.3"))), Some(Ordering::Equal));
         assert_eq!(against_committed(&v("1.2.3"), &device(Some("1.10.0"))), Some(Ordering::Less));
     }

@@ -29,8 +29,8 @@
 //! Update bomb: a channel offers one OS version, the newest published; a device that was
 //! away while several were published sees only the newest and goes straight to it.
 
-use crate::acceptance::{self, against_committed, same_version};
 pub use crate::acceptance::DeviceFacts;
+use crate::acceptance::{self, against_committed, same_version};
 use crate::channel::{Channel, Segment, Timestamp};
 use semver::Version;
 use serde::{Deserialize, Serialize};

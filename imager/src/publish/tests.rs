@@ -412,8 +412,7 @@ fn devices_follow_the_published_folder_over_http() {
     let ch = fetch_channel(None, now).unwrap();
     assert_eq!(ch.sequence, 2);
     let (o, h) = (Overrides::default(), AttemptHistory::default());
-    let devices: Vec<Device> =
-        (0..1000).map(|i| device(&format!("pi-{i:04}"), "1.0.0")).collect();
+    let devices: Vec<Device> = (0..1000).map(|i| device(&format!("pi-{i:04}"), "1.0.0")).collect();
     let installing: Vec<&Device> =
         devices.iter().filter(|d| decide(&ch, d, &o, &h, now).is_install()).collect();
     assert!((60..=140).contains(&installing.len()), "10% of 1000: {}", installing.len());

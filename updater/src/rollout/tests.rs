@@ -686,7 +686,11 @@ fn check_rules(ch: &Channel, d: &Device, o: &Overrides, h: &AttemptHistory, got:
             }
             InstallReason::Rollout { bucket: b, percent } => {
                 assert!(pin.is_none() && lock.is_none() && !ch.paused, "{}", ctx());
-                assert!(d.facts.committed_version.as_ref().is_none_or(|c| version > c), "{}", ctx());
+                assert!(
+                    d.facts.committed_version.as_ref().is_none_or(|c| version > c),
+                    "{}",
+                    ctx()
+                );
                 assert!(ch.os.rollout.segments.contains(&d.segment), "{}", ctx());
                 assert!(ch.os.rollout.not_before.is_none_or(|t| NOW >= t.0), "{}", ctx());
                 assert_eq!(*b, bucket(&d.device_id, version), "{}", ctx());
