@@ -3,8 +3,8 @@
 use ed25519_dalek::SigningKey;
 use std::io::Cursor;
 use updater::bundle::{
-    read_image_layout, read_signed_manifest, verify_bundle, BundleCursor, ChunkDecoder,
-    Manifest, ReaderFetch, RetryPolicy,
+    read_image_layout, read_signed_manifest, verify_bundle, BundleCursor, ChunkDecoder, Manifest,
+    ReaderFetch, RetryPolicy,
 };
 use updater::sign::Keyring;
 

@@ -1174,14 +1174,17 @@ pub mod testkit {
         tar_of(&bundle_entries(meta, images, key, chunking))
     }
 
-    /// The entries of a test bundle in bundle order, as (name, bytes): for tests that
-    /// reorder, rename, resize or drop entries before framing them with [`tar_of`].
+    /// Tar entries in order, as (name, bytes).
+    pub type Entries = Vec<(String, Vec<u8>)>;
+
+    /// The entries of a test bundle in bundle order: for tests that reorder, rename, resize
+    /// or drop entries before framing them with [`tar_of`].
     pub fn bundle_entries(
         meta: &TestMeta,
         images: &[(SlotClass, &[u8])],
         key: Option<&SigningKey>,
         chunking: ChunkParams,
-    ) -> Vec<(String, Vec<u8>)> {
+    ) -> Entries {
         let mut parts = Vec::new();
         let mut entries = Vec::new();
         let mut comp = zstd::bulk::Compressor::new(3).expect("zstd");
@@ -1537,7 +1540,7 @@ mod tests {
             )
         };
         verify(&good).unwrap();
-        let edit = |change: &dyn Fn(&mut Vec<(String, Vec<u8>)>)| {
+        let edit = |change: &dyn Fn(&mut Entries)| {
             let mut e = entries.clone();
             change(&mut e);
             tar_of(&e)
@@ -1621,7 +1624,7 @@ mod tests {
             (
                 "an unreadable size",
                 reheader("root.index", &|h| {
-                    h.as_mut_bytes()[124..136].copy_from_slice(b"0000000z000\0")
+                    h.as_mut_bytes()[124..136].copy_from_slice(b"0000000z000\0");
                 }),
                 Box::new(layout("unreadable entry size")),
             ),

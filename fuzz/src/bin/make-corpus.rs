@@ -14,11 +14,17 @@ fn main() -> std::io::Result<()> {
     let root = test_image(90_000, 2);
     let zeros = vec![0u8; CHUNKING.max as usize];
     let seeds: [(&str, Vec<u8>); 4] = [
-        ("boot-root.mfb", make_bundle(&meta, &[(SlotClass::Boot, &boot), (SlotClass::Root, &root)], Some(&key))),
+        (
+            "boot-root.mfb",
+            make_bundle(&meta, &[(SlotClass::Boot, &boot), (SlotClass::Root, &root)], Some(&key)),
+        ),
         ("root-only.mfb", make_bundle(&meta, &[(SlotClass::Root, &boot)], Some(&key))),
         ("unsigned.mfb", make_bundle(&meta, &[(SlotClass::Root, &boot)], None)),
         // One 4 MiB chunk of zeros: the reader's zero-chunk path.
-        ("zero-chunk.mfb", make_bundle_with(&meta, &[(SlotClass::Root, &zeros)], Some(&key), CHUNKING)),
+        (
+            "zero-chunk.mfb",
+            make_bundle_with(&meta, &[(SlotClass::Root, &zeros)], Some(&key), CHUNKING),
+        ),
     ];
     for (name, bytes) in seeds {
         std::fs::write(dir.join(name), &bytes)?;
