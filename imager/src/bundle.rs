@@ -133,43 +133,8 @@ pub fn write_bundle(
 
     let tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    let mtime = meta.created;
-    {
-        let mut w = BufWriter::new(tmp.as_file());
-        format::write_tar_entry(
-            &mut w,
-            MANIFEST_NAME,
-            manifest_bytes.len() as u64,
-            mtime,
-            &mut &manifest_bytes[..],
-        )?;
-        let sig_bytes = sig.to_bytes();
-        format::write_tar_entry(
-            &mut w,
-            SIGNATURE_NAME,
-            sig_bytes.len() as u64,
-            mtime,
-            &mut &sig_bytes[..],
-        )?;
-        for (class, index_bytes, index, payload) in &mut encoded {
-            format::write_tar_entry(
-                &mut w,
-                &class.index_name(),
-                index_bytes.len() as u64,
-                mtime,
-                &mut &index_bytes[..],
-            )?;
-            format::write_tar_entry(
-                &mut w,
-                &class.payload_name(),
-                index.payload_len(),
-                mtime,
-                payload,
-            )?;
-        }
-        format::write_tar_end(&mut w)?;
-        w.flush().with_context(|| format!("writing {}", out.display()))?;
-    }
+    write_archive(tmp.as_file(), meta.created, &manifest_bytes, &sig.to_bytes(), &mut encoded)
+        .with_context(|| format!("writing {}", out.display()))?;
     tmp.as_file().sync_all().with_context(|| format!("syncing {}", out.display()))?;
     let size = tmp.as_file().metadata()?.len();
     tmp.persist(out).with_context(|| format!("renaming the bundle to {}", out.display()))?;
@@ -180,6 +145,28 @@ pub fn write_bundle(
         size,
         chunks: encoded.iter().map(|e| e.2.chunks.len()).collect(),
     })
+}
+
+/// One image ready to frame: its class, encoded index, index and spooled payload.
+type EncodedImage = (SlotClass, Vec<u8>, ChunkIndex, File);
+
+/// The tar stream of a bundle (docs/bundle.md): manifest, signature, then per image its
+/// index and payload.
+fn write_archive(
+    file: &File,
+    mtime: u64,
+    manifest: &[u8],
+    signature: &[u8],
+    images: &mut [EncodedImage],
+) -> std::io::Result<()> {
+    let mut tar = format::TarWriter::new(BufWriter::new(file), mtime);
+    tar.entry(MANIFEST_NAME, manifest.len() as u64, manifest)?;
+    tar.entry(SIGNATURE_NAME, signature.len() as u64, signature)?;
+    for (class, index_bytes, index, payload) in images {
+        tar.entry(&class.index_name(), index_bytes.len() as u64, &index_bytes[..])?;
+        tar.entry(&class.payload_name(), index.payload_len(), payload)?;
+    }
+    tar.finish()?.flush()
 }
 
 type Encoded = std::io::Result<(ChunkEntry, Vec<u8>)>;

@@ -13,7 +13,7 @@
 //! Readers fetch by absolute bundle offset through [`Fetch`] so that a dropped connection or a
 //! reboot resumes at the next needed chunk.
 //!
-//! [`check_manifest`] is the pure policy check (compatible, version, security epoch).
+//! Whether a verified manifest may go onto a device is [`crate::acceptance`]'s question.
 
 use crate::layout::{PartitionRole, Slot};
 use crate::sign::{KeyId, Keyring, SignError, SignatureFile, MAX_SIGNATURE_FILE};
@@ -389,57 +389,80 @@ pub fn padded(size: u64) -> u64 {
     size.div_ceil(BLOCK) * BLOCK
 }
 
-/// A ustar header for a regular file (mode 0644, owner root, `mtime`), as the writer emits it.
-pub fn tar_header(name: &str, size: u64, mtime: u64) -> io::Result<[u8; 512]> {
+/// The largest number an 11-digit octal header field holds.
+const MAX_OCTAL: u64 = 0o77777777777;
+
+/// The header of one bundle entry as the writer emits it: ustar, a regular file, mode 0644,
+/// owner root, `mtime`; sizes of 8 GiB and more in GNU base-256 (the `tar` crate's rule).
+/// Names are single path components of at most 99 bytes.
+pub fn tar_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::Header> {
     if name.len() > 99 || name.contains('/') || name.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("bad entry name {name:?}"),
         ));
     }
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    if size < 0o77777777777 {
-        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    } else {
-        // GNU base-256 for sizes of 8 GiB and more.
-        h[124] = 0x80;
-        h[128..136].copy_from_slice(&size.to_be_bytes());
-    }
-    h[136..148].copy_from_slice(format!("{:011o}\0", mtime.min(0o77777777777)).as_bytes());
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[265..269].copy_from_slice(b"root");
-    h[297..301].copy_from_slice(b"root");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)?;
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(size);
+    h.set_mtime(mtime.min(MAX_OCTAL));
+    h.set_username("root")?;
+    h.set_groupname("root")?;
+    h.set_cksum();
+    // Bundles have always carried GNU tar's rendering of the checksum (six digits, NUL,
+    // space); the crate writes seven digits and a NUL. Same value, same bytes as before.
+    let sum = h.cksum()?;
+    h.as_old_mut().cksum.copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     Ok(h)
 }
 
-/// Writes one tar entry: header, `size` bytes from `data`, zero padding.
-pub fn write_tar_entry(
-    out: &mut impl Write,
-    name: &str,
-    size: u64,
+/// Writes a bundle's tar stream: the entries in the order they are added, each padded to
+/// whole blocks with zeros, then the end-of-archive marker (two zero blocks).
+pub struct TarWriter<W: Write> {
+    tar: tar::Builder<W>,
     mtime: u64,
-    data: &mut impl Read,
-) -> io::Result<()> {
-    out.write_all(&tar_header(name, size, mtime)?)?;
-    let copied = io::copy(&mut data.take(size), out)?;
-    if copied != size {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{name}: short data")));
-    }
-    out.write_all(&vec![0u8; (padded(size) - size) as usize])
 }
 
-/// Writes the end-of-archive marker (two zero blocks).
-pub fn write_tar_end(out: &mut impl Write) -> io::Result<()> {
-    out.write_all(&[0u8; 1024])
+impl<W: Write> TarWriter<W> {
+    /// Entries get `mtime` (the manifest's `created`).
+    pub fn new(out: W, mtime: u64) -> TarWriter<W> {
+        TarWriter { tar: tar::Builder::new(out), mtime }
+    }
+
+    /// Appends one entry: its header, exactly `size` bytes of `data` (fewer is an error),
+    /// zero padding.
+    pub fn entry(&mut self, name: &str, size: u64, data: impl Read) -> io::Result<()> {
+        let header = tar_header(name, size, self.mtime)?;
+        self.tar.append(&header, ExactReader { inner: data.take(size), left: size, name })
+    }
+
+    /// Writes the end-of-archive marker and hands back the output.
+    pub fn finish(self) -> io::Result<W> {
+        self.tar.into_inner()
+    }
+}
+
+/// A reader of exactly `left` more bytes: ending early is an error, not a short entry.
+struct ExactReader<'a, R> {
+    inner: R,
+    left: u64,
+    name: &'a str,
+}
+
+impl<R: Read> Read for ExactReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            let what = format!("{}: short data", self.name);
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, what));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// A tar entry header as read from a bundle.
@@ -458,53 +481,30 @@ impl TarEntry {
     }
 }
 
-fn parse_octal(field: &[u8]) -> Option<u64> {
-    if field.first().is_some_and(|b| b & 0x80 != 0) {
-        // GNU base-256: big-endian in the remaining bytes.
-        let mut v: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
-        }
-        return Some(v);
-    }
-    let s = std::str::from_utf8(field).ok()?;
-    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
-    if s.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(s, 8).ok()
-}
-
-fn c_string(field: &[u8]) -> Option<&str> {
-    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-    std::str::from_utf8(&field[..end]).ok()
-}
-
-/// Parses a tar header block at bundle offset `offset`. `Ok(None)` is the end-of-archive
-/// (zero) block. Only regular files are accepted.
+/// Parses a tar header block at bundle offset `offset` with the `tar` crate. `Ok(None)` is
+/// the end-of-archive (zero) block. Only regular files are accepted: links, devices,
+/// directories and the pax and GNU extension entries are refused.
 pub fn parse_tar_header(block: &[u8; 512], offset: u64) -> Result<Option<TarEntry>, String> {
     if block.iter().all(|&b| b == 0) {
         return Ok(None);
     }
-    let stored = parse_octal(&block[148..156]).ok_or("unreadable header checksum")?;
-    let sum: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
-        .sum();
-    if stored != sum {
+    let h = tar::Header::from_byte_slice(block);
+    let stored = h.cksum().map_err(|_| "unreadable header checksum")?;
+    let mut computed = h.clone();
+    computed.set_cksum();
+    if computed.cksum().ok() != Some(stored) {
         return Err("header checksum mismatch".into());
     }
-    if &block[257..262] != b"ustar" {
+    if h.as_ustar().is_none() && h.as_gnu().is_none() {
         return Err("not a ustar header".into());
     }
-    if !matches!(block[156], b'0' | 0) {
-        return Err(format!("entry type {:?} is not a regular file", block[156] as char));
+    if !h.entry_type().is_file() {
+        let t = h.entry_type().as_byte();
+        return Err(format!("entry type {:?} is not a regular file", t as char));
     }
-    let name = c_string(&block[..100]).ok_or("entry name is not UTF-8")?;
-    let prefix = c_string(&block[345..500]).ok_or("entry name is not UTF-8")?;
-    let name = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
-    let size = parse_octal(&block[124..136]).ok_or("unreadable entry size")?;
+    let name = String::from_utf8(h.path_bytes().into_owned())
+        .map_err(|_| "entry name is not UTF-8".to_string())?;
+    let size = h.entry_size().map_err(|_| "unreadable entry size")?;
     Ok(Some(TarEntry { name, size, data_offset: offset + BLOCK }))
 }
 
@@ -1121,68 +1121,6 @@ pub fn verify_bundle(fetch: &mut dyn Fetch, keyring: &Keyring) -> Result<BundleC
     Ok(BundleCheck { manifest: vm, chunks, bundle_len: offset + 1024 })
 }
 
-/// What the device is and has, for [`check_manifest`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceFacts {
-    /// The device's `compatible` (from its committed slot's release file).
-    pub compatible: String,
-    /// Version of the committed slot, if known (`None`: any version is newer).
-    pub committed_version: Option<semver::Version>,
-    /// The device's recorded security epoch.
-    pub security_epoch: u64,
-    /// A version pinned by a signed channel (or an operator). When set, only that version is
-    /// accepted, and it is accepted even when it is not newer (the epoch still applies).
-    pub pinned_version: Option<semver::Version>,
-}
-
-/// Why a verified bundle is refused on this device. Nothing was written.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum Refusal {
-    #[error("bundle is for {bundle:?}, this device is {device:?}")]
-    Incompatible { bundle: String, device: String },
-    #[error("security epoch {bundle} is below the device's {device}")]
-    EpochTooLow { bundle: u64, device: u64 },
-    #[error("version {bundle} is not newer than the committed {committed}")]
-    NotNewer { bundle: semver::Version, committed: semver::Version },
-    #[error("version {bundle} is not the pinned {pinned}")]
-    NotPinned { bundle: semver::Version, pinned: semver::Version },
-    /// A refusal decided by a caller's own policy (e.g. "this version failed before").
-    #[error("{0}")]
-    Policy(String),
-}
-
-/// The pure anti-rollback and compatibility check of DESIGN.md section 4, in this order:
-/// compatible, security epoch, pin, version newer (semver precedence, build metadata ignored).
-pub fn check_manifest(m: &Manifest, device: &DeviceFacts) -> Result<(), Refusal> {
-    if m.compatible != device.compatible {
-        return Err(Refusal::Incompatible {
-            bundle: m.compatible.clone(),
-            device: device.compatible.clone(),
-        });
-    }
-    if m.security_epoch < device.security_epoch {
-        return Err(Refusal::EpochTooLow {
-            bundle: m.security_epoch,
-            device: device.security_epoch,
-        });
-    }
-    if let Some(pinned) = &device.pinned_version {
-        if m.version.cmp_precedence(pinned) != std::cmp::Ordering::Equal {
-            return Err(Refusal::NotPinned { bundle: m.version.clone(), pinned: pinned.clone() });
-        }
-        return Ok(());
-    }
-    if let Some(committed) = &device.committed_version {
-        if m.version.cmp_precedence(committed) != std::cmp::Ordering::Greater {
-            return Err(Refusal::NotNewer {
-                bundle: m.version.clone(),
-                committed: committed.clone(),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Opens a bundle file for reading by offset.
 pub fn file_fetch(path: &Path) -> FileFetch {
     FileFetch { path: path.to_path_buf() }
@@ -1233,6 +1171,20 @@ pub mod testkit {
         key: Option<&SigningKey>,
         chunking: ChunkParams,
     ) -> Vec<u8> {
+        tar_of(&bundle_entries(meta, images, key, chunking))
+    }
+
+    /// Tar entries in order, as (name, bytes).
+    pub type Entries = Vec<(String, Vec<u8>)>;
+
+    /// The entries of a test bundle in bundle order: for tests that reorder, rename, resize
+    /// or drop entries before framing them with [`tar_of`].
+    pub fn bundle_entries(
+        meta: &TestMeta,
+        images: &[(SlotClass, &[u8])],
+        key: Option<&SigningKey>,
+        chunking: ChunkParams,
+    ) -> Entries {
         let mut parts = Vec::new();
         let mut entries = Vec::new();
         let mut comp = zstd::bulk::Compressor::new(3).expect("zstd");
@@ -1267,20 +1219,21 @@ pub mod testkit {
             images: entries,
         };
         let mbytes = manifest.to_toml().into_bytes();
-        let mut out = Vec::new();
-        let mut put = |name: &str, data: &[u8]| {
-            write_tar_entry(&mut out, name, data.len() as u64, 1_700_000_000, &mut &data[..])
-                .expect("in-memory tar");
-        };
-        put(MANIFEST_NAME, &mbytes);
+        let mut out = vec![(MANIFEST_NAME.to_string(), mbytes.clone())];
         if let Some(key) = key {
-            put(SIGNATURE_NAME, &SignatureFile::sign(key, &mbytes).to_bytes());
+            out.push((SIGNATURE_NAME.to_string(), SignatureFile::sign(key, &mbytes).to_bytes()));
         }
-        for (name, data) in &parts {
-            put(name, data);
-        }
-        write_tar_end(&mut out).expect("in-memory tar");
+        out.extend(parts);
         out
+    }
+
+    /// Frames entries as the writer does (mtime 1700000000).
+    pub fn tar_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut tar = TarWriter::new(Vec::new(), 1_700_000_000);
+        for (name, data) in entries {
+            tar.entry(name, data.len() as u64, &data[..]).expect("in-memory tar");
+        }
+        tar.finish().expect("in-memory tar")
     }
 
     /// Deterministic, compressible test data of `len` bytes that still yields many chunks.
@@ -1322,6 +1275,7 @@ mod tests {
     use super::testkit::*;
     use super::*;
     use crate::sign::tests::test_key;
+    use crate::sign::MAX_SIGNATURE_FILE;
 
     fn manifest() -> Manifest {
         let sha = "ab".repeat(32);
@@ -1512,76 +1466,201 @@ mod tests {
     fn tar_headers_round_trip_including_large_sizes() {
         for size in [0u64, 1, 511, 512, 8 << 30, 100 << 30] {
             let h = tar_header("root.payload", size, 1_700_000_000).unwrap();
-            let e = parse_tar_header(&h, 1024).unwrap().unwrap();
+            let e = parse_tar_header(h.as_bytes(), 1024).unwrap().unwrap();
             assert_eq!((e.name.as_str(), e.size, e.data_offset), ("root.payload", size, 1536));
         }
         assert!(tar_header("a/b", 0, 0).is_err());
         let mut h = tar_header("x", 5, 0).unwrap();
-        h[0] = b'y';
-        assert!(parse_tar_header(&h, 0).unwrap_err().contains("checksum"));
+        h.as_mut_bytes()[0] = b'y';
+        assert!(parse_tar_header(h.as_bytes(), 0).unwrap_err().contains("checksum"));
         assert_eq!(parse_tar_header(&[0; 512], 0).unwrap(), None);
     }
 
+    /// The header layout bundles have always had, spelled out field by field (POSIX ustar):
+    /// the writer must keep producing these bytes (docs/bundle.md, "Layout").
     #[test]
-    fn check_manifest_covers_every_rule() {
-        let v = |s: &str| semver::Version::parse(s).unwrap();
-        let facts =
-            |compat: &str, committed: Option<&str>, epoch: u64, pin: Option<&str>| DeviceFacts {
-                compatible: compat.into(),
-                committed_version: committed.map(v),
-                security_epoch: epoch,
-                pinned_version: pin.map(v),
-            };
-        let m = manifest(); // metrica-test 1.2.3 epoch 2
-        let cases: Vec<(DeviceFacts, Result<(), Refusal>)> = vec![
-            (facts("metrica-test", Some("1.2.2"), 2, None), Ok(())),
-            (facts("metrica-test", None, 0, None), Ok(())),
-            (facts("metrica-test", Some("1.2.3-rc.1"), 1, None), Ok(())),
+    fn tar_headers_are_the_documented_bytes() {
+        let mut want = [0u8; 512];
+        let mut put = |at: usize, bytes: &[u8]| want[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, b"manifest.toml");
+        put(100, b"0000644\0");
+        put(108, b"0000000\0");
+        put(116, b"0000000\0");
+        put(124, b"00000001750\0"); // 1000 bytes
+        put(136, b"14524770400\0"); // 1700000000
+        put(156, b"0");
+        put(257, b"ustar\x0000");
+        put(265, b"root");
+        put(297, b"root");
+        put(148, b"        ");
+        let sum: u32 = want.iter().map(|&b| u32::from(b)).sum();
+        want[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let got = tar_header(MANIFEST_NAME, 1000, 1_700_000_000).unwrap();
+        assert_eq!(got.as_bytes()[..], want[..]);
+        // 8 GiB and more: GNU base-256, the high bit set and the size big-endian at the end.
+        let big = tar_header("root.payload", 9 << 30, 0).unwrap();
+        assert_eq!(big.as_bytes()[124..136], [0x80, 0, 0, 0, 0, 0, 0, 2, 0x40, 0, 0, 0]);
+        // mtime past the octal field's range is clamped, as before.
+        let late = tar_header("x", 0, u64::MAX).unwrap();
+        assert_eq!(&late.as_bytes()[136..148], b"77777777777\0");
+    }
+
+    #[test]
+    fn the_writer_refuses_short_data_and_bad_names() {
+        let mut tar = TarWriter::new(Vec::new(), 0);
+        let err = tar.entry("root.index", 10, &b"12345"[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        for name in ["", "a/b", &"n".repeat(100)] {
+            assert!(TarWriter::new(Vec::new(), 0).entry(name, 0, io::empty()).is_err(), "{name}");
+        }
+        // Longer data is cut at `size`: the entry is exactly what the header says.
+        let mut tar = TarWriter::new(Vec::new(), 0);
+        tar.entry("x", 3, &b"abcdef"[..]).unwrap();
+        let out = tar.finish().unwrap();
+        assert_eq!(out.len(), 512 + 512 + 1024);
+        assert_eq!(&out[512..516], b"abc\0");
+    }
+
+    /// Each framing rule, from a good bundle with one thing changed: the error kind (and its
+    /// words) a device reports. Header edits keep the header checksum right, so that the rule
+    /// itself, not the checksum, refuses them.
+    #[test]
+    fn the_framing_refuses_entries_out_of_place_of_the_wrong_kind_or_size() {
+        let key = test_key(1);
+        let ring = Keyring::from_keys([key.verifying_key()]);
+        let boot = test_image(70_000, 21);
+        let root = test_image(200_000, 22);
+        let images: &[(SlotClass, &[u8])] = &[(SlotClass::Boot, &boot), (SlotClass::Root, &root)];
+        let entries = bundle_entries(&TestMeta::default(), images, Some(&key), TEST_CHUNKING);
+        let good = tar_of(&entries);
+        let verify = |bytes: &[u8]| {
+            verify_bundle(
+                &mut ReaderFetch::new(Box::new(io::Cursor::new(bytes.to_vec())), "t"),
+                &ring,
+            )
+        };
+        verify(&good).unwrap();
+        let edit = |change: &dyn Fn(&mut Entries)| {
+            let mut e = entries.clone();
+            change(&mut e);
+            tar_of(&e)
+        };
+        let reheader = |name: &str, change: &dyn Fn(&mut tar::Header)| {
+            let mut b = good.clone();
+            let at = entry_offset(&b, name).unwrap().0 as usize - 512;
+            let mut h = tar::Header::from_byte_slice(&b[at..at + 512]).clone();
+            change(&mut h);
+            h.set_cksum();
+            b[at..at + 512].copy_from_slice(h.as_bytes());
+            b
+        };
+        let typed = |name: &str, t: tar::EntryType| reheader(name, &|h| h.set_entry_type(t));
+        let layout = |words: &'static str| move |e: &BundleError| matches!(e, BundleError::Layout(m) if m.contains(words));
+        type Check = Box<dyn Fn(&BundleError) -> bool>;
+        let mut cases: Vec<(&str, Vec<u8>, Check)> = vec![
+            ("payload before its index", edit(&|e| e.swap(2, 3)), Box::new(layout("found"))),
             (
-                facts("other", Some("1.0.0"), 0, None),
-                Err(Refusal::Incompatible {
-                    bundle: "metrica-test".into(),
-                    device: "other".into(),
+                "images in another order than the manifest's",
+                edit(&|e| e[2..].rotate_left(2)),
+                Box::new(layout("found \"root.index\" where boot.index should be")),
+            ),
+            (
+                "an unknown entry between the images",
+                edit(&|e| e.insert(4, ("notes.txt".into(), b"hi".to_vec()))),
+                Box::new(layout("found \"notes.txt\" where root.index should be")),
+            ),
+            (
+                "an unknown entry first",
+                edit(&|e| e.insert(0, ("notes.txt".into(), b"hi".to_vec()))),
+                Box::new(|e| matches!(e, BundleError::NotABundle(m) if m.contains("first entry"))),
+            ),
+            (
+                "the signature after an image",
+                edit(&|e| e[1..4].rotate_left(1)),
+                Box::new(|e| matches!(e, BundleError::Unsigned)),
+            ),
+            (
+                "an image missing",
+                edit(&|e| e.truncate(4)),
+                Box::new(layout("archive ends where root.index should be")),
+            ),
+            ("a payload one byte short", edit(&|e| _ = e[3].1.pop()), Box::new(layout("adds up"))),
+            ("a payload one byte long", edit(&|e| e[5].1.push(0)), Box::new(layout("adds up"))),
+            (
+                "an index larger than its image can need",
+                edit(&|e| e[2].1.resize(ChunkIndex::max_encoded_len(70_000) as usize + 1, 0)),
+                Box::new(layout("at most")),
+            ),
+            (
+                "a manifest over 64 KiB",
+                edit(&|e| e[0].1.resize(MAX_MANIFEST as usize + 1, b'\n')),
+                Box::new(|e| matches!(e, BundleError::Manifest(m) if m.contains("too large"))),
+            ),
+            (
+                "a signature file over 4 KiB",
+                edit(&|e| e[1].1.resize(MAX_SIGNATURE_FILE as usize + 1, b'\n')),
+                Box::new(|e| matches!(e, BundleError::Signature(SignError::MalformedSignature(_)))),
+            ),
+            (
+                "a manifest that is a symlink",
+                typed(MANIFEST_NAME, tar::EntryType::Symlink),
+                Box::new(|e| matches!(e, BundleError::NotABundle(m) if m.contains("regular"))),
+            ),
+            (
+                "not ustar",
+                reheader("root.index", &|h| h.as_mut_bytes()[257..263].copy_from_slice(b"ustaX\0")),
+                Box::new(layout("not a ustar header")),
+            ),
+            (
+                "a name that is not UTF-8",
+                reheader("root.index", &|h| h.as_mut_bytes()[0] = 0xff),
+                Box::new(layout("not UTF-8")),
+            ),
+            (
+                "a name under a prefix",
+                reheader("root.index", &|h| h.as_mut_bytes()[345..348].copy_from_slice(b"dir")),
+                Box::new(layout("found \"dir/root.index\"")),
+            ),
+            (
+                "an unreadable size",
+                reheader("root.index", &|h| {
+                    h.as_mut_bytes()[124..136].copy_from_slice(b"0000000z000\0");
                 }),
+                Box::new(layout("unreadable entry size")),
             ),
             (
-                facts("metrica-test", Some("1.2.3"), 2, None),
-                Err(Refusal::NotNewer { bundle: v("1.2.3"), committed: v("1.2.3") }),
-            ),
-            (
-                facts("metrica-test", Some("1.2.3+build.7"), 2, None),
-                Err(Refusal::NotNewer { bundle: v("1.2.3"), committed: v("1.2.3+build.7") }),
-            ),
-            (
-                facts("metrica-test", Some("2.0.0"), 2, None),
-                Err(Refusal::NotNewer { bundle: v("1.2.3"), committed: v("2.0.0") }),
-            ),
-            (
-                facts("metrica-test", Some("1.0.0"), 3, None),
-                Err(Refusal::EpochTooLow { bundle: 2, device: 3 }),
-            ),
-            // A pin allows an older version, but not a lower epoch, and only the pinned one.
-            (facts("metrica-test", Some("2.0.0"), 2, Some("1.2.3")), Ok(())),
-            (
-                facts("metrica-test", Some("2.0.0"), 3, Some("1.2.3")),
-                Err(Refusal::EpochTooLow { bundle: 2, device: 3 }),
-            ),
-            (
-                facts("metrica-test", Some("1.0.0"), 2, Some("1.2.4")),
-                Err(Refusal::NotPinned { bundle: v("1.2.3"), pinned: v("1.2.4") }),
-            ),
-            // Compatibility is checked first.
-            (
-                facts("other", Some("9.0.0"), 9, Some("0.1.0")),
-                Err(Refusal::Incompatible {
-                    bundle: "metrica-test".into(),
-                    device: "other".into(),
-                }),
+                "a wrong header checksum",
+                {
+                    let mut b = good.clone();
+                    let at = entry_offset(&b, "root.index").unwrap().0 as usize - 512;
+                    b[at + 100] ^= 1; // the mode, not covered by anything but the checksum
+                    b
+                },
+                Box::new(layout("checksum mismatch")),
             ),
         ];
-        for (device, want) in cases {
-            assert_eq!(check_manifest(&m, &device), want, "{device:?}");
+        use tar::EntryType as T;
+        for t in [T::Link, T::Symlink, T::Char, T::Block, T::Directory, T::Fifo, T::Continuous] {
+            cases.push(("a link or device", typed("boot.index", t), Box::new(layout("regular"))));
         }
+        for t in [T::XHeader, T::XGlobalHeader, T::GNULongName, T::GNUSparse] {
+            cases.push((
+                "an extension entry",
+                typed("root.payload", t),
+                Box::new(layout("regular")),
+            ));
+        }
+        for (what, bytes, check) in cases {
+            let err = verify(&bytes).unwrap_err();
+            assert!(check(&err), "{what}: {err}");
+        }
+        // What the framing has always let through: the GNU magic, and the old-style type 0.
+        let gnu = reheader("root.index", &|h| {
+            h.as_mut_bytes()[257..265].copy_from_slice(b"ustar  \0");
+            h.as_mut_bytes()[265..].fill(0);
+        });
+        verify(&gnu).unwrap();
+        verify(&typed("boot.payload", tar::EntryType::new(0))).unwrap();
     }
 
     #[test]

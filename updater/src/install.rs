@@ -34,7 +34,7 @@
 //! writes), `install.image-verified`, `install.before-cmdline`, `install.after-cmdline`,
 //! `install.before-clear-progress`, `install.done`.
 
-pub use crate::bundle::{check_manifest, DeviceFacts, Refusal};
+pub use crate::acceptance::{check_manifest, DeviceFacts, Refusal};
 use crate::bundle::{
     decode_chunk, is_zero_chunk, read_image_layout, read_verified_manifest, BundleCursor,
     BundleError, ChunkEntry, Fetch, FetchError, FileFetch, ImageLayout, Manifest, ReaderFetch,

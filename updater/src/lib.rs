@@ -2,6 +2,7 @@
 //!
 //! Modules are named after the concepts of docs/design.md.
 
+pub mod acceptance;
 pub mod autoboot;
 pub mod bootinfo;
 pub mod bundle;

@@ -29,6 +29,8 @@
 //! Update bomb: a channel offers one OS version, the newest published; a device that was
 //! away while several were published sees only the newest and goes straight to it.
 
+pub use crate::acceptance::DeviceFacts;
+use crate::acceptance::{self, against_committed, same_version};
 use crate::channel::{Channel, Segment, Timestamp};
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -210,17 +212,14 @@ impl MaintenanceWindow {
     }
 }
 
-/// What the device is and runs.
+/// The device the rollout decides for: who it is, and what it is and runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceFacts {
+pub struct Device {
     pub device_id: String,
     pub segment: Segment,
-    /// The device's `compatible` (its release file).
-    pub compatible: String,
-    /// Version of the committed slot (`None`: unknown, any offer is newer).
-    pub committed_version: Option<Version>,
-    /// The device's recorded security epoch.
-    pub security_epoch: u64,
+    /// `compatible`, committed version (`None`: unknown, any offer is newer) and security
+    /// epoch; the rollout takes its pin from the channel (`pinned_version` stays `None`).
+    pub facts: DeviceFacts,
 }
 
 /// Per-device overrides from the device's provisioning. The same fields of the channel's
@@ -509,10 +508,21 @@ struct Offer<'a> {
     pin_reason: Option<&'a str>,
 }
 
+impl Offer<'_> {
+    /// What the acceptance rules read of the offer.
+    fn terms(&self) -> acceptance::Offer<'_> {
+        acceptance::Offer {
+            compatible: self.compatible,
+            version: self.version,
+            security_epoch: self.security_epoch,
+        }
+    }
+}
+
 /// The rollout decision (rules in the module documentation). Pure: same inputs, same output.
 pub fn decide(
     channel: &Channel,
-    device: &DeviceFacts,
+    device: &Device,
     overrides: &Overrides,
     history: &AttemptHistory,
     now: u64,
@@ -562,10 +572,11 @@ pub fn decide(
     };
 
     // 4. Hardware.
-    if offer.compatible != device.compatible {
+    let facts = &device.facts;
+    if !acceptance::is_compatible(&offer.terms(), facts) {
         return stay(StayReason::Incompatible {
             offered: offer.compatible.to_string(),
-            device: device.compatible.clone(),
+            device: facts.compatible.clone(),
         });
     }
 
@@ -575,7 +586,7 @@ pub fn decide(
         .or_else(|| overrides.version_lock.clone().map(|v| (v, OverrideSource::Provisioning)));
     let mut lock_source = None;
     if let Some((locked, source)) = lock {
-        let runs_it = device.committed_version.as_ref().is_some_and(|c| same_version(c, &locked));
+        let runs_it = facts.committed_version.as_ref().is_some_and(|c| same_version(c, &locked));
         if runs_it || !same_version(offer.version, &locked) {
             return stay(StayReason::VersionLocked { version: locked, source });
         }
@@ -584,8 +595,10 @@ pub fn decide(
 
     // 6. Already there; 7. direction.
     let may_go_down = offer.pin_reason.is_some() || lock_source.is_some();
-    if let Some(committed) = &device.committed_version {
-        match offer.version.cmp_precedence(committed) {
+    if let (Some(order), Some(committed)) =
+        (against_committed(offer.version, facts), &facts.committed_version)
+    {
+        match order {
             std::cmp::Ordering::Equal => {
                 return stay(if offer.pin_reason.is_some() {
                     StayReason::Pinned { version: offer.version.clone() }
@@ -604,10 +617,10 @@ pub fn decide(
     }
 
     // 8. Security epoch.
-    if offer.security_epoch < device.security_epoch {
+    if !acceptance::epoch_allowed(&offer.terms(), facts) {
         return stay(StayReason::EpochTooLow {
             offered: offer.security_epoch,
-            device: device.security_epoch,
+            device: facts.security_epoch,
         });
     }
 
@@ -669,11 +682,6 @@ pub fn decide(
         security_epoch: offer.security_epoch,
         reason,
     }
-}
-
-/// Semver precedence equality (build metadata ignored), as bundles compare versions.
-fn same_version(a: &Version, b: &Version) -> bool {
-    a.cmp_precedence(b) == std::cmp::Ordering::Equal
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@ use super::*;
 use updater::bundle::testkit::{make_bundle, test_image, TestMeta};
 use updater::bundle::{Fetch, SlotClass};
 use updater::channel::{verify, ChannelError, Expect};
-use updater::rollout::{decide, AttemptHistory, Decision, DeviceFacts, InstallReason, Overrides};
+use updater::rollout::{
+    decide, AttemptHistory, Decision, Device, DeviceFacts, InstallReason, Overrides,
+};
 use updater::testserver::TestServer;
 
 /// 2026-11-24T08:00:00Z
@@ -82,13 +84,16 @@ impl Setup {
     }
 }
 
-fn device(id: &str, version: &str) -> DeviceFacts {
-    DeviceFacts {
+fn device(id: &str, version: &str) -> Device {
+    Device {
         device_id: id.into(),
         segment: updater::channel::Segment::General,
-        compatible: "metrica-test".into(),
-        committed_version: Some(version.parse().unwrap()),
-        security_epoch: 1,
+        facts: DeviceFacts {
+            compatible: "metrica-test".into(),
+            committed_version: Some(version.parse().unwrap()),
+            security_epoch: 1,
+            pinned_version: None,
+        },
     }
 }
 
@@ -327,9 +332,8 @@ fn devices_follow_the_published_folder_over_http() {
     let ch = fetch_channel(None, now).unwrap();
     assert_eq!(ch.sequence, 2);
     let (o, h) = (Overrides::default(), AttemptHistory::default());
-    let devices: Vec<DeviceFacts> =
-        (0..1000).map(|i| device(&format!("pi-{i:04}"), "1.0.0")).collect();
-    let installing: Vec<&DeviceFacts> =
+    let devices: Vec<Device> = (0..1000).map(|i| device(&format!("pi-{i:04}"), "1.0.0")).collect();
+    let installing: Vec<&Device> =
         devices.iter().filter(|d| decide(&ch, d, &o, &h, now).is_install()).collect();
     assert!((60..=140).contains(&installing.len()), "10% of 1000: {}", installing.len());
 

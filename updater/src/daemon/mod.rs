@@ -900,12 +900,15 @@ impl Planner for ChannelPlanner {
             message: "cannot tell this device's compatible (no release file)".into(),
         })?;
         let s = input.state;
-        let facts = rollout::DeviceFacts {
+        let facts = rollout::Device {
             device_id: input.device_id.to_string(),
             segment,
-            compatible: compatible.to_string(),
-            committed_version: s.slot(s.committed).version.clone(),
-            security_epoch: s.security_epoch,
+            facts: rollout::DeviceFacts {
+                compatible: compatible.to_string(),
+                committed_version: s.slot(s.committed).version.clone(),
+                security_epoch: s.security_epoch,
+                pinned_version: None,
+            },
         };
         let mut failed = s.bad_versions.clone();
         failed.extend(input.failed_versions.iter().filter_map(|v| v.parse().ok()));

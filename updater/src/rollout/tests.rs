@@ -7,14 +7,23 @@ fn v(s: &str) -> Version {
 }
 
 /// A device on 1.0.0, general segment, epoch 1, compatible with `sample()`.
-fn device(id: &str) -> DeviceFacts {
-    DeviceFacts {
+fn device(id: &str) -> Device {
+    Device {
         device_id: id.into(),
         segment: Segment::General,
-        compatible: "metrica-rpi4-arm64".into(),
-        committed_version: Some(v("1.0.0")),
-        security_epoch: 1,
+        facts: DeviceFacts {
+            compatible: "metrica-rpi4-arm64".into(),
+            committed_version: Some(v("1.0.0")),
+            security_epoch: 1,
+            pinned_version: None,
+        },
     }
+}
+
+/// `d` with some of its facts changed.
+fn with(mut d: Device, change: impl FnOnce(&mut DeviceFacts)) -> Device {
+    change(&mut d.facts);
+    d
 }
 
 /// `sample()` offering 2.0.0 to everyone.
@@ -37,11 +46,11 @@ fn pin(version: &str, epoch: u64, expires: Option<u64>) -> Pin {
     }
 }
 
-fn run(c: &Channel, d: &DeviceFacts, o: &Overrides, h: &AttemptHistory, now: u64) -> Decision {
+fn run(c: &Channel, d: &Device, o: &Overrides, h: &AttemptHistory, now: u64) -> Decision {
     decide(c, d, o, h, now)
 }
 
-fn code(c: &Channel, d: &DeviceFacts, o: &Overrides, h: &AttemptHistory, now: u64) -> &'static str {
+fn code(c: &Channel, d: &Device, o: &Overrides, h: &AttemptHistory, now: u64) -> &'static str {
     run(c, d, o, h, now).code()
 }
 
@@ -139,7 +148,7 @@ fn rollout_selects_by_segment_percent_and_not_before() {
     );
     c.os.rollout.segments = [Segment::Canary, Segment::Early].into_iter().collect();
     assert_eq!(code(&c, &d, &o, &h, NOW), "segment_not_allowed");
-    let canary = DeviceFacts { segment: Segment::Canary, ..d };
+    let canary = Device { segment: Segment::Canary, ..d };
     assert_eq!(code(&c, &canary, &o, &h, NOW), "rollout");
     c.os.rollout.not_before = Some(Timestamp(NOW + 1));
     assert_eq!(
@@ -160,7 +169,7 @@ fn waves_open_over_time() {
         .map(|(at, percent)| Wave { at: Timestamp(T0 + at), percent })
         .collect();
     let (o, h) = (Overrides::default(), AttemptHistory::default());
-    let devices: Vec<DeviceFacts> = (0..10_000).map(|i| device(&format!("dev-{i}"))).collect();
+    let devices: Vec<Device> = (0..10_000).map(|i| device(&format!("dev-{i}"))).collect();
     let installing = |c: &Channel, now: u64| {
         devices.iter().filter(|d| run(c, d, &o, &h, now).is_install()).count()
     };
@@ -205,7 +214,7 @@ fn paused_is_an_emergency_stop_but_a_pin_still_applies() {
 #[test]
 fn pin_forces_a_version_down_within_the_epoch_and_expires() {
     let (o, h) = (Overrides::default(), AttemptHistory::default());
-    let on_2 = DeviceFacts { committed_version: Some(v("2.0.0")), ..device("pi-1") };
+    let on_2 = with(device("pi-1"), |f| f.committed_version = Some(v("2.0.0")));
     let mut c = everyone();
     assert_eq!(code(&c, &on_2, &o, &h, NOW), "up_to_date");
     // Downgrade to 1.5.0, epoch 1 (= device's): allowed, whatever the rollout says.
@@ -214,7 +223,7 @@ fn pin_forces_a_version_down_within_the_epoch_and_expires() {
     assert_eq!(code(&c, &on_2, &o, &h, NOW), "pinned");
     assert!(run(&c, &on_2, &o, &h, NOW).is_install());
     // Once there, it stays, reported as pinned.
-    let on_15 = DeviceFacts { committed_version: Some(v("1.5.0")), ..on_2.clone() };
+    let on_15 = with(on_2.clone(), |f| f.committed_version = Some(v("1.5.0")));
     assert_eq!(
         run(&c, &on_15, &o, &h, NOW),
         Decision::Stay { reason: StayReason::Pinned { version: v("1.5.0") } }
@@ -239,7 +248,7 @@ fn pin_forces_a_version_down_within_the_epoch_and_expires() {
         }
     );
     // Build metadata does not make a version different.
-    let on_2b = DeviceFacts { committed_version: Some(v("2.0.0+build.7")), ..on_2 };
+    let on_2b = with(on_2, |f| f.committed_version = Some(v("2.0.0+build.7")));
     assert_eq!(code(&everyone(), &on_2b, &o, &h, NOW), "up_to_date");
 }
 
@@ -460,7 +469,7 @@ fn update_bomb_goes_straight_to_the_newest() {
         if let Decision::Install { version, .. } = run(newest, &d, &o, &h, now) {
             installed.push(version.clone());
             h.last_attempt = Some(now);
-            d.committed_version = Some(version);
+            d.facts.committed_version = Some(version);
         }
     }
     assert_eq!(installed, vec![v("1.5.0")]);
@@ -478,11 +487,11 @@ fn update_bomb_goes_straight_to_the_newest() {
 #[test]
 fn incompatible_offer_and_unknown_committed_version() {
     let (o, h) = (Overrides::default(), AttemptHistory::default());
-    let other_hw = DeviceFacts { compatible: "metrica-qemu-arm64".into(), ..device("q") };
+    let other_hw = with(device("q"), |f| f.compatible = "metrica-qemu-arm64".into());
     assert_eq!(code(&everyone(), &other_hw, &o, &h, NOW), "incompatible");
-    let fresh = DeviceFacts { committed_version: None, ..device("q") };
+    let fresh = with(device("q"), |f| f.committed_version = None);
     assert_eq!(code(&everyone(), &fresh, &o, &h, NOW), "rollout");
-    let high_epoch = DeviceFacts { security_epoch: 2, ..device("q") };
+    let high_epoch = with(device("q"), |f| f.security_epoch = 2);
     assert_eq!(code(&everyone(), &high_epoch, &o, &h, NOW), "epoch_too_low");
 }
 
@@ -558,13 +567,10 @@ fn decision_matrix_holds_the_rules() {
         for c_ver in &committed {
             for epoch in [0u64, 1, 2] {
                 for segment in Segment::ALL {
-                    let dev = DeviceFacts {
-                        device_id: id.into(),
-                        segment,
-                        compatible: "metrica-rpi4-arm64".into(),
-                        committed_version: c_ver.clone(),
-                        security_epoch: epoch,
-                    };
+                    let dev = with(Device { segment, ..device(id) }, |f| {
+                        f.committed_version = c_ver.clone();
+                        f.security_epoch = epoch;
+                    });
                     for paused in [false, true] {
                         for p in &pins {
                             for percent in [0u8, 50, 100] {
@@ -640,7 +646,7 @@ fn decision_matrix_holds_the_rules() {
 
 /// The rules as properties, written from the module documentation independently of the
 /// order of the code.
-fn check_rules(ch: &Channel, d: &DeviceFacts, o: &Overrides, h: &AttemptHistory, got: &Decision) {
+fn check_rules(ch: &Channel, d: &Device, o: &Overrides, h: &AttemptHistory, got: &Decision) {
     let entry = ch.devices.get(&d.device_id);
     let auto = entry.and_then(|e| e.auto_update).or(o.auto_update).unwrap_or(true);
     let lock = entry.and_then(|e| e.version_lock.clone()).or(o.version_lock.clone());
@@ -658,16 +664,16 @@ fn check_rules(ch: &Channel, d: &DeviceFacts, o: &Overrides, h: &AttemptHistory,
     }
     let offered = pin.map_or(&ch.os.version, |p| &p.version);
     if let Some(l) = &lock {
-        if offered != l || d.committed_version.as_ref() == Some(l) {
+        if offered != l || d.facts.committed_version.as_ref() == Some(l) {
             assert_eq!(got.code(), "version_locked", "{}", ctx());
             return;
         }
     }
     if let Decision::Install { version, security_epoch, reason, .. } = got {
         assert_eq!(version, offered, "{}", ctx());
-        assert!(*security_epoch >= d.security_epoch, "{}", ctx());
+        assert!(*security_epoch >= d.facts.security_epoch, "{}", ctx());
         assert!(!h.failed_versions.contains(version), "{}", ctx());
-        assert_ne!(d.committed_version.as_ref(), Some(version), "{}", ctx());
+        assert_ne!(d.facts.committed_version.as_ref(), Some(version), "{}", ctx());
         if let Some(w) = &o.maintenance_window {
             assert!(w.contains(NOW), "{}", ctx());
         }
@@ -680,7 +686,11 @@ fn check_rules(ch: &Channel, d: &DeviceFacts, o: &Overrides, h: &AttemptHistory,
             }
             InstallReason::Rollout { bucket: b, percent } => {
                 assert!(pin.is_none() && lock.is_none() && !ch.paused, "{}", ctx());
-                assert!(d.committed_version.as_ref().is_none_or(|c| version > c), "{}", ctx());
+                assert!(
+                    d.facts.committed_version.as_ref().is_none_or(|c| version > c),
+                    "{}",
+                    ctx()
+                );
                 assert!(ch.os.rollout.segments.contains(&d.segment), "{}", ctx());
                 assert!(ch.os.rollout.not_before.is_none_or(|t| NOW >= t.0), "{}", ctx());
                 assert_eq!(*b, bucket(&d.device_id, version), "{}", ctx());
@@ -692,7 +702,7 @@ fn check_rules(ch: &Channel, d: &DeviceFacts, o: &Overrides, h: &AttemptHistory,
         let Decision::Stay { reason } = got else { unreachable!() };
         let holds = match reason {
             StayReason::UpToDate { version } | StayReason::Pinned { version } => {
-                d.committed_version.as_ref() == Some(version)
+                d.facts.committed_version.as_ref() == Some(version)
             }
             StayReason::NotNewer { offered: off, committed } => off < committed && pin.is_none(),
             StayReason::EpochTooLow { offered: e, device } => e < device,
