@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cmdline;
 pub mod daemon;
 pub mod disk;
+pub mod durable;
 pub mod failpoint;
 pub mod firstboot;
 pub mod health;
