@@ -9,7 +9,7 @@
 //! optionally write one partition more (provisioning) and check it the same way.
 
 use crate::bmap::{Bmap, MappedRange};
-use crate::progress::Progress;
+use crate::progress::{Progress, Step};
 use crate::target::{self, Kind, Target};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -18,7 +18,9 @@ use std::io::{IsTerminal, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
+use updater::durable::{self, Job, JustSettle, OnDurable, Span};
 
 /// Size of one read or write.
 const CHUNK: usize = 4 << 20;
@@ -232,96 +234,99 @@ impl Source {
         bmap: &Bmap,
         sink: &mut dyn FnMut(Piece<'_>) -> Result<()>,
     ) -> Result<()> {
-        let mut buf = vec![0u8; CHUNK];
         match self {
-            Source::Raw(f) => {
-                for (index, r) in bmap.ranges.iter().enumerate() {
-                    let mut pos = r.start;
-                    read_ahead(f, r.start, (r.end - r.start).min(READ_AHEAD));
-                    while pos < r.end {
-                        let n = (r.end - pos).min(CHUNK as u64) as usize;
-                        if pos + READ_AHEAD < r.end {
-                            read_ahead(
-                                f,
-                                pos + READ_AHEAD,
-                                (r.end - pos - READ_AHEAD).min(CHUNK as u64),
-                            );
-                        }
-                        f.read_exact_at(&mut buf[..n], pos)
-                            .with_context(|| format!("reading {} at {pos}", image.display()))?;
-                        sink(Piece {
-                            index,
-                            offset: pos,
-                            bytes: &buf[..n],
-                            end: pos + n as u64 == r.end,
-                        })?;
-                        pos += n as u64;
-                    }
-                }
-                Ok(())
-            }
-            Source::Zstd(f) => {
-                let mut file = f;
-                file.seek(SeekFrom::Start(0))?;
-                let mut dec = zstd::stream::read::Decoder::new(file)
-                    .with_context(|| format!("opening the zstd stream of {}", image.display()))?;
-                let mut at = 0u64;
-                let read = |dec: &mut dyn Read, buf: &mut [u8], at: u64| -> Result<()> {
-                    dec.read_exact(buf).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            anyhow::anyhow!(
-                                "{} does not match its block map {}: the image ends before byte {}, the bmap says it is {} bytes (ImageSize)",
-                                image.display(),
-                                bmap_path.display(),
-                                at + buf.len() as u64,
-                                bmap.image_size
-                            )
-                        } else {
-                            anyhow::Error::new(e)
-                                .context(format!("decompressing {} at {at}", image.display()))
-                        }
-                    })
-                };
-                for (index, r) in bmap.ranges.iter().enumerate() {
-                    while at < r.start {
-                        let n = (r.start - at).min(CHUNK as u64) as usize;
-                        read(&mut dec, &mut buf[..n], at)?;
-                        at += n as u64;
-                    }
-                    while at < r.end {
-                        let n = (r.end - at).min(CHUNK as u64) as usize;
-                        read(&mut dec, &mut buf[..n], at)?;
-                        sink(Piece {
-                            index,
-                            offset: at,
-                            bytes: &buf[..n],
-                            end: at + n as u64 == r.end,
-                        })?;
-                        at += n as u64;
-                    }
-                }
-                // The rest must end exactly at ImageSize.
-                loop {
-                    let n = dec
-                        .read(&mut buf)
-                        .with_context(|| format!("decompressing {}", image.display()))?;
-                    if n == 0 {
-                        break;
-                    }
-                    at += n as u64;
-                }
-                if at != bmap.image_size {
-                    bail!(
-                        "{} does not match its block map {}: the image is {at} bytes, the bmap says {} (ImageSize)",
-                        image.display(),
-                        bmap_path.display(),
-                        bmap.image_size
-                    );
-                }
-                Ok(())
-            }
+            Source::Raw(f) => stream_raw(f, image, bmap, sink),
+            Source::Zstd(f) => stream_zstd(f, image, bmap_path, bmap, sink),
         }
     }
+}
+
+/// [`Source::stream`] of a raw image: each range read at its offset, reading ahead.
+fn stream_raw(
+    f: &File,
+    image: &Path,
+    bmap: &Bmap,
+    sink: &mut dyn FnMut(Piece<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    for (index, r) in bmap.ranges.iter().enumerate() {
+        let mut pos = r.start;
+        read_ahead(f, r.start, (r.end - r.start).min(READ_AHEAD));
+        while pos < r.end {
+            let n = (r.end - pos).min(CHUNK as u64) as usize;
+            if pos + READ_AHEAD < r.end {
+                read_ahead(f, pos + READ_AHEAD, (r.end - pos - READ_AHEAD).min(CHUNK as u64));
+            }
+            f.read_exact_at(&mut buf[..n], pos)
+                .with_context(|| format!("reading {} at {pos}", image.display()))?;
+            sink(Piece { index, offset: pos, bytes: &buf[..n], end: pos + n as u64 == r.end })?;
+            pos += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// [`Source::stream`] of a `.zst` image: decompressed once from the start, the bytes between
+/// ranges read past; the image must end exactly at the bmap's `ImageSize`.
+fn stream_zstd(
+    f: &File,
+    image: &Path,
+    bmap_path: &Path,
+    bmap: &Bmap,
+    sink: &mut dyn FnMut(Piece<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut file = f;
+    file.seek(SeekFrom::Start(0))?;
+    let mut dec = zstd::stream::read::Decoder::new(file)
+        .with_context(|| format!("opening the zstd stream of {}", image.display()))?;
+    let mut at = 0u64;
+    let read = |dec: &mut dyn Read, buf: &mut [u8], at: u64| -> Result<()> {
+        dec.read_exact(buf).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    anyhow::anyhow!(
+                        "{} does not match its block map {}: the image ends before byte {}, the bmap says it is {} bytes (ImageSize)",
+                        image.display(),
+                        bmap_path.display(),
+                        at + buf.len() as u64,
+                        bmap.image_size
+                    )
+                } else {
+                    anyhow::Error::new(e)
+                        .context(format!("decompressing {} at {at}", image.display()))
+                }
+            })
+    };
+    for (index, r) in bmap.ranges.iter().enumerate() {
+        while at < r.start {
+            let n = (r.start - at).min(CHUNK as u64) as usize;
+            read(&mut dec, &mut buf[..n], at)?;
+            at += n as u64;
+        }
+        while at < r.end {
+            let n = (r.end - at).min(CHUNK as u64) as usize;
+            read(&mut dec, &mut buf[..n], at)?;
+            sink(Piece { index, offset: at, bytes: &buf[..n], end: at + n as u64 == r.end })?;
+            at += n as u64;
+        }
+    }
+    // The rest must end exactly at ImageSize.
+    loop {
+        let n = dec.read(&mut buf).with_context(|| format!("decompressing {}", image.display()))?;
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+    }
+    if at != bmap.image_size {
+        bail!(
+                "{} does not match its block map {}: the image is {at} bytes, the bmap says {} (ImageSize)",
+                image.display(),
+                bmap_path.display(),
+                bmap.image_size
+            );
+    }
+    Ok(())
 }
 
 /// Checks every mapped range of the image against the bmap's checksums; the error names the
@@ -560,92 +565,61 @@ fn read_ahead(f: &File, offset: u64, len: u64) {
     );
 }
 
-/// Drops the cached pages of `f` in `offset..offset + len` (`len` 0: to the end), so that what
-/// follows is read from the device. Dirty pages stay: the range is made durable first.
-fn drop_cache(f: &File, offset: u64, len: u64) {
-    // Advisory: where it is not supported the read-back still checks the written data.
-    let _ = nix::fcntl::posix_fadvise(
-        f.as_raw_fd(),
-        offset as libc::off_t,
-        len as libc::off_t,
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    );
-}
+/// A finished window of the target: bytes `start..end` (`end` `None`: to the end of the
+/// target) hold everything the writer writes there.
+type Window = Span;
 
-mod sys {
-    //! `sync_file_range(2)`, which neither std nor nix (0.29) wraps, and the page size.
-    #![allow(unsafe_code)]
-
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::AsRawFd;
-
-    /// Starts writing the dirty pages of the range out, without waiting.
-    pub const START: libc::c_uint = libc::SYNC_FILE_RANGE_WRITE;
-    /// Waits for writes in flight, writes the dirty pages out and waits for them: the range's
-    /// data is on the device (not the file's metadata: that is `fsync`'s).
-    pub const WAIT: libc::c_uint = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-
-    /// `sync_file_range(f, offset, len, flags)`; `len` 0 means to the end of the file.
-    pub fn sync_file_range(f: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
-        let invalid = |_| io::Error::from(io::ErrorKind::InvalidInput);
-        let (offset, len) = (offset.try_into().map_err(invalid)?, len.try_into().map_err(invalid)?);
-        // SAFETY: the call takes a descriptor, two offsets and flags and touches no memory of
-        // the process; `f` keeps the descriptor open for its duration.
-        let rc = unsafe { libc::sync_file_range(f.as_raw_fd(), offset, len, flags) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// The size of a page of the page cache.
-    pub fn page_size() -> u64 {
-        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .and_then(|n| u64::try_from(n).ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(4096)
-    }
-}
-
-/// Makes bytes `offset..offset + len` of `f` (`len` 0: to the end) durable on the device:
-/// `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`, or `fdatasync` of the whole file where
-/// the file system does not support that.
-fn make_durable(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    match sys::sync_file_range(f, offset, len, sys::WAIT) {
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE)
-            ) =>
-        {
-            f.sync_data()
-        }
-        r => r,
-    }
-}
-
-/// A finished window of the target: bytes `lo..hi` (`hi` `None`: to the end of the target)
-/// hold everything the writer writes there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Window {
+/// Cuts the target into windows as pieces are written. Window boundaries are multiples of
+/// `size`; a window is finished as soon as the writer has written its last byte, or moves past
+/// it over unmapped bytes. Finished windows follow each other from 0 without a gap.
+#[derive(Debug)]
+struct Windows {
+    size: u64,
+    /// Start of the window being filled.
     lo: u64,
-    hi: Option<u64>,
+    /// It holds written bytes.
+    open: bool,
 }
 
-impl Window {
-    /// Its length as `sync_file_range` and `posix_fadvise` take it: 0 is "to the end".
-    fn len(self) -> u64 {
-        self.hi.map_or(0, |hi| hi - self.lo)
+/// A step of writing a piece: write `len` of its bytes at `at`, or hand on a finished window.
+#[derive(Debug, PartialEq, Eq)]
+enum Cut {
+    Write { at: u64, len: usize },
+    Finished(Window),
+}
+
+impl Windows {
+    fn new(size: u64) -> Windows {
+        Windows { size, lo: 0, open: false }
     }
 
-    fn end(self) -> u64 {
-        self.hi.unwrap_or(u64::MAX)
+    /// The writes and finished windows of a piece of `len` bytes at `at`, in order.
+    fn piece(&mut self, mut at: u64, len: usize) -> Vec<Cut> {
+        let mut cuts = Vec::new();
+        // Nothing is written between the open window's last byte and this piece: the window
+        // ends at the last boundary before the piece.
+        let floor = at / self.size * self.size;
+        if self.open && floor > self.lo {
+            cuts.push(Cut::Finished(Span { start: self.lo, end: Some(floor) }));
+            (self.lo, self.open) = (floor, false);
+        }
+        let mut left = len;
+        while left > 0 {
+            let boundary = (at / self.size + 1) * self.size;
+            let n = left.min((boundary - at) as usize);
+            cuts.push(Cut::Write { at, len: n });
+            (at, left, self.open) = (at + n as u64, left - n, true);
+            if at == boundary {
+                cuts.push(Cut::Finished(Span { start: self.lo, end: Some(at) }));
+                (self.lo, self.open) = (at, false);
+            }
+        }
+        cuts
+    }
+
+    /// The last window: the rest of the target.
+    fn last(&self) -> Window {
+        Span { start: self.lo, end: None }
     }
 }
 
@@ -662,7 +636,7 @@ struct Timings {
     verify_seconds: Option<f64>,
 }
 
-/// What the settling thread and the read-back threads of [`write_ranges`] share.
+/// What the settling thread and the read-back threads of a [`Verifier`] share.
 #[derive(Debug)]
 struct ReadBack {
     /// Everything below this is durable and out of the page cache: it may be read back.
@@ -678,8 +652,15 @@ struct ReadBack {
     /// Ranges from this index on are not read back any more: the first range that differed,
     /// or 0 after an error.
     stop_at: usize,
-    /// The first range that differed, and its sha256 as read back.
-    bad: Option<(usize, [u8; 32])>,
+    /// The first range that differed.
+    bad: Option<Mismatch>,
+}
+
+/// A range that read back differently: its index and its sha256 as read back.
+#[derive(Debug, Clone, Copy)]
+struct Mismatch {
+    range: usize,
+    sha256: [u8; 32],
 }
 
 impl ReadBack {
@@ -690,31 +671,242 @@ impl ReadBack {
         }
         self.at.get(self.low).copied().unwrap_or(u64::MAX)
     }
+
+    fn stopped(&self) -> bool {
+        self.stop_at != usize::MAX
+    }
+}
+
+/// The read-back of the written ranges against the bmap while the writing goes on. As the
+/// settling thread's hook ([`OnDurable`]) it learns how far the target is durable, and holds
+/// the settling thread back while the read-back is more than `lead` bytes behind; read-back
+/// threads ([`Verifier::read_back`]) take the ranges in order, one each, hash each as far as it
+/// is durable (a range may span many windows) and compare it when its last byte has been read.
+struct Verifier<'a> {
+    ranges: &'a [MappedRange],
+    lead: u64,
+    before_read_back: BeforeReadBack<'a>,
+    state: Mutex<ReadBack>,
+    changed: Condvar,
+}
+
+impl<'a> Verifier<'a> {
+    fn new(ranges: &'a [MappedRange], lead: u64, before: BeforeReadBack<'a>) -> Verifier<'a> {
+        let state = ReadBack {
+            durable: 0,
+            closed: false,
+            taken: 0,
+            at: ranges.iter().map(|r| r.start).collect(),
+            low: 0,
+            stop_at: usize::MAX,
+            bad: None,
+        };
+        Verifier {
+            ranges,
+            lead,
+            before_read_back: before,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReadBack> {
+        self.state.lock().expect("no panics while held")
+    }
+
+    fn wait<'g>(&self, guard: MutexGuard<'g, ReadBack>) -> MutexGuard<'g, ReadBack> {
+        self.changed.wait(guard).expect("no panics while held")
+    }
+
+    /// Changes the shared state and wakes everyone waiting on it.
+    fn update(&self, f: impl FnOnce(&mut ReadBack)) {
+        f(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    /// A read-back thread: checks ranges until there are none left or the read-back stopped.
+    fn read_back(&self, out: &File, tpath: &Path, step: &Step) -> Result<()> {
+        let mut buf = vec![0u8; CHUNK];
+        while let Some(i) = self.take() {
+            let hashed = self.hash_range(i, out, tpath, &mut buf, step).inspect_err(|_| {
+                self.update(|st| st.stop_at = 0);
+            })?;
+            let Some(sha256) = hashed else { return Ok(()) };
+            self.update(|st| {
+                if sha256 == self.ranges[i].sha256 {
+                    st.at[i] = self.ranges[i].end;
+                } else if st.bad.is_none_or(|b| i < b.range) {
+                    st.bad = Some(Mismatch { range: i, sha256 });
+                    st.stop_at = st.stop_at.min(i);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The next range to read back, unless the read-back stopped before it.
+    fn take(&self) -> Option<usize> {
+        let mut st = self.lock();
+        let i = st.taken;
+        (i < self.ranges.len() && i < st.stop_at).then(|| {
+            st.taken += 1;
+            i
+        })
+    }
+
+    /// Hashes range `i` as it becomes durable; `None` when the read-back stopped first.
+    fn hash_range(
+        &self,
+        i: usize,
+        out: &File,
+        tpath: &Path,
+        buf: &mut [u8],
+        step: &Step,
+    ) -> Result<Option<[u8; 32]>> {
+        let r = &self.ranges[i];
+        let mut h = Sha256::new();
+        let mut pos = r.start;
+        while pos < r.end {
+            let Some(to) = self.durable_after(i, pos) else { return Ok(None) };
+            hash_span(out, tpath, pos, to, &mut h, buf, step)?;
+            pos = to;
+            if pos < r.end {
+                self.update(|st| st.at[i] = pos);
+            }
+        }
+        Ok(Some(h.finalize().into()))
+    }
+
+    /// Waits until bytes of range `i` from `pos` on are durable and says up to where; `None`
+    /// when the read-back stopped, or the windows ended, first.
+    fn durable_after(&self, i: usize, pos: u64) -> Option<u64> {
+        let mut st = self.lock();
+        loop {
+            if st.stop_at <= i {
+                return None;
+            }
+            if st.durable > pos {
+                return Some(st.durable.min(self.ranges[i].end));
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.wait(st);
+        }
+    }
+
+    /// The first range that read back differently, if any.
+    fn mismatch(&self) -> Option<Mismatch> {
+        self.lock().bad
+    }
+}
+
+impl OnDurable for &Verifier<'_> {
+    type Mark = ();
+    type Error = anyhow::Error;
+
+    /// Waits until the read-back is at most `lead` bytes behind `span`; stops once it stopped.
+    fn admit(&mut self, span: Span) -> Result<bool> {
+        let mut st = self.lock();
+        while !st.stopped() && span.start > st.checked_to(self.ranges).saturating_add(self.lead) {
+            st = self.wait(st);
+        }
+        Ok(!st.stopped())
+    }
+
+    fn durable(&mut self, span: Span) -> Result<()> {
+        (self.before_read_back)(span)?;
+        self.update(|st| st.durable = span.limit());
+        Ok(())
+    }
+
+    fn closed(&mut self, failed: bool) {
+        self.update(|st| {
+            st.closed = true;
+            if failed {
+                st.stop_at = 0;
+            }
+        });
+    }
+}
+
+/// The writing side of [`write_ranges`], on the calling thread.
+struct Writer<'a> {
+    image: &'a Image,
+    out: &'a File,
+    tpath: &'a Path,
+    window: u64,
+    step: &'a Step,
+    /// Count progress as written (without verification; else the read-back counts it).
+    count_written: bool,
+}
+
+impl Writer<'_> {
+    /// Writes every mapped piece, starting its writeback at once, hands each finished window
+    /// to the settling thread (which runs `hook`), hands on the rest of the target as the last
+    /// window and `fsync`s the target (data and, for a file, its metadata). Returns when that
+    /// `fsync` returned.
+    fn run<H: OnDurable<Mark = (), Error = anyhow::Error>>(&self, hook: H) -> Result<Instant> {
+        let label = self.tpath.display().to_string();
+        let target = durable::Target { file: self.out, label: &label };
+        durable::settle_while(target, LEAD, hook, |settler| {
+            let send = |w: Window| {
+                settler.send(Job::Settle(w)).map_err(|_| {
+                    anyhow::anyhow!("the read-back of {} stopped", self.tpath.display())
+                })
+            };
+            let mut windows = Windows::new(self.window);
+            let image = self.image;
+            image.source.stream(&image.path, &image.bmap_path, &image.bmap, &mut |p| {
+                for cut in windows.piece(p.offset, p.bytes.len()) {
+                    match cut {
+                        Cut::Write { at, len } => {
+                            let from = (at - p.offset) as usize;
+                            self.write(&p.bytes[from..from + len], at)?;
+                        }
+                        Cut::Finished(w) => send(w)?,
+                    }
+                }
+                Ok(())
+            })?;
+            send(windows.last())?;
+            self.out.sync_all().with_context(|| format!("syncing {}", self.tpath.display()))?;
+            Ok(Instant::now())
+        })
+    }
+
+    fn write(&self, bytes: &[u8], at: u64) -> Result<()> {
+        self.out
+            .write_all_at(bytes, at)
+            .with_context(|| format!("writing {} at {at}", self.tpath.display()))?;
+        // Advisory: where it is not supported the window's wait writes it out.
+        durable::start_writeback(self.out, Span::at(at, bytes.len() as u64));
+        if self.count_written {
+            self.step.inc(bytes.len() as u64);
+        }
+        Ok(())
+    }
 }
 
 /// Writes the mapped ranges of `image` to `out` and, with `verify`, reads them back and checks
 /// them while writing:
 ///
-/// - the writer (the calling thread) writes each piece and at once starts writing it out to
-///   the device (`sync_file_range(WRITE)`), so that the device works while the image is read
-///   rather than at the final `fsync`. The target is cut into windows of `window` bytes,
-///   aligned to multiples of it (and of the page size); a window is handed on as soon as the
-///   writer has written its last byte (or moves past it over unmapped bytes). At most [`LEAD`]
+/// - the writer (the calling thread, [`Writer`]) writes each piece and at once starts writing
+///   it out to the device (`sync_file_range(WRITE)`), so that the device works while the image
+///   is read rather than at the final `fsync`. The target is cut into windows of `window`
+///   bytes ([`Windows`], aligned to multiples of it and of the page size). At most [`LEAD`]
 ///   finished windows wait for the settling thread;
-/// - the settling thread takes the windows in order; for each it waits until the window is on
-///   the device ([`make_durable`]), drops its pages from the page cache
+/// - the settling thread ([`durable::settle_while`]) takes the windows in order; for each it
+///   waits until the window is on the device, drops its pages from the page cache
 ///   (`posix_fadvise(DONTNEED)`, as `dd oflag=nocache` does) and, with `verify`, tells the
 ///   read-back threads that everything below the window's end may be read back. It takes the
 ///   next window only when the read-back is at most `LEAD` windows behind;
-/// - with `verify`, read-back threads (as many as cores, at most 4) take the bmap's ranges in
-///   order, one each, read each back from the device as far as it is durable, hash it on as
-///   more becomes durable (a range may span many windows), and compare it with the bmap when
-///   its last byte has been read.
+/// - with `verify`, read-back threads (as many as cores, at most 4) check the ranges
+///   ([`Verifier`]).
 ///
 /// The first range that reads back differently stops the writing (within `2 * LEAD + 1`
 /// windows; the rest is not written) and is the error, as in [`first_mismatch`]. After the last
-/// piece the writer hands on the rest of the target as the last window, `fsync`s the target
-/// (data and, for a file, its metadata) and waits for the read-back.
+/// piece the writer `fsync`s the target and waits for the read-back.
 fn write_ranges(
     image: &Image,
     out: &File,
@@ -724,182 +916,41 @@ fn write_ranges(
     before_read_back: BeforeReadBack<'_>,
     progress: &Progress,
 ) -> Result<Timings> {
-    use std::sync::{Condvar, Mutex};
-    let page = sys::page_size();
+    let page = durable::page_size();
     let window = window.max(page).div_ceil(page) * page;
-    let (bmap_path, ranges) = (image.bmap_path.as_path(), image.bmap.ranges.as_slice());
+    let ranges = image.bmap.ranges.as_slice();
     let step = progress
         .bytes(image.bmap.mapped_bytes(), if verify { "writing and verifying" } else { "writing" });
-    let step = &step;
     let readers = if verify {
         std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
     } else {
         0
     };
-    let shared = Mutex::new(ReadBack {
-        durable: 0,
-        closed: false,
-        taken: 0,
-        at: ranges.iter().map(|r| r.start).collect(),
-        low: 0,
-        stop_at: usize::MAX,
-        bad: None,
-    });
-    let (shared, changed) = (&shared, &Condvar::new());
-    let lock = || shared.lock().expect("no panics while held");
+    let verifier = Verifier::new(ranges, LEAD as u64 * window, before_read_back);
+    let writer = Writer { image, out, tpath, window, step: &step, count_written: !verify };
     let t0 = Instant::now();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Window>(LEAD);
-    let (wrote, written_at, settled, read) = std::thread::scope(|s| {
-        let settler = s.spawn(move || {
-            let settled = (|| -> Result<()> {
-                for w in rx {
-                    if verify {
-                        let mut st = lock();
-                        while st.stop_at == usize::MAX
-                            && w.lo > st.checked_to(ranges).saturating_add(LEAD as u64 * window)
-                        {
-                            st = changed.wait(st).expect("no panics while held");
-                        }
-                        if st.stop_at != usize::MAX {
-                            return Ok(());
-                        }
-                    }
-                    make_durable(out, w.lo, w.len())
-                        .with_context(|| format!("syncing {}", tpath.display()))?;
-                    drop_cache(out, w.lo, w.len());
-                    if verify {
-                        before_read_back(w)?;
-                        lock().durable = w.end();
-                        changed.notify_all();
-                    }
-                }
-                Ok(())
-            })();
-            let mut st = lock();
-            st.closed = true;
-            if settled.is_err() {
-                st.stop_at = 0;
-            }
-            changed.notify_all();
-            settled
-        });
-        let reader = || -> Result<()> {
-            let mut buf = vec![0u8; CHUNK];
-            let fail = |e: anyhow::Error| {
-                lock().stop_at = 0;
-                changed.notify_all();
-                e
-            };
-            loop {
-                let (i, r) = {
-                    let mut st = lock();
-                    let i = st.taken;
-                    match ranges.get(i) {
-                        Some(r) if i < st.stop_at => {
-                            st.taken += 1;
-                            (i, r)
-                        }
-                        _ => return Ok(()),
-                    }
-                };
-                let mut h = Sha256::new();
-                let mut pos = r.start;
-                while pos < r.end {
-                    let to = {
-                        let mut st = lock();
-                        loop {
-                            if st.stop_at <= i {
-                                return Ok(());
-                            }
-                            if st.durable > pos {
-                                break st.durable.min(r.end);
-                            }
-                            if st.closed {
-                                return Ok(());
-                            }
-                            st = changed.wait(st).expect("no panics while held");
-                        }
-                    };
-                    hash_span(out, tpath, pos, to, &mut h, &mut buf, step).map_err(fail)?;
-                    pos = to;
-                    if pos < r.end {
-                        lock().at[i] = pos;
-                        changed.notify_all();
-                    }
-                }
-                let got: [u8; 32] = h.finalize().into();
-                let mut st = lock();
-                if got == r.sha256 {
-                    st.at[i] = r.end;
-                } else if st.bad.is_none_or(|(b, _)| i < b) {
-                    st.bad = Some((i, got));
-                    st.stop_at = st.stop_at.min(i);
-                }
-                drop(st);
-                changed.notify_all();
-            }
-        };
-        let readers: Vec<_> = (0..readers).map(|_| s.spawn(reader)).collect();
-        let wrote = (|| -> Result<()> {
-            let send = |w: Window| {
-                tx.send(w)
-                    .map_err(|_| anyhow::anyhow!("the read-back of {} stopped", tpath.display()))
-            };
-            // The open window starts at `lo` (a multiple of `window`); `open`: it holds written
-            // bytes.
-            let (mut lo, mut open) = (0u64, false);
-            image.source.stream(&image.path, bmap_path, &image.bmap, &mut |p| {
-                let (mut at, mut bytes) = (p.offset, p.bytes);
-                // Nothing is written between the open window's last byte and this piece: the
-                // window ends at the last boundary before the piece.
-                let floor = at / window * window;
-                if open && floor > lo {
-                    send(Window { lo, hi: Some(floor) })?;
-                    (lo, open) = (floor, false);
-                }
-                while !bytes.is_empty() {
-                    let boundary = (at / window + 1) * window;
-                    let n = bytes.len().min((boundary - at) as usize);
-                    out.write_all_at(&bytes[..n], at)
-                        .with_context(|| format!("writing {} at {at}", tpath.display()))?;
-                    // Advisory: where it is not supported the window's wait writes it out.
-                    let _ = sys::sync_file_range(out, at, n as u64, sys::START);
-                    if !verify {
-                        step.inc(n as u64);
-                    }
-                    (at, bytes, open) = (at + n as u64, &bytes[n..], true);
-                    if at == boundary {
-                        send(Window { lo, hi: Some(at) })?;
-                        (lo, open) = (at, false);
-                    }
-                }
-                Ok(())
-            })?;
-            send(Window { lo, hi: None })?;
-            out.sync_all().with_context(|| format!("syncing {}", tpath.display()))
-        })();
-        // A writer that stopped early ends the settling thread's windows.
-        drop(tx);
-        let written_at = Instant::now();
-        let settled = settler.join().expect("the settling thread panicked");
+    let (wrote, read) = std::thread::scope(|s| {
+        let (verifier, step) = (&verifier, &step);
+        let readers: Vec<_> =
+            (0..readers).map(|_| s.spawn(move || verifier.read_back(out, tpath, step))).collect();
+        let wrote = if verify { writer.run(verifier) } else { writer.run(JustSettle::default()) };
         let read: Result<()> =
             readers.into_iter().try_for_each(|h| h.join().expect("a read-back thread panicked"));
-        (wrote, written_at, settled, read)
+        (wrote, read)
     });
     // A range read back wrong first: it is why the writer stopped; then the other errors.
-    if let Some((i, got)) = lock().bad {
-        let r = &ranges[i];
+    if let Some(Mismatch { range, sha256 }) = verifier.mismatch() {
+        let r = &ranges[range];
         bail!(
             "verification failed: {} read back differs from what was written: {r} has sha256 {}, expected {} (from {}); the card may be faulty or fake",
             tpath.display(),
-            hex::encode(got),
+            hex::encode(sha256),
             hex::encode(r.sha256),
-            bmap_path.display()
+            image.bmap_path.display()
         );
     }
     read?;
-    settled?;
-    wrote?;
+    let written_at = wrote?;
     step.finish();
     let write_seconds = (written_at - t0).as_secs_f64();
     Ok(if verify {
@@ -946,7 +997,7 @@ pub fn write(
         out.write_all_at(&o.bytes, o.offset)
             .with_context(|| format!("writing the {} to {}", o.what, tpath.display()))?;
         out.sync_all().with_context(|| format!("syncing {}", tpath.display()))?;
-        drop_cache(&out, 0, 0);
+        durable::drop_pages(&out, Span { start: 0, end: None });
         let mut back = vec![0u8; o.bytes.len()];
         out.read_exact_at(&mut back, o.offset)
             .with_context(|| format!("reading the {} back from {}", o.what, tpath.display()))?;
@@ -1201,6 +1252,25 @@ mod tests {
         assert!(!out2.exists());
     }
 
+    #[test]
+    fn windows_are_cut_at_boundaries_and_follow_each_other_without_gaps() {
+        let w = |start, end| Cut::Finished(Span { start, end: Some(end) });
+        let write = |at, len| Cut::Write { at, len };
+        let mut windows = Windows::new(100);
+        // A piece across two boundaries is cut at them.
+        assert_eq!(
+            windows.piece(0, 250),
+            [write(0, 100), w(0, 100), write(100, 100), w(100, 200), write(200, 50)]
+        );
+        // A piece beyond the open window's end finishes it at the last boundary before it.
+        assert_eq!(windows.piece(420, 10), [w(200, 400), write(420, 10)]);
+        // One that ends on a boundary finishes its window there.
+        assert_eq!(windows.piece(430, 70), [write(430, 70), w(400, 500)]);
+        // After a finished window, unmapped bytes join the next window.
+        assert_eq!(windows.piece(750, 50), [write(750, 50), w(500, 800)]);
+        assert_eq!(windows.last(), Span { start: 800, end: None });
+    }
+
     /// Writes the fixture's image (raw or .zst) to a new file `name` with 256 KiB windows and
     /// verification, calling `hook` before each window is read back.
     fn write_windows(
@@ -1229,8 +1299,8 @@ mod tests {
             let hook = |w: Window| {
                 // A window is handed on once the writer has written all of it.
                 let on_target = std::fs::read(&path)?;
-                let end = w.end().min(image.len() as u64) as usize;
-                assert_eq!(on_target[w.lo as usize..end], image[w.lo as usize..end], "{w:?}");
+                let end = w.limit().min(image.len() as u64) as usize;
+                assert_eq!(on_target[w.start as usize..end], image[w.start as usize..end], "{w:?}");
                 seen.lock().unwrap().push(w);
                 Ok(())
             };
@@ -1241,12 +1311,12 @@ mod tests {
             // Windows follow each other from 0 to the end, on 256 KiB boundaries; the 5 MiB
             // range at 9 MiB spans 20 of them.
             let seen = seen.into_inner().unwrap();
-            assert_eq!(seen.first().map(|w| w.lo), Some(0));
-            assert_eq!(seen.last().map(|w| w.hi), Some(None));
+            assert_eq!(seen.first().map(|w| w.start), Some(0));
+            assert_eq!(seen.last().map(|w| w.end), Some(None));
             for pair in seen.windows(2) {
-                assert_eq!(pair[0].hi, Some(pair[1].lo), "{seen:?}");
+                assert_eq!(pair[0].end, Some(pair[1].start), "{seen:?}");
             }
-            assert!(seen.iter().all(|w| w.lo % (256 << 10) == 0), "{seen:?}");
+            assert!(seen.iter().all(|w| w.start % (256 << 10) == 0), "{seen:?}");
             assert!(seen.len() >= 20, "{seen:?}");
         }
     }
@@ -1261,7 +1331,7 @@ mod tests {
             let name = format!("card-{at}.img");
             let path = fx.dir.path().join(&name);
             let hook = |w: Window| {
-                if (w.lo..w.end()).contains(&at) {
+                if (w.start..w.limit()).contains(&at) {
                     // The device returns another byte than was written (a faulty card).
                     let f = OpenOptions::new().read(true).write(true).open(&path)?;
                     let mut b = [0u8];
@@ -1289,18 +1359,15 @@ mod tests {
         }
     }
 
-    /// Root only (CI runs as root): flash to a loop device, and refuse it once it is mounted.
+    /// Root and loop devices only: flash to a loop device, and refuse it once it is mounted.
+    /// Skipped (reported as ignored) unless run with `--ignored`; then a missing precondition
+    /// is a failure, not a silent pass.
     #[test]
-    fn loop_device_when_root() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipped: the loop device test needs root");
-            return;
-        }
+    #[ignore = "needs root and loop devices: run with --ignored"]
+    fn loop_device_is_flashed_and_refused_once_mounted() {
+        assert!(nix::unistd::Uid::effective().is_root(), "the loop device test needs root");
         let losetup = crate::cmd::tool("losetup");
-        if !losetup.is_file() {
-            eprintln!("skipped: losetup is not installed");
-            return;
-        }
+        assert!(losetup.is_file(), "the loop device test needs losetup");
         let fx = fixture();
         let backing = fx.dir.path().join("loop-backing.img");
         File::create(&backing).unwrap().set_len(32 << 20).unwrap();
@@ -1309,13 +1376,11 @@ mod tests {
             .arg(&backing)
             .output()
             .unwrap();
-        if !out.status.success() {
-            eprintln!(
-                "skipped: losetup could not attach a loop device: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return;
-        }
+        assert!(
+            out.status.success(),
+            "losetup could not attach a loop device: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         struct Detach(PathBuf, PathBuf);
         impl Drop for Detach {
@@ -1346,13 +1411,14 @@ mod tests {
                 .arg(&mnt)
                 .status()
                 .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!(
-                "skipped the mounted part: could not make and mount ext4 on {}",
-                dev.display()
-            );
-            return;
+        assert!(ok, "could not make and mount ext4 on {}", dev.display());
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
         }
+        let unmount = Unmount(mnt.clone());
         let e = err(&opts(&fx.img, &dev));
         let e2 = err(&opts(&fx.img, &backing));
         // Provisioning in place refuses it too.
@@ -1369,7 +1435,7 @@ mod tests {
         let e3 = crate::provision::in_place(&dev, &device, &mut AssumeYes, &Progress::quiet())
             .map_err(|e| format!("{e:#}"))
             .unwrap_err();
-        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        drop(unmount);
         assert!(e3.contains("is mounted"), "{e3}");
         assert!(e.contains("is mounted") && e.contains(&mnt.display().to_string()), "{e}");
         assert!(e2.contains("backed by this file is mounted"), "{e2}");

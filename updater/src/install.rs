@@ -22,7 +22,10 @@
 //!    check its sha256, and only then write it at its place in the partition; every
 //!    `checkpoint_bytes` fsync the partition and record the position in the resume file;
 //!    at the end check the whole image's digest (`tree_sha256`: the list of chunks written,
-//!    in order, each with the sha256 it was verified by) and fsync.
+//!    in order, each with the sha256 it was verified by) and fsync. The writeback, fsyncs and
+//!    resume records run on a settling thread beside the writing ([`crate::durable`]). A
+//!    resume record that does not lead to its image's index is dropped and the images are
+//!    written from the start.
 //! 4. rewrite the target boot partition's `cmdline.txt` with `root=PARTUUID=<target root>`
 //!    (FAT through `fatfs`, no mount), fsync, delete the resume record.
 //!
@@ -41,6 +44,7 @@ use crate::bundle::{
     RetryPolicy, SlotClass, TreeHasher, VerifiedManifest, CHUNK_MAX, MAX_COMPRESSED_CHUNK,
 };
 use crate::disk::Partition;
+use crate::durable::{self, DurableError, Job, OnDurable, Span};
 use crate::failpoint::{self, PowerCut};
 use crate::layout::Slot;
 use crate::sign::Keyring;
@@ -49,6 +53,8 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use uuid::Uuid;
@@ -487,216 +493,336 @@ fn report_retries(cur: &mut BundleCursor<'_>, progress: &mut dyn Progress) {
     }
 }
 
+/// The install as a chain of steps; a resume record that leads nowhere is dropped and the
+/// images are written again from the start (once).
 fn install_from(
     cur: &mut BundleCursor<'_>,
     req: &InstallRequest<'_>,
     progress: &mut dyn Progress,
 ) -> Result<InstalledImages, InstallError> {
-    // 1. Signature, before anything else is believed.
-    let vm = read_verified_manifest(cur, req.keyring)?;
-    report_retries(cur, progress);
-    let m = &vm.manifest;
-    progress.event(&ProgressEvent::Verified {
-        compatible: m.compatible.clone(),
-        version: m.version.to_string(),
-        key_id: vm.key_id.to_string(),
-    });
-
-    // 2. Policy and sizes.
-    req.policy.check(m)?;
-    let parts = crate::disk::read_partitions(req.disk)
-        .map_err(|e| disk_err(e, "reading the partition table"))?;
-    let mut targets: Vec<Partition> = Vec::new();
-    for img in &m.images {
-        let label = img.slot_class.partition(req.target).label;
-        let part = parts.iter().find(|p| p.label == label).cloned().ok_or_else(|| {
-            InstallError::Disk(anyhow::anyhow!(
-                "{} has no partition labelled {label}",
-                req.disk.display()
-            ))
-        })?;
-        if img.size > part.len {
-            return Err(InstallError::DoesNotFit {
-                class: img.slot_class,
-                size: img.size,
-                partition: label.to_string(),
-                available: part.len,
-            });
-        }
-        targets.push(part);
-    }
-    let partuuids: Vec<Uuid> = targets.iter().map(|p| p.partuuid).collect();
-    // The resume record for "image `image` is written up to chunk `next_chunk`".
-    let position =
-        |image: usize, index_offset: u64, next_chunk: usize, written: u64| ResumeRecord {
-            format: RESUME_FORMAT,
-            manifest_sha256: vm.sha256.clone(),
-            slot: req.target,
-            partuuids: partuuids.clone(),
-            image,
-            index_offset,
-            next_chunk,
-            written,
-        };
-
-    // 3. Resume record: only for this very bundle, slot and partitions.
-    let resume = req.resume_file.as_deref().and_then(load_resume).filter(|r| {
-        r.manifest_sha256 == vm.sha256
-            && r.slot == req.target
-            && r.partuuids == partuuids
-            && r.image <= m.images.len()
-    });
-    if resume.is_none() {
-        if let Some(path) = &req.resume_file {
-            clear_resume(path)?;
-        }
-    }
-    failpoint::hit("install.before-first-write")?;
-    let disk =
-        crate::disk::open_disk(req.disk, true).map_err(|e| disk_err(e, "opening the disk"))?;
-
-    let mut installed = Vec::new();
-    let mut resumed_bytes = 0;
-    let mut offset = vm.images_offset;
-    let (first_image, mut resume_at) = match &resume {
-        Some(r) => {
-            offset = r.index_offset;
-            (r.image, Some((r.next_chunk, r.written)))
-        }
-        None => (0, None),
-    };
-    for (i, img) in m.images.iter().enumerate() {
-        let part = &targets[i];
-        if i < first_image {
-            // Written and verified before the interruption.
-            installed.push(InstalledImage {
-                slot_class: img.slot_class,
-                partition: part.label.clone(),
-                partuuid: part.partuuid,
-                size: img.size,
-                sha256: img.sha256.clone(),
-            });
-            continue;
-        }
-        let layout = match read_image_layout(cur, offset, img) {
-            Ok(layout) => layout,
-            // A resume record that does not lead to this image's index (damaged, or from a
-            // different layout): forget it and start over.
-            Err(e)
-                if resume.is_some() && i == first_image && !matches!(e, BundleError::Fetch(_)) =>
-            {
-                if let Some(path) = &req.resume_file {
-                    clear_resume(path)?;
-                }
-                return install_from(cur, req, progress);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        report_retries(cur, progress);
-        let chunks = &layout.index.chunks;
-        // Where to start: a resume point must fall on a chunk boundary of this index.
-        let (mut k, mut done) = (0usize, 0u64);
-        if let Some((next, written)) = resume_at.take() {
-            let prefix: u64 = chunks.iter().take(next).map(|c| u64::from(c.len)).sum();
-            if next <= chunks.len() && prefix == written {
-                (k, done) = (next, written);
-            }
-        }
-        progress.event(&ProgressEvent::ImageStarted {
-            image: img.slot_class,
-            partition: part.label.clone(),
-            size: img.size,
-        });
-        let mut tree = TreeHasher::new();
-        if done > 0 {
-            rehash_prefix(&disk, part, &chunks[..k], &mut tree)?;
-            resumed_bytes += done;
-            progress.event(&ProgressEvent::Resuming { image: img.slot_class, skipped: done });
-        }
-        let (mut since_checkpoint, mut unflushed) = (0u64, 0u64);
-        let sink = Sink { disk: &disk, at: part.start + done, label: &part.label };
-        settling(&disk, &part.label, req.resume_file.as_deref(), |settler| {
-            stream_chunks(cur, &layout, k, sink, &mut |k, len, cur| {
-                // The whole-image digest, over what was handed to the disk, in that order.
-                tree.chunk(&chunks[k].sha256, u32::try_from(len).expect("chunk length"));
-                done += len as u64;
-                since_checkpoint += len as u64;
-                unflushed += len as u64;
-                if unflushed >= WRITEBACK_BYTES {
-                    settler.send(Settle::Writeback(part.start + done - unflushed, unflushed))?;
-                    unflushed = 0;
-                }
-                report_retries(cur, progress);
-                progress.event(&ProgressEvent::Written {
-                    image: img.slot_class,
-                    done,
-                    total: img.size,
-                });
-                if since_checkpoint >= req.checkpoint_bytes && k + 1 < chunks.len() {
-                    since_checkpoint = 0;
-                    settler.send(Settle::Checkpoint(position(
-                        i,
-                        layout.index_offset,
-                        k + 1,
-                        done,
-                    )))?;
-                }
-                Ok(())
-            })
-        })?;
-        let actual = hex::encode(tree.finalize());
-        if done != img.size || actual != img.tree_sha256 {
-            // What is on the partition cannot be trusted: the next attempt starts over.
+    let vm = verify(cur, req, progress)?;
+    let plan = Plan::new(req, &vm)?;
+    let resume = plan.resume_record(req)?;
+    let written = match write_images(cur, req, &plan, resume.as_ref(), progress)? {
+        Outcome::Written(written) => written,
+        Outcome::ResumeLeadsNowhere => {
             if let Some(path) = &req.resume_file {
                 clear_resume(path)?;
             }
-            return Err(BundleError::ImageHash {
-                image: img.slot_class,
-                what: "tree_sha256",
-                expected: img.tree_sha256.clone(),
-                actual,
+            match write_images(cur, req, &plan, None, progress)? {
+                Outcome::Written(written) => written,
+                Outcome::ResumeLeadsNowhere => unreachable!("no resume record was given"),
             }
-            .into());
         }
-        failpoint::hit("install.image-verified")?;
-        sync(&disk, &part.label)?;
-        progress.event(&ProgressEvent::ImageVerified {
-            image: img.slot_class,
-            sha256: img.sha256.clone(),
+    };
+    point_cmdline_at_target(req, &plan, progress)?;
+    finish(cur, req, &plan, written, progress)
+}
+
+/// Step 1: the signature, before anything else is believed, then the device's policy.
+fn verify(
+    cur: &mut BundleCursor<'_>,
+    req: &InstallRequest<'_>,
+    progress: &mut dyn Progress,
+) -> Result<VerifiedManifest, InstallError> {
+    let vm = read_verified_manifest(cur, req.keyring)?;
+    report_retries(cur, progress);
+    progress.event(&ProgressEvent::Verified {
+        compatible: vm.manifest.compatible.clone(),
+        version: vm.manifest.version.to_string(),
+        key_id: vm.key_id.to_string(),
+    });
+    req.policy.check(&vm.manifest)?;
+    Ok(vm)
+}
+
+/// Step 2: the verified bundle against the disk: every image's partition in the target slot,
+/// each large enough. Nothing has been written up to here.
+struct Plan<'v> {
+    vm: &'v VerifiedManifest,
+    slot: Slot,
+    /// The disk's partitions.
+    parts: Vec<Partition>,
+    /// Per manifest image, its partition in the target slot.
+    targets: Vec<Partition>,
+}
+
+impl<'v> Plan<'v> {
+    fn new(req: &InstallRequest<'_>, vm: &'v VerifiedManifest) -> Result<Plan<'v>, InstallError> {
+        let parts = crate::disk::read_partitions(req.disk)
+            .map_err(|e| disk_err(e, "reading the partition table"))?;
+        let mut targets = Vec::new();
+        for img in &vm.manifest.images {
+            let label = img.slot_class.partition(req.target).label;
+            let part = find_partition(req.disk, &parts, label)?;
+            if img.size > part.len {
+                return Err(InstallError::DoesNotFit {
+                    class: img.slot_class,
+                    size: img.size,
+                    partition: label.to_string(),
+                    available: part.len,
+                });
+            }
+            targets.push(part.clone());
+        }
+        Ok(Plan { vm, slot: req.target, parts, targets })
+    }
+
+    /// The resume record for "image `image` is written up to chunk `next_chunk`".
+    fn position(&self, image: usize, index_offset: u64, at: ChunkPosition) -> ResumeRecord {
+        ResumeRecord {
+            format: RESUME_FORMAT,
+            manifest_sha256: self.vm.sha256.clone(),
+            slot: self.slot,
+            partuuids: self.targets.iter().map(|p| p.partuuid).collect(),
+            image,
+            index_offset,
+            next_chunk: at.chunk,
+            written: at.bytes,
+        }
+    }
+
+    /// Step 3: the resume record, only for this very bundle, slot and partitions; any other
+    /// record is removed.
+    fn resume_record(
+        &self,
+        req: &InstallRequest<'_>,
+    ) -> Result<Option<ResumeRecord>, InstallError> {
+        let Some(path) = req.resume_file.as_deref() else { return Ok(None) };
+        let mine = self.position(0, 0, ChunkPosition::default());
+        let resume = load_resume(path).filter(|r| {
+            r.manifest_sha256 == mine.manifest_sha256
+                && r.slot == mine.slot
+                && r.partuuids == mine.partuuids
+                && r.image <= self.vm.manifest.images.len()
         });
-        offset = layout.end_offset;
-        if let Some(path) = &req.resume_file {
-            save_resume(path, &position(i + 1, offset, 0, 0))?;
+        if resume.is_none() {
+            clear_resume(path)?;
         }
-        installed.push(InstalledImage {
+        Ok(resume)
+    }
+
+    /// Image `i` as installed.
+    fn installed(&self, i: usize) -> InstalledImage {
+        let (img, part) = (&self.vm.manifest.images[i], &self.targets[i]);
+        InstalledImage {
             slot_class: img.slot_class,
             partition: part.label.clone(),
             partuuid: part.partuuid,
             size: img.size,
             sha256: img.sha256.clone(),
-        });
+        }
     }
-    drop(disk);
+}
 
-    // 4. The boot image is slot-independent: point its cmdline.txt at this slot's root.
-    if let Some(bi) = m.images.iter().position(|i| i.slot_class == SlotClass::Boot) {
-        let root_label = req.target.root().label;
-        let root = parts.iter().find(|p| p.label == root_label).ok_or_else(|| {
-            InstallError::Disk(anyhow::anyhow!(
-                "{} has no partition {root_label}",
-                req.disk.display()
-            ))
-        })?;
-        failpoint::hit("install.before-cmdline")?;
-        fix_cmdline(req.disk, &targets[bi], &root.partuuid)?;
-        failpoint::hit("install.after-cmdline")?;
-        progress.event(&ProgressEvent::CmdlineFixed { partition: targets[bi].label.clone() });
+fn find_partition<'p>(
+    disk: &Path,
+    parts: &'p [Partition],
+    label: &str,
+) -> Result<&'p Partition, InstallError> {
+    parts.iter().find(|p| p.label == label).ok_or_else(|| {
+        InstallError::Disk(anyhow::anyhow!("{} has no partition labelled {label}", disk.display()))
+    })
+}
+
+/// A place in an image: the first chunk not yet written and the bytes before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ChunkPosition {
+    chunk: usize,
+    bytes: u64,
+}
+
+impl ChunkPosition {
+    /// This position if it falls on a chunk boundary of `chunks`, else the image's start.
+    fn on_boundary_of(self, chunks: &[ChunkEntry]) -> ChunkPosition {
+        let prefix: u64 = chunks.iter().take(self.chunk).map(|c| u64::from(c.len)).sum();
+        if self.chunk <= chunks.len() && prefix == self.bytes {
+            self
+        } else {
+            ChunkPosition::default()
+        }
     }
+}
+
+/// The images written and verified on the target partitions.
+struct Written {
+    images: Vec<InstalledImage>,
+    /// Bytes skipped because a resume record said they were already written.
+    resumed_bytes: u64,
+}
+
+/// How [`write_images`] ended when no error stopped it.
+enum Outcome {
+    Written(Written),
+    /// The resume record does not lead to its image's index (damaged, or from a different
+    /// layout): nothing was written; forget it and start over.
+    ResumeLeadsNowhere,
+}
+
+/// Step 3: every image not yet written, from the resume record's position if any, each
+/// checked against its digest and fsynced, the resume record moved on after each.
+fn write_images(
+    cur: &mut BundleCursor<'_>,
+    req: &InstallRequest<'_>,
+    plan: &Plan<'_>,
+    resume: Option<&ResumeRecord>,
+    progress: &mut dyn Progress,
+) -> Result<Outcome, InstallError> {
+    failpoint::hit("install.before-first-write")?;
+    let disk =
+        crate::disk::open_disk(req.disk, true).map_err(|e| disk_err(e, "opening the disk"))?;
+    let images = &plan.vm.manifest.images;
+    let first = resume.map_or(0, |r| r.image);
+    let mut offset = resume.map_or(plan.vm.images_offset, |r| r.index_offset);
+    let mut resume_at = resume.map(|r| ChunkPosition { chunk: r.next_chunk, bytes: r.written });
+    // Images before the resume record's were written and verified before the interruption.
+    let mut written =
+        Written { images: (0..first).map(|i| plan.installed(i)).collect(), resumed_bytes: 0 };
+    for (i, img) in images.iter().enumerate().skip(first) {
+        let layout = match read_image_layout(cur, offset, img) {
+            Ok(layout) => layout,
+            Err(e) if resume.is_some() && i == first && !matches!(e, BundleError::Fetch(_)) => {
+                return Ok(Outcome::ResumeLeadsNowhere);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        report_retries(cur, progress);
+        let from = resume_at.take().unwrap_or_default().on_boundary_of(&layout.index.chunks);
+        let target = ImageTarget { disk: &disk, index: i, layout: &layout };
+        write_image(cur, req, plan, target, from, progress)?;
+        written.resumed_bytes += from.bytes;
+        offset = layout.end_offset;
+        if let Some(path) = &req.resume_file {
+            save_resume(path, &plan.position(i + 1, offset, ChunkPosition::default()))?;
+        }
+        written.images.push(plan.installed(i));
+    }
+    Ok(Outcome::Written(written))
+}
+
+/// One image to write: the open disk, the image's index in the manifest and its layout.
+#[derive(Clone, Copy)]
+struct ImageTarget<'a> {
+    disk: &'a std::fs::File,
+    index: usize,
+    layout: &'a ImageLayout,
+}
+
+/// Writes one image from `from` on: re-hashes what a resume skips, streams the rest with the
+/// settling thread beside it, checks the whole image's digest, fsyncs.
+fn write_image(
+    cur: &mut BundleCursor<'_>,
+    req: &InstallRequest<'_>,
+    plan: &Plan<'_>,
+    target: ImageTarget<'_>,
+    from: ChunkPosition,
+    progress: &mut dyn Progress,
+) -> Result<(), InstallError> {
+    let ImageTarget { disk, index: i, layout } = target;
+    let (img, part) = (&plan.vm.manifest.images[i], &plan.targets[i]);
+    let chunks = &layout.index.chunks;
+    progress.event(&ProgressEvent::ImageStarted {
+        image: img.slot_class,
+        partition: part.label.clone(),
+        size: img.size,
+    });
+    let mut tree = TreeHasher::new();
+    if from.bytes > 0 {
+        rehash_prefix(disk, part, &chunks[..from.chunk], &mut tree)?;
+        progress.event(&ProgressEvent::Resuming { image: img.slot_class, skipped: from.bytes });
+    }
+    let mut tally = Tally::new(part.start, from.bytes, req.checkpoint_bytes);
+    let sink = Sink { disk, at: part.start + from.bytes, label: &part.label };
+    let hook = Checkpoints { disk, label: &part.label, resume_file: req.resume_file.as_deref() };
+    let durable_target = durable::Target { file: disk, label: &part.label };
+    durable::settle_while(durable_target, SETTLE_QUEUE, hook, |settler| {
+        stream_chunks(cur, layout, from.chunk, sink, &mut |k, len, cur| {
+            // The whole-image digest, over what was handed to the disk, in that order.
+            tree.chunk(&chunks[k].sha256, u32::try_from(len).expect("chunk length"));
+            let due = tally.written(len as u64, k + 1 == chunks.len());
+            if let Some(span) = due.writeback {
+                settler.send(Job::Writeback(span))?;
+            }
+            report_retries(cur, progress);
+            progress.event(&ProgressEvent::Written {
+                image: img.slot_class,
+                done: tally.done,
+                total: img.size,
+            });
+            if due.checkpoint {
+                let at = ChunkPosition { chunk: k + 1, bytes: tally.done };
+                settler.send(Job::Checkpoint(plan.position(i, layout.index_offset, at)))?;
+            }
+            Ok(())
+        })
+    })?;
+    check_image_digest(req, img, tally.done, tree)?;
+    failpoint::hit("install.image-verified")?;
+    sync(disk, &part.label)?;
+    progress
+        .event(&ProgressEvent::ImageVerified { image: img.slot_class, sha256: img.sha256.clone() });
+    Ok(())
+}
+
+/// The whole image's digest over the chunks handed to the disk. On a mismatch what is on the
+/// partition cannot be trusted: the resume record is removed, the next attempt starts over.
+fn check_image_digest(
+    req: &InstallRequest<'_>,
+    img: &crate::bundle::ImageEntry,
+    done: u64,
+    tree: TreeHasher,
+) -> Result<(), InstallError> {
+    let actual = hex::encode(tree.finalize());
+    if done == img.size && actual == img.tree_sha256 {
+        return Ok(());
+    }
+    if let Some(path) = &req.resume_file {
+        clear_resume(path)?;
+    }
+    Err(BundleError::ImageHash {
+        image: img.slot_class,
+        what: "tree_sha256",
+        expected: img.tree_sha256.clone(),
+        actual,
+    }
+    .into())
+}
+
+/// Step 4: the boot image is slot-independent: point its cmdline.txt at this slot's root.
+fn point_cmdline_at_target(
+    req: &InstallRequest<'_>,
+    plan: &Plan<'_>,
+    progress: &mut dyn Progress,
+) -> Result<(), InstallError> {
+    let images = &plan.vm.manifest.images;
+    let Some(bi) = images.iter().position(|i| i.slot_class == SlotClass::Boot) else {
+        return Ok(());
+    };
+    let root_label = req.target.root().label;
+    let root = plan.parts.iter().find(|p| p.label == root_label).ok_or_else(|| {
+        InstallError::Disk(anyhow::anyhow!("{} has no partition {root_label}", req.disk.display()))
+    })?;
+    failpoint::hit("install.before-cmdline")?;
+    fix_cmdline(req.disk, &plan.targets[bi], &root.partuuid)?;
+    failpoint::hit("install.after-cmdline")?;
+    progress.event(&ProgressEvent::CmdlineFixed { partition: plan.targets[bi].label.clone() });
+    Ok(())
+}
+
+/// Step 4, the end: the resume record is removed; what was installed.
+fn finish(
+    cur: &mut BundleCursor<'_>,
+    req: &InstallRequest<'_>,
+    plan: &Plan<'_>,
+    written: Written,
+    progress: &mut dyn Progress,
+) -> Result<InstalledImages, InstallError> {
     failpoint::hit("install.before-clear-progress")?;
     if let Some(path) = &req.resume_file {
         clear_resume(path)?;
     }
     failpoint::hit("install.done")?;
+    let (vm, m) = (plan.vm, &plan.vm.manifest);
     progress.event(&ProgressEvent::Finished {
         version: m.version.to_string(),
         bytes_read: cur.bytes_read(),
@@ -707,10 +833,89 @@ fn install_from(
         security_epoch: m.security_epoch,
         key_id: vm.key_id.to_string(),
         manifest_sha256: vm.sha256.clone(),
-        slot: req.target,
-        images: installed,
-        resumed_bytes,
+        slot: plan.slot,
+        images: written.images,
+        resumed_bytes: written.resumed_bytes,
     })
+}
+
+/// Jobs the install may queue for its settling thread: a checkpoint's fsync then holds back
+/// the writer only after this many writebacks and checkpoints (at least 512 MiB of chunks).
+const SETTLE_QUEUE: usize = 64;
+
+/// The install's settling hook: at each checkpoint, fsync the partition, then record the
+/// checkpoint as the resume point. A checkpoint is recorded only after its fsync, and names
+/// only chunks written before it was queued: the resume record never runs ahead of the disk.
+/// When the writing fails (a chunk write, a power cut in a test), the checkpoints already
+/// queued are still made: they name whole chunks written before the failure, so the result is
+/// what a slightly later failure would have left.
+struct Checkpoints<'a> {
+    disk: &'a std::fs::File,
+    label: &'a str,
+    resume_file: Option<&'a Path>,
+}
+
+impl OnDurable for Checkpoints<'_> {
+    type Mark = ResumeRecord;
+    type Error = InstallError;
+
+    fn checkpoint(&mut self, rec: ResumeRecord) -> Result<(), InstallError> {
+        sync(self.disk, self.label)?;
+        match self.resume_file {
+            Some(path) => save_resume(path, &rec),
+            None => Ok(()),
+        }
+    }
+}
+
+impl From<DurableError> for InstallError {
+    fn from(e: DurableError) -> InstallError {
+        InstallError::Disk(e.into())
+    }
+}
+
+/// Counts one image's bytes as they are written, and says when to start the writeback of the
+/// last [`WRITEBACK_BYTES`] or more and when to checkpoint (every `checkpoint_bytes`, never
+/// after the last chunk: the image's own fsync follows).
+#[derive(Debug)]
+struct Tally {
+    /// Disk offset of the image.
+    base: u64,
+    /// Bytes of the image written.
+    done: u64,
+    since_checkpoint: u64,
+    unflushed: u64,
+    checkpoint_bytes: u64,
+}
+
+/// What is due after a chunk.
+#[derive(Debug, PartialEq, Eq)]
+struct Due {
+    writeback: Option<Span>,
+    checkpoint: bool,
+}
+
+impl Tally {
+    fn new(base: u64, done: u64, checkpoint_bytes: u64) -> Tally {
+        Tally { base, done, since_checkpoint: 0, unflushed: 0, checkpoint_bytes }
+    }
+
+    /// A chunk of `len` bytes was written; `last`: the image's last chunk.
+    fn written(&mut self, len: u64, last: bool) -> Due {
+        self.done += len;
+        self.since_checkpoint += len;
+        self.unflushed += len;
+        let mut writeback = None;
+        if self.unflushed >= WRITEBACK_BYTES {
+            writeback = Some(Span::at(self.base + self.done - self.unflushed, self.unflushed));
+            self.unflushed = 0;
+        }
+        let checkpoint = self.since_checkpoint >= self.checkpoint_bytes && !last;
+        if checkpoint {
+            self.since_checkpoint = 0;
+        }
+        Due { writeback, checkpoint }
+    }
 }
 
 /// Called in chunk order with each chunk written (its index and length), and the cursor (for
@@ -788,235 +993,286 @@ fn stream_chunks(
     sink: Sink<'_>,
     on_written: &mut OnWritten<'_>,
 ) -> Result<(), InstallError> {
-    use std::collections::BTreeMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc::channel;
     use std::sync::{Arc, Mutex};
-    let chunks = &layout.index.chunks;
-    let class = layout.entry.slot_class;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
-    // Batches handed out but not yet written; one more than the workers keeps each of them
-    // busy while this thread reads the next batch.
-    let max_in_flight = workers + 1;
-    // Compressed buffers are free again once decoded: one per worker is enough.
-    let (max_comp, mut comp_made) = (workers, 0usize);
-    let mut offset = layout.payload_offset
-        + chunks.iter().take(start).map(|c| u64::from(c.compressed_len)).sum::<u64>();
-    let mut disk_at = sink.at;
-    // Set when this thread stops early: workers then write nothing more.
-    let stop = AtomicBool::new(false);
-    /// A batch: its first chunk, chunk count, bundle offset, disk offset and compressed bytes.
-    type Job = (usize, usize, u64, u64, Vec<u8>);
-    let failpoints = failpoint::handle();
-    /// Back: first chunk, the compressed buffer (for reuse), `ok` chunks written, and the
-    /// error of chunk `first + ok` if any.
-    type Done = (usize, Vec<u8>, usize, Option<InstallError>);
+    let pool = Pool {
+        chunks: &layout.index.chunks,
+        class: layout.entry.slot_class,
+        sink,
+        stop: AtomicBool::new(false),
+        failpoints: failpoint::handle(),
+    };
+    let mut feed = Feed::new(layout, start, sink.at, workers);
     std::thread::scope(|s| {
-        let (work_tx, work_rx) = channel::<Job>();
-        let work_rx = Arc::new(Mutex::new(work_rx));
-        let (done_tx, done_rx) = channel::<Done>();
+        let (batch_tx, batch_rx) = channel::<Batch>();
+        let batch_rx = Arc::new(Mutex::new(batch_rx));
+        let (done_tx, done_rx) = channel::<BatchDone>();
         for _ in 0..workers {
-            let (rx, tx, stop, fp) = (work_rx.clone(), done_tx.clone(), &stop, &failpoints);
-            s.spawn(move || {
-                failpoint::adopt(fp);
-                let mut dec = zstd::bulk::Decompressor::new();
-                let mut plain = Vec::with_capacity(CHUNK_MAX as usize);
-                loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => break,
-                    };
-                    let Ok((first, count, batch_offset, mut at, comp)) = job else { break };
-                    let (mut ok, mut pos, mut err) = (0, 0usize, None);
-                    for (k, c) in chunks.iter().enumerate().skip(first).take(count) {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let end = pos + c.compressed_len as usize;
-                        let data = if is_zero_chunk(c) {
-                            Verified::Zeros(c.len as usize)
-                        } else {
-                            let result = match dec.as_mut() {
-                                Ok(d) => decode_chunk(d, &comp[pos..end], c, &mut plain),
-                                Err(e) => Err(format!("zstd: {e}")),
-                            };
-                            if let Err(reason) = result {
-                                err = Some(
-                                    BundleError::ChunkCorrupt {
-                                        image: class,
-                                        chunk: k,
-                                        offset: batch_offset + pos as u64,
-                                        reason,
-                                    }
-                                    .into(),
-                                );
-                                break;
-                            }
-                            Verified::Bytes(&plain)
-                        };
-                        pos = end;
-                        if let Some(n) = failpoint::torn("install.write-chunk", data.len()) {
-                            err = Some(match data.write_at(sink.disk, at, n) {
-                                Ok(()) => PowerCut("install.write-chunk".into()).into(),
-                                Err(e) => disk_err(e, "writing a chunk"),
-                            });
-                            break;
-                        }
-                        if let Err(e) = data.write_at(sink.disk, at, data.len()) {
-                            err = Some(disk_err(e, format!("writing {}", sink.label)));
-                            break;
-                        }
-                        at += data.len() as u64;
-                        ok += 1;
-                    }
-                    if tx.send((first, comp, ok, err)).is_err() {
-                        break;
-                    }
-                }
-            });
+            let (pool, rx, tx) = (&pool, batch_rx.clone(), done_tx.clone());
+            s.spawn(move || pool.work(&rx, &tx));
         }
         drop(done_tx);
-        let result = (|| {
-            let (mut next_read, mut next_write, mut in_flight) = (start, start, 0usize);
-            let mut pending: BTreeMap<usize, (usize, Option<InstallError>)> = BTreeMap::new();
-            let mut comp_pool: Vec<Vec<u8>> = Vec::new();
-            while next_write < chunks.len() {
-                while next_read < chunks.len()
-                    && in_flight < max_in_flight
-                    && (!comp_pool.is_empty() || comp_made < max_comp)
-                {
-                    // One batch: whole chunks up to BATCH_BYTES uncompressed, at least one.
-                    let (mut count, mut plain_len, mut comp_len, mut len) = (0, 0u64, 0u64, 0u64);
-                    for c in &chunks[next_read..] {
-                        let plain = if is_zero_chunk(c) { 0 } else { u64::from(c.len) };
-                        if count > 0 && plain_len + plain > BATCH_BYTES {
-                            break;
-                        }
-                        count += 1;
-                        plain_len += plain;
-                        comp_len += u64::from(c.compressed_len);
-                        len += u64::from(c.len);
-                    }
-                    let mut buf = comp_pool.pop().unwrap_or_else(|| {
-                        comp_made += 1;
-                        Vec::with_capacity(MAX_COMPRESSED_CHUNK as usize)
-                    });
-                    buf.resize(comp_len as usize, 0);
-                    cur.read_exact_at(offset, &mut buf)?;
-                    if work_tx.send((next_read, count, offset, disk_at, buf)).is_err() {
-                        break;
-                    }
-                    offset += comp_len;
-                    disk_at += len;
-                    next_read += count;
-                    in_flight += 1;
-                }
-                let Ok((first, comp, ok, err)) = done_rx.recv() else {
-                    return Err(InstallError::Disk(anyhow::anyhow!("the chunk writers stopped")));
-                };
-                comp_pool.push(comp);
-                pending.insert(first, (ok, err));
-                while let Some((ok, err)) = pending.remove(&next_write) {
-                    let first = next_write;
-                    for (k, c) in chunks.iter().enumerate().skip(first).take(ok) {
-                        on_written(k, c.len as usize, cur)?;
-                    }
-                    if let Some(e) = err {
-                        return Err(e);
-                    }
-                    in_flight -= 1;
-                    next_write = first + ok;
-                }
-            }
-            Ok(())
-        })();
-        stop.store(true, Ordering::Relaxed);
-        drop(work_tx);
+        let result = feed.run(cur, &batch_tx, &done_rx, on_written);
+        // Workers write nothing more once this thread stopped, and end when the batches do.
+        pool.stop.store(true, Ordering::Relaxed);
+        drop(batch_tx);
         result
     })
 }
 
-/// Work for the [`settling`] thread, in the order the chunks were written.
-enum Settle {
-    /// Start writing back this byte range of the disk ([`start_writeback`]).
-    Writeback(u64, u64),
-    /// Everything up to this position is written: fsync, then record it as the resume point.
-    Checkpoint(ResumeRecord),
+/// Whole chunks handed to a worker at once.
+struct Batch {
+    /// Index of its first chunk.
+    first: usize,
+    count: usize,
+    /// Bundle offset of its compressed bytes (for errors).
+    offset: u64,
+    /// Disk offset of its first chunk.
+    disk_at: u64,
+    compressed: Vec<u8>,
 }
 
-/// The sending end of the [`settling`] thread.
-struct Settler(std::sync::mpsc::Sender<Settle>);
+/// A worker's report on a [`Batch`].
+struct BatchDone {
+    first: usize,
+    /// The batch's buffer, given back for the next batch.
+    compressed: Vec<u8>,
+    /// Chunks written, from `first` on.
+    written: usize,
+    /// Why chunk `first + written` was not written, if it was not.
+    error: Option<InstallError>,
+}
 
-impl Settler {
-    /// Queues `job`; fails once a job before it failed: the settling thread then has stopped
-    /// and dropped its end (its error is the one [`settling`] returns).
-    fn send(&self, job: Settle) -> Result<(), InstallError> {
-        self.0.send(job).map_err(|_| InstallError::Disk(anyhow::anyhow!("a checkpoint failed")))
+/// What the chunk workers share.
+struct Pool<'a> {
+    chunks: &'a [ChunkEntry],
+    class: SlotClass,
+    sink: Sink<'a>,
+    /// Set when the reading thread stops early: workers then write nothing more.
+    stop: AtomicBool,
+    failpoints: failpoint::Handle,
+}
+
+impl Pool<'_> {
+    /// A worker: decodes, verifies and writes batches until there are none or no one listens.
+    fn work(&self, batches: &std::sync::Mutex<Receiver<Batch>>, done: &Sender<BatchDone>) {
+        failpoint::adopt(&self.failpoints);
+        let mut dec = zstd::bulk::Decompressor::new();
+        let mut plain = Vec::with_capacity(CHUNK_MAX as usize);
+        loop {
+            let batch = match batches.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => break,
+            };
+            let Ok(batch) = batch else { break };
+            if done.send(self.write_batch(batch, &mut dec, &mut plain)).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Decodes and verifies each chunk of `batch`, then writes it; stops at the first error.
+    fn write_batch(
+        &self,
+        batch: Batch,
+        dec: &mut std::io::Result<zstd::bulk::Decompressor<'static>>,
+        plain: &mut Vec<u8>,
+    ) -> BatchDone {
+        let (mut written, mut pos, mut at) = (0, 0usize, batch.disk_at);
+        let mut error = None;
+        for (k, c) in self.chunks.iter().enumerate().skip(batch.first).take(batch.count) {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let end = pos + c.compressed_len as usize;
+            let data = if is_zero_chunk(c) {
+                Verified::Zeros(c.len as usize)
+            } else {
+                let result = match dec.as_mut() {
+                    Ok(d) => decode_chunk(d, &batch.compressed[pos..end], c, plain),
+                    Err(e) => Err(format!("zstd: {e}")),
+                };
+                if let Err(reason) = result {
+                    let offset = batch.offset + pos as u64;
+                    let e =
+                        BundleError::ChunkCorrupt { image: self.class, chunk: k, offset, reason };
+                    error = Some(e.into());
+                    break;
+                }
+                Verified::Bytes(plain)
+            };
+            pos = end;
+            if let Err(e) = self.write_chunk(data, at) {
+                error = Some(e);
+                break;
+            }
+            at += data.len() as u64;
+            written += 1;
+        }
+        BatchDone { first: batch.first, compressed: batch.compressed, written, error }
+    }
+
+    /// Writes a verified chunk at `at` (torn by the `install.write-chunk` failpoint in tests).
+    fn write_chunk(&self, data: Verified<'_>, at: u64) -> Result<(), InstallError> {
+        if let Some(n) = failpoint::torn("install.write-chunk", data.len()) {
+            return Err(match data.write_at(self.sink.disk, at, n) {
+                Ok(()) => PowerCut("install.write-chunk".into()).into(),
+                Err(e) => disk_err(e, "writing a chunk"),
+            });
+        }
+        data.write_at(self.sink.disk, at, data.len())
+            .map_err(|e| disk_err(e, format!("writing {}", self.sink.label)))
     }
 }
 
-/// Runs `f` (the writing of one image) with a helper thread that does the blocking parts of
-/// making the writes durable, in order: starting the writeback of written ranges and, at each
-/// checkpoint, the fsync and then the resume record. On the calling thread they stalled the
-/// reading and handing out of chunks (about 140 ms of a 0.8 s install of 1.1 GiB), and the
-/// chunk workers ran dry meanwhile. A checkpoint is recorded only after its fsync, and it only
-/// names chunks that were written before it was queued, so the resume record never runs ahead
-/// of the disk. When `f` fails (a chunk write, a power cut in a test), the checkpoints already
-/// queued are still made: they name whole chunks written before the failure, so the result is
-/// what a slightly later failure would have left. When the helper fails, `f` stops at its next
-/// job and the helper's error is returned (the calling thread's is only its echo). The helper
-/// shares the caller's failpoints.
-fn settling<T>(
-    disk: &std::fs::File,
-    label: &str,
-    resume_file: Option<&Path>,
-    f: impl FnOnce(&Settler) -> Result<T, InstallError>,
-) -> Result<T, InstallError> {
-    let failpoints = failpoint::handle();
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel::<Settle>();
-        let failpoints = &failpoints;
-        // On an error the helper returns, which drops `rx`: the next `send` fails.
-        let helper = s.spawn(move || {
-            failpoint::adopt(failpoints);
-            for job in rx {
-                let done = match job {
-                    Settle::Writeback(at, len) => {
-                        start_writeback(disk, at, len);
-                        Ok(())
-                    }
-                    Settle::Checkpoint(rec) => sync(disk, label).and_then(|()| match resume_file {
-                        Some(path) => save_resume(path, &rec),
-                        None => Ok(()),
-                    }),
-                };
-                done?;
+/// The reading thread's side of [`stream_chunks`]: reads batches in order and hands them out,
+/// keeping every worker busy, and takes the reports back in chunk order.
+struct Feed<'a> {
+    chunks: &'a [ChunkEntry],
+    /// Next chunk to read, and next chunk whose report is awaited.
+    next_read: usize,
+    next_write: usize,
+    /// Bundle offset of `next_read`'s compressed bytes, and its disk offset.
+    offset: u64,
+    disk_at: u64,
+    /// Batches handed out and not yet reported, and their limit: one more than the workers
+    /// keeps each of them busy while this thread reads the next batch.
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Compressed buffers free again, buffers made, and their limit (one per worker: they are
+    /// free again once decoded).
+    buffers: Vec<Vec<u8>>,
+    made: usize,
+    max_buffers: usize,
+    /// Reports that came before one of an earlier batch.
+    early: std::collections::BTreeMap<usize, BatchDone>,
+}
+
+impl<'a> Feed<'a> {
+    fn new(layout: &'a ImageLayout, start: usize, disk_at: u64, workers: usize) -> Feed<'a> {
+        let chunks = &layout.index.chunks;
+        let skipped: u64 = chunks.iter().take(start).map(|c| u64::from(c.compressed_len)).sum();
+        Feed {
+            chunks,
+            next_read: start,
+            next_write: start,
+            offset: layout.payload_offset + skipped,
+            disk_at,
+            in_flight: 0,
+            max_in_flight: workers + 1,
+            buffers: Vec::new(),
+            made: 0,
+            max_buffers: workers,
+            early: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn run(
+        &mut self,
+        cur: &mut BundleCursor<'_>,
+        batches: &Sender<Batch>,
+        done: &Receiver<BatchDone>,
+        on_written: &mut OnWritten<'_>,
+    ) -> Result<(), InstallError> {
+        while self.next_write < self.chunks.len() {
+            self.hand_out(cur, batches)?;
+            let Ok(mut report) = done.recv() else {
+                return Err(InstallError::Disk(anyhow::anyhow!("the chunk writers stopped")));
+            };
+            self.buffers.push(std::mem::take(&mut report.compressed));
+            self.early.insert(report.first, report);
+            self.take_in_order(cur, on_written)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and hands out batches while a worker and a buffer are free.
+    fn hand_out(
+        &mut self,
+        cur: &mut BundleCursor<'_>,
+        batches: &Sender<Batch>,
+    ) -> Result<(), InstallError> {
+        while self.next_read < self.chunks.len()
+            && self.in_flight < self.max_in_flight
+            && (!self.buffers.is_empty() || self.made < self.max_buffers)
+        {
+            let size = BatchSize::of(&self.chunks[self.next_read..]);
+            let mut buf = self.buffers.pop().unwrap_or_else(|| {
+                self.made += 1;
+                Vec::with_capacity(MAX_COMPRESSED_CHUNK as usize)
+            });
+            buf.resize(size.compressed as usize, 0);
+            cur.read_exact_at(self.offset, &mut buf)?;
+            let batch = Batch {
+                first: self.next_read,
+                count: size.count,
+                offset: self.offset,
+                disk_at: self.disk_at,
+                compressed: buf,
+            };
+            if batches.send(batch).is_err() {
+                break;
             }
-            Ok(())
-        });
-        let result = f(&Settler(tx));
-        let settled = helper.join().unwrap_or_else(|_| {
-            Err(InstallError::Disk(anyhow::anyhow!("the settling thread panicked")))
-        });
-        settled.and(result)
-    })
+            self.offset += size.compressed;
+            self.disk_at += size.len;
+            self.next_read += size.count;
+            self.in_flight += 1;
+        }
+        Ok(())
+    }
+
+    /// Calls `on_written` for the chunks of every report that is next in order; a report's
+    /// error is returned once the chunks before it have been handed on.
+    fn take_in_order(
+        &mut self,
+        cur: &mut BundleCursor<'_>,
+        on_written: &mut OnWritten<'_>,
+    ) -> Result<(), InstallError> {
+        while let Some(report) = self.early.remove(&self.next_write) {
+            let first = report.first;
+            for (k, c) in self.chunks.iter().enumerate().skip(first).take(report.written) {
+                on_written(k, c.len as usize, cur)?;
+            }
+            if let Some(e) = report.error {
+                return Err(e);
+            }
+            self.in_flight -= 1;
+            self.next_write = first + report.written;
+        }
+        Ok(())
+    }
 }
 
-/// Written bytes after which their writeback is started ([`start_writeback`]).
+/// The next batch: whole chunks up to [`BATCH_BYTES`] uncompressed, at least one.
+#[derive(Debug, PartialEq, Eq)]
+struct BatchSize {
+    count: usize,
+    /// Its compressed bytes in the bundle.
+    compressed: u64,
+    /// Its bytes on the disk.
+    len: u64,
+}
+
+impl BatchSize {
+    fn of(chunks: &[ChunkEntry]) -> BatchSize {
+        let (mut count, mut plain_len, mut compressed, mut len) = (0, 0u64, 0u64, 0u64);
+        for c in chunks {
+            let plain = if is_zero_chunk(c) { 0 } else { u64::from(c.len) };
+            if count > 0 && plain_len + plain > BATCH_BYTES {
+                break;
+            }
+            count += 1;
+            plain_len += plain;
+            compressed += u64::from(c.compressed_len);
+            len += u64::from(c.len);
+        }
+        BatchSize { count, compressed, len }
+    }
+}
+
+/// Written bytes after which their writeback is started ([`Job::Writeback`]).
 const WRITEBACK_BYTES: u64 = 8 << 20;
-
-/// Starts writing `len` bytes at `offset` of the disk back to storage without waiting (like
-/// GNU dd's `oflag=nocache`: `posix_fadvise(DONTNEED)` queues the dirty pages for writeback
-/// and drops clean ones). The storage then works while the next chunks are decompressed and
-/// verified, each checkpoint's fsync finds little left to do, and an image of several GiB
-/// does not push the device's other pages out of its cache. Purely advisory: durability still
-/// comes from the fsyncs, and errors are ignored.
-fn start_writeback(disk: &std::fs::File, offset: u64, len: u64) {
-    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
-    let _ = posix_fadvise(disk.as_raw_fd(), offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-}
 
 fn sync(disk: &std::fs::File, label: &str) -> Result<(), InstallError> {
     failpoint::hit("install.before-sync")?;

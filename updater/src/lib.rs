@@ -13,6 +13,7 @@ pub mod connectivity;
 pub mod daemon;
 pub mod daemon_record;
 pub mod disk;
+pub mod durable;
 // The power-cut failpoints: public only where they can be armed (docs/design.md, "Failpoints").
 #[cfg(any(test, feature = "failpoints"))]
 pub mod failpoint;

@@ -593,3 +593,65 @@ fn read_manifest_verifies_without_writing() {
         Err(InstallError::Bundle(BundleError::Signature(SignError::UnknownKey(_))))
     ));
 }
+
+#[test]
+fn the_tally_starts_writebacks_every_8_mib_and_checkpoints_but_not_after_the_last_chunk() {
+    let mut t = Tally::new(1 << 30, 0, 12 << 20);
+    let due = |t: &mut Tally, len: u64, last| t.written(len << 20, last);
+    assert_eq!(due(&mut t, 4, false), Due { writeback: None, checkpoint: false });
+    assert_eq!(
+        due(&mut t, 4, false),
+        Due { writeback: Some(Span::at(1 << 30, 8 << 20)), checkpoint: false }
+    );
+    assert_eq!(due(&mut t, 4, false), Due { writeback: None, checkpoint: true });
+    assert_eq!(
+        due(&mut t, 5, false),
+        Due { writeback: Some(Span::at((1 << 30) + (8 << 20), 9 << 20)), checkpoint: false }
+    );
+    // 13 MiB since the checkpoint, but the image's last chunk: its own fsync follows.
+    assert_eq!(due(&mut t, 4, true), Due { writeback: None, checkpoint: false });
+    assert_eq!(t.done, 21 << 20);
+    // A resumed image counts on from where it was.
+    let mut resumed = Tally::new(0, 40 << 20, 64 << 20);
+    assert_eq!(
+        resumed.written(8 << 20, false),
+        Due { writeback: Some(Span::at(40 << 20, 8 << 20)), checkpoint: false }
+    );
+}
+
+#[test]
+fn batches_hold_whole_chunks_up_to_the_batch_size_and_zero_chunks_take_no_room() {
+    let f = Fixture::new();
+    let chunks = index_of(&f.bundle, "root.index", f.root.len() as u64).chunks;
+    let size = BatchSize::of(&chunks);
+    assert!(size.count >= 1 && size.count <= chunks.len());
+    let sizes = &chunks[..size.count];
+    assert_eq!(size.compressed, sizes.iter().map(|c| u64::from(c.compressed_len)).sum::<u64>());
+    assert_eq!(size.len, sizes.iter().map(|c| u64::from(c.len)).sum::<u64>());
+    let plain = |c: &ChunkEntry| if is_zero_chunk(c) { 0 } else { u64::from(c.len) };
+    let held: u64 = sizes.iter().map(plain).sum();
+    assert!(size.count == 1 || held <= BATCH_BYTES, "{size:?}");
+    if let Some(next) = chunks.get(size.count) {
+        assert!(held + plain(next) > BATCH_BYTES, "{size:?} stopped early");
+    }
+    let zero_sha = Sha256::digest(vec![0u8; CHUNK_MAX as usize]).into();
+    let zero = ChunkEntry { sha256: zero_sha, len: CHUNK_MAX, compressed_len: 9 };
+    let data = ChunkEntry { sha256: [1; 32], len: CHUNK_MAX, compressed_len: 1000 };
+    let zeros_then_data = BatchSize::of(&[zero, zero, data, data]);
+    assert!(is_zero_chunk(&zero));
+    assert_eq!(
+        zeros_then_data,
+        BatchSize { count: 3, compressed: 1018, len: 3 * u64::from(CHUNK_MAX) }
+    );
+}
+
+#[test]
+fn a_resume_position_counts_only_on_a_chunk_boundary() {
+    let c = |len| ChunkEntry { sha256: [7; 32], len, compressed_len: 10 };
+    let chunks = [c(100), c(200), c(50)];
+    let at = |chunk, bytes| ChunkPosition { chunk, bytes };
+    assert_eq!(at(2, 300).on_boundary_of(&chunks), at(2, 300));
+    assert_eq!(at(3, 350).on_boundary_of(&chunks), at(3, 350));
+    assert_eq!(at(2, 299).on_boundary_of(&chunks), ChunkPosition::default());
+    assert_eq!(at(4, 350).on_boundary_of(&chunks), ChunkPosition::default());
+}
