@@ -120,30 +120,10 @@ pub fn check_manifest(m: &Manifest, device: &DeviceFacts) -> Result<(), Refusal>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::{datetime_from_unix, ImageEntry, SlotClass, FORMAT};
+    use crate::bundle::tests::manifest;
 
     fn v(s: &str) -> Version {
         Version::parse(s).unwrap()
-    }
-
-    fn manifest() -> Manifest {
-        let sha = "ab".repeat(32);
-        Manifest {
-            format: FORMAT,
-            compatible: "metrica-test".into(),
-            version: v("1.2.3"),
-            security_epoch: 2,
-            created: datetime_from_unix(0),
-            images: vec![ImageEntry {
-                slot_class: SlotClass::Root,
-                size: 10,
-                sha256: sha.clone(),
-                tree_sha256: "cd".repeat(32),
-                index: "root.index".into(),
-                index_sha256: sha,
-                payload: "root.payload".into(),
-            }],
-        }
     }
 
     #[test]

@@ -1271,13 +1271,14 @@ pub mod testkit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::testkit::*;
     use super::*;
     use crate::sign::tests::test_key;
     use crate::sign::MAX_SIGNATURE_FILE;
 
-    fn manifest() -> Manifest {
+    /// A valid manifest: metrica-test 1.2.3, security epoch 2, one root image.
+    pub(crate) fn manifest() -> Manifest {
         let sha = "ab".repeat(32);
         Manifest {
             format: FORMAT,

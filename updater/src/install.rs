@@ -8,7 +8,7 @@
 //! Source::parse("-" | "http(s)://..." | path)          Source::{File, Stdin, Url, Reader, Fetch}
 //! InstallRequest::new(disk, target_slot, &keyring, &policy)   .resume_file(Some(path)) etc.
 //! trait Policy { fn check(&self, &Manifest) -> Result<(), Refusal> }  (DeviceFacts implements it)
-//! bundle::check_manifest(&Manifest, &DeviceFacts) -> Result<(), Refusal>   (pure)
+//! acceptance::check_manifest(&Manifest, &DeviceFacts) -> Result<(), Refusal>   (pure)
 //! progress_path(data_dir) -> data_dir/metrica/install-progress.json       (the resume record)
 //! trait Progress { fn event(&mut self, &ProgressEvent) }: NoProgress, JsonLines, TerminalBar
 //! read_manifest(source, &keyring) -> Result<VerifiedManifest, InstallError>  (verify only)
