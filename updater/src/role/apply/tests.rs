@@ -311,16 +311,10 @@ fn bad_releases_are_refused_and_the_running_role_stays() {
             "validation sh check.sh failed",
             |b| {
                 let src = b.bundle("1.1.0", "", Release::new(&[("web", "w:1")]));
-                let t = std::fs::read_to_string(src.join(ROLE_FILE))
-                    .unwrap()
-                    .replace("[apply]", "validate = [\"sh\", \"check.sh\"]\n[apply]");
-                std::fs::write(src.join(ROLE_FILE), t).unwrap();
-                std::fs::write(
-                    src.join("check.sh"),
+                with_validation_script(
+                    src,
                     "echo \"MQTT_PASSWORD is not set for $METRICA_ROLE\" >&2; exit 1\n",
                 )
-                .unwrap();
-                src
             },
             true,
         ),
@@ -370,16 +364,21 @@ fn the_validation_script_sees_the_role_and_a_present_device_passes() {
         "[devices]\nrequired = [\"/dev/video0\"]\n",
         Release::new(&[("web", "w:1")]),
     );
+    let src = with_validation_script(
+        src,
+        "test \"$METRICA_ROLE $METRICA_ROLE_VERSION\" = \"web 1.0.0\" && test -f compose.yaml\n",
+    );
+    committed(b.apply(&src).unwrap());
+}
+
+/// The release folder `src` with `check.sh` (this script) as its role's validation command.
+fn with_validation_script(src: PathBuf, script: &str) -> PathBuf {
     let t = std::fs::read_to_string(src.join(ROLE_FILE))
         .unwrap()
         .replace("[apply]", "validate = [\"sh\", \"check.sh\"]\n[apply]");
     std::fs::write(src.join(ROLE_FILE), t).unwrap();
-    std::fs::write(
-        src.join("check.sh"),
-        "test \"$METRICA_ROLE $METRICA_ROLE_VERSION\" = \"web 1.0.0\" && test -f compose.yaml\n",
-    )
-    .unwrap();
-    committed(b.apply(&src).unwrap());
+    std::fs::write(src.join("check.sh"), script).unwrap();
+    src
 }
 
 #[test]
