@@ -11,6 +11,7 @@
 //! - [`safe_mode`]: when to enter and leave safe mode, and the switch of stacks.
 
 pub mod apply;
+pub mod bundle;
 pub mod docker;
 pub mod engine;
 #[cfg(any(test, feature = "testkit"))]
