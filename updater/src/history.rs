@@ -41,13 +41,23 @@ pub enum HistoryEvent {
     /// The daemon: an install it would not start.
     Refused,
     InstallFailed,
+    /// A role release committed (version: the release; reason: the role's name).
+    RoleApplied,
+    /// A role release failed after its switch and the previous one runs again.
+    RoleRolledBack,
+    /// A role release refused before anything that runs was touched.
+    RoleRefused,
+    /// A role apply cut short (power cut, crash) finished at start.
+    RoleRecovered,
+    SafeModeEnter,
+    SafeModeExit,
     /// An event this version does not know (written by another one), kept as it was.
     Other(String),
 }
 
 impl HistoryEvent {
     /// Every known event, in the order of [`HistoryEvent`].
-    pub const KNOWN: [HistoryEvent; 16] = [
+    pub const KNOWN: [HistoryEvent; 22] = [
         HistoryEvent::Init,
         HistoryEvent::InstallStarted,
         HistoryEvent::Install,
@@ -64,6 +74,12 @@ impl HistoryEvent {
         HistoryEvent::Decision,
         HistoryEvent::Refused,
         HistoryEvent::InstallFailed,
+        HistoryEvent::RoleApplied,
+        HistoryEvent::RoleRolledBack,
+        HistoryEvent::RoleRefused,
+        HistoryEvent::RoleRecovered,
+        HistoryEvent::SafeModeEnter,
+        HistoryEvent::SafeModeExit,
     ];
 
     /// The name in the file and in `updater status` (as serialized).
@@ -85,6 +101,12 @@ impl HistoryEvent {
             HistoryEvent::Decision => "decision",
             HistoryEvent::Refused => "refused",
             HistoryEvent::InstallFailed => "install-failed",
+            HistoryEvent::RoleApplied => "role-applied",
+            HistoryEvent::RoleRolledBack => "role-rolled-back",
+            HistoryEvent::RoleRefused => "role-refused",
+            HistoryEvent::RoleRecovered => "role-recovered",
+            HistoryEvent::SafeModeEnter => "safe-mode-enter",
+            HistoryEvent::SafeModeExit => "safe-mode-exit",
             HistoryEvent::Other(name) => name,
         }
     }

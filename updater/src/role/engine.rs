@@ -60,21 +60,21 @@ pub fn project_name(role: &str) -> String {
 }
 
 /// One container of a project, as `docker compose ps` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct Container {
-    #[serde(rename = "ID")]
+    #[serde(rename(deserialize = "ID"))]
     pub id: String,
-    #[serde(rename = "Name")]
+    #[serde(rename(deserialize = "Name"))]
     pub name: String,
-    #[serde(rename = "Service")]
+    #[serde(rename(deserialize = "Service"))]
     pub service: String,
     /// `running`, `exited`, `restarting`, `created`, ...
-    #[serde(rename = "State")]
+    #[serde(rename(deserialize = "State"))]
     pub state: String,
     /// `healthy`, `unhealthy`, `starting`, or empty when the image has no health check.
-    #[serde(rename = "Health", default)]
+    #[serde(rename(deserialize = "Health"), default)]
     pub health: String,
-    #[serde(rename = "ExitCode", default)]
+    #[serde(rename(deserialize = "ExitCode"), default)]
     pub exit_code: i64,
 }
 

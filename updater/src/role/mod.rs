@@ -8,7 +8,8 @@
 //! - [`limits`]: `[resources]` as a compose override file;
 //! - [`health`]: health checks, probation, crash-loop detection;
 //! - [`apply`]: one release applied as a chain of steps, with rollback, and recovery at start;
-//! - [`safe_mode`]: when to enter and leave safe mode, and the switch of stacks.
+//! - [`safe_mode`]: when to enter and leave safe mode, and the switch of stacks;
+//! - [`service`]: the entry point of the CLI and the daemon (lock, bundle, history, safe mode).
 
 pub mod apply;
 pub mod bundle;
@@ -20,4 +21,5 @@ pub mod health;
 pub mod layout;
 pub mod limits;
 pub mod safe_mode;
+pub mod service;
 pub mod spec;

@@ -32,7 +32,7 @@ pub use config_partition::{
     COMMIT_FAILPOINTS,
 };
 pub use install_policy::InstallPolicy;
-pub use lock::LockBusy;
+pub use lock::{lock_data_dir, LockBusy};
 pub use partio::config_partition;
 #[cfg(test)]
 pub use selector::FileSelector;
