@@ -45,7 +45,7 @@ pub enum Command {
     /// Show what an image or a bundle holds (partitions, autoboot.txt, slots; manifest and
     /// signature), or read one file from an image.
     Inspect {
-        /// A disk image made by `imager build`, or an OS bundle (.mfb).
+        /// A disk image made by `imager build`, an OS bundle (.mfb) or a role bundle (.mfr).
         path: PathBuf,
         /// Check a bundle's signature against this keyring folder (of *.pub.pem files).
         #[arg(long, value_name = "DIR")]
@@ -142,6 +142,36 @@ pub enum Command {
     Channel {
         #[command(subcommand)]
         command: ChannelCommand,
+    },
+    /// Role bundles (.mfr): build a signed release of a role (docs/roles.md).
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Build DIR/NAME-VERSION.mfr, a signed role bundle, from a role folder (role.toml is
+    /// checked with the device's strict schema first). The same inputs give the same bytes.
+    Build {
+        /// The role folder, e.g. roles/zigbee-hub: role.toml, the compose file and its files.
+        role: PathBuf,
+        /// The private key that signs the bundle.
+        #[arg(long)]
+        key: PathBuf,
+        /// Output folder (created).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Image archives (`docker save`) to carry as images/FILE.tar, for offline devices.
+        #[arg(long, value_name = "FILE.tar", num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// `created` time of the manifest and every entry (seconds since 1970).
+        #[arg(long, env = "SOURCE_DATE_EPOCH")]
+        source_date_epoch: Option<u64>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -484,6 +514,28 @@ fn run(cli: Cli) -> Result<()> {
             run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout, sequence)
         }
         Command::Channel { command } => run_channel(command),
+        Command::Role {
+            command: RoleCommand::Build { role, key, output, images, source_date_epoch, json },
+        } => {
+            let key = crate::keys::load_signing_key(&key)?;
+            let created = source_date_epoch.map_or_else(unix_now, Ok)?;
+            let built =
+                crate::role::build(&role, &images, &key, &output, created, &Progress::detect())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&built)?);
+            }
+            eprintln!(
+                "built role bundle {} ({} {}, {} files, {} images, {} bytes, key {})",
+                built.path.display(),
+                built.name,
+                built.version,
+                built.files,
+                built.images,
+                built.size,
+                built.key_id
+            );
+            Ok(())
+        }
     }
 }
 
@@ -518,6 +570,22 @@ fn run_inspect(
     cat: Option<&str>,
     json: bool,
 ) -> Result<()> {
+    if crate::role::is_role_bundle(path) {
+        let ring = keyring.map(Keyring::load).transpose().context("loading the keyring")?;
+        let inspection = crate::role::inspect(path, ring.as_ref())?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&inspection)?);
+        } else {
+            print!("{inspection}");
+        }
+        if matches!(inspection.signature, crate::role::SignatureStatus::Invalid { .. }) {
+            anyhow::bail!(
+                "{}: the role bundle does not verify against the keyring",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
     if is_bundle(path)? {
         let inspection = crate::bundle::inspect(path, keyring)?;
         print!("{inspection}");

@@ -22,5 +22,6 @@ pub mod progress;
 pub mod provision;
 pub mod publish;
 pub mod recipe;
+pub mod role;
 pub mod rootfs;
 pub mod target;
