@@ -117,9 +117,11 @@ pub enum Command {
     },
     /// Publish an OS bundle to a channel: verify it, copy it to FOLDER/bundles/, and write the
     /// signed FOLDER/channels/CHANNEL.toml (and .sig) offering it, with the next sequence.
-    /// Any static web server can serve FOLDER (docs/channels.md).
+    /// Any static web server can serve FOLDER (docs/channels.md). A role bundle (.mfr) goes to
+    /// FOLDER/roles/NAME/VERSION.mfr and sets the channel's [roles.NAME] target instead.
     Publish {
-        /// The OS bundle (.mfb), e.g. made by `imager build` or `imager bundle`.
+        /// The OS bundle (.mfb), e.g. made by `imager build` or `imager bundle`, or a role
+        /// bundle (.mfr) made by `imager role build`.
         bundle: PathBuf,
         #[command(flatten)]
         target: ChannelArgs,
@@ -271,6 +273,15 @@ impl RolloutArgs {
     }
 }
 
+/// `--role NAME` of the channel commands.
+#[derive(Debug, clap::Args)]
+pub struct RoleArg {
+    /// Edit the channel's [roles.NAME] target (or the device's overrides of that role)
+    /// instead of the OS one.
+    #[arg(long, value_name = "NAME")]
+    pub role: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ChannelCommand {
     /// Change the OS rollout (percent, segments, not_before, waves); with no option, only
@@ -279,23 +290,31 @@ pub enum ChannelCommand {
         #[command(flatten)]
         target: ChannelArgs,
         #[command(flatten)]
+        role: RoleArg,
+        #[command(flatten)]
         rollout: RolloutArgs,
     },
     /// Emergency stop: no device starts an update from this channel (a pin still applies).
     Pause {
         #[command(flatten)]
         target: ChannelArgs,
+        #[command(flatten)]
+        role: RoleArg,
     },
     /// Undo `pause`.
     Resume {
         #[command(flatten)]
         target: ChannelArgs,
+        #[command(flatten)]
+        role: RoleArg,
     },
     /// Force every device of the channel to VERSION (also down, within the security epoch);
     /// its bundle must be in FOLDER/bundles/.
     Pin {
         #[command(flatten)]
         target: ChannelArgs,
+        #[command(flatten)]
+        role: RoleArg,
         /// The version, e.g. 1.4.2.
         #[arg(long)]
         version: semver::Version,
@@ -313,12 +332,16 @@ pub enum ChannelCommand {
     Unpin {
         #[command(flatten)]
         target: ChannelArgs,
+        #[command(flatten)]
+        role: RoleArg,
     },
     /// Set or remove the per-device overrides of one device in the channel's devices table
     /// (they win over the same fields of the device's provisioning).
     Device {
         #[command(flatten)]
         target: ChannelArgs,
+        #[command(flatten)]
+        role: RoleArg,
         /// The device id (as in its provisioning).
         #[arg(long)]
         id: String,
@@ -387,17 +410,28 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
     use crate::publish::{edit, Edit, Signer};
     let progress = Progress::detect();
     let now = unix_now()?;
+    if let Some((target, role, change, keyring)) = role_edit(&command, now)? {
+        let key = crate::keys::load_signing_key(&target.key)?;
+        let ring = keyring_or_key(keyring, &key)?;
+        let signer = Signer { key: &key, expires_in: target.expires_in, now };
+        let (folder, channel) = (&target.folder, &target.channel);
+        let p = crate::publish::roles::edit_role(
+            folder, channel, role, &change, &ring, &signer, &progress,
+        )?;
+        report(&p);
+        return Ok(());
+    }
     let (target, change, keyring) = match command {
         ChannelCommand::Show { folder, channel, keyring } => {
             return show_channel(&folder, &channel, keyring.as_deref(), now);
         }
-        ChannelCommand::Set { target, rollout } => {
+        ChannelCommand::Set { target, rollout, .. } => {
             let change = rollout.change(now)?;
             (target, Edit::Set(change), None)
         }
-        ChannelCommand::Pause { target } => (target, Edit::Pause, None),
-        ChannelCommand::Resume { target } => (target, Edit::Resume, None),
-        ChannelCommand::Unpin { target } => (target, Edit::Unpin, None),
+        ChannelCommand::Pause { target, .. } => (target, Edit::Pause, None),
+        ChannelCommand::Resume { target, .. } => (target, Edit::Resume, None),
+        ChannelCommand::Unpin { target, .. } => (target, Edit::Unpin, None),
         ChannelCommand::Device {
             target,
             id,
@@ -406,16 +440,18 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
             follow,
             reason,
             remove,
+            ..
         } => {
             let entry = (!remove).then_some(updater::channel::DeviceOverride {
                 version_lock,
                 auto_update,
                 channel: follow,
                 reason,
+                ..Default::default()
             });
             (target, Edit::Device { id, entry }, None)
         }
-        ChannelCommand::Pin { target, version, reason, expires, keyring } => {
+        ChannelCommand::Pin { target, version, reason, expires, keyring, .. } => {
             let expires = expires
                 .map(|e| crate::publish::parse_when(&e, now))
                 .transpose()
@@ -429,6 +465,55 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
     let p = edit(&target.folder, &target.channel, &change, &ring, &signer, &progress)?;
     report(&p);
     Ok(())
+}
+
+/// The role edit of a channel command given `--role NAME`: (target, role, edit, keyring).
+type RoleEditArgs<'a> =
+    (&'a ChannelArgs, &'a str, crate::publish::roles::RoleEdit, Option<&'a std::path::Path>);
+
+fn role_edit(command: &ChannelCommand, now: u64) -> Result<Option<RoleEditArgs<'_>>> {
+    use crate::publish::roles::RoleEdit;
+    let (target, role, edit, keyring) = match command {
+        ChannelCommand::Set { target, role, rollout } => {
+            (target, role, RoleEdit::Set(rollout.change(now)?), None)
+        }
+        ChannelCommand::Pause { target, role } => (target, role, RoleEdit::Pause, None),
+        ChannelCommand::Resume { target, role } => (target, role, RoleEdit::Resume, None),
+        ChannelCommand::Unpin { target, role } => (target, role, RoleEdit::Unpin, None),
+        ChannelCommand::Pin { target, role, version, reason, expires, keyring } => {
+            let expires = expires
+                .as_deref()
+                .map(|e| crate::publish::parse_when(e, now))
+                .transpose()
+                .context("--expires")?;
+            let edit = RoleEdit::Pin { version: version.clone(), reason: reason.clone(), expires };
+            (target, role, edit, keyring.as_deref())
+        }
+        ChannelCommand::Device {
+            target,
+            role,
+            id,
+            version_lock,
+            auto_update,
+            follow,
+            reason,
+            remove,
+        } => {
+            if role.role.is_some() && follow.is_some() {
+                anyhow::bail!(
+                    "--follow is a device's channel, not a role's: drop --role or --follow"
+                );
+            }
+            let entry = (!remove).then(|| updater::channel::RoleOverride {
+                version_lock: version_lock.clone(),
+                auto_update: *auto_update,
+                reason: reason.clone(),
+            });
+            (target, role, RoleEdit::Device { id: id.clone(), entry }, None)
+        }
+        ChannelCommand::Show { .. } => return Ok(None),
+    };
+    Ok(role.role.as_deref().map(|r| (target, r, edit, keyring)))
 }
 
 /// `imager channel show`: with a keyring, checked as a device does: signature first, then the
@@ -786,6 +871,21 @@ fn run_publish(
     change.apply(&mut r);
     let key = crate::keys::load_signing_key(&target.key)?;
     let ring = keyring_or_key(keyring, &key)?;
+    if crate::role::is_role_bundle(bundle) {
+        if name.is_some() || sequence.is_some() {
+            anyhow::bail!("--name and --sequence are for OS bundles, not role bundles");
+        }
+        let req = crate::publish::roles::RolePublishRequest {
+            folder: &target.folder,
+            channel: &target.channel,
+            bundle,
+            keyring: &ring,
+            rollout: r,
+        };
+        let signer = Signer { key: &key, expires_in: target.expires_in, now };
+        report(&crate::publish::roles::publish_role(&req, &signer, &progress)?);
+        return Ok(());
+    }
     let req = PublishRequest {
         folder: &target.folder,
         channel: &target.channel,

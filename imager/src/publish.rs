@@ -217,7 +217,7 @@ pub fn publish(
     };
     let rel = format::bundle_path(&name, &facts.version);
     let dest = req.folder.join(&rel);
-    copy_bundle(req.bundle, &dest, &facts, progress)?;
+    copy_bundle(req.bundle, &dest, facts.size, &facts.sha256, progress)?;
     let os = OsTarget {
         compatible: facts.compatible.clone(),
         version: facts.version.clone(),
@@ -247,12 +247,19 @@ pub fn publish(
     Ok(published)
 }
 
-/// Copies a verified bundle to `dest` (temp file, fsync, rename). An existing file with the
-/// same sha256 is kept; a different one is an error: published files never change.
-fn copy_bundle(src: &Path, dest: &Path, facts: &BundleFacts, progress: &Progress) -> Result<()> {
+/// Copies a verified bundle (`size` bytes, `sha256`) to `dest` (temp file, mode 0644, fsync,
+/// rename). An existing file with the same sha256 is kept; a different one is an error:
+/// published files never change.
+fn copy_bundle(
+    src: &Path,
+    dest: &Path,
+    size: u64,
+    sha256: &str,
+    progress: &Progress,
+) -> Result<()> {
     if dest.exists() {
         let (_, sha) = hash_file(dest, &Progress::quiet())?;
-        if sha == facts.sha256 {
+        if sha == sha256 {
             progress.line(&format!("{} is already published", dest.display()));
             return Ok(());
         }
@@ -268,7 +275,7 @@ fn copy_bundle(src: &Path, dest: &Path, facts: &BundleFacts, progress: &Progress
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     let mut from =
         std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
-    let step = progress.bytes(facts.size, &format!("copying {}", file_name(dest)));
+    let step = progress.bytes(size, &format!("copying {}", file_name(dest)));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -281,9 +288,13 @@ fn copy_bundle(src: &Path, dest: &Path, facts: &BundleFacts, progress: &Progress
         step.inc(n as u64);
     }
     step.finish();
-    if hex::encode(h.finalize()) != facts.sha256 {
+    if hex::encode(h.finalize()) != sha256 {
         bail!("{} changed while it was being published", src.display());
     }
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", dest.display()))?;
     tmp.as_file().sync_all().with_context(|| format!("syncing {}", dest.display()))?;
     tmp.persist(dest).with_context(|| format!("renaming into {}", dest.display()))?;
     std::fs::File::open(dir)
@@ -376,7 +387,9 @@ pub fn edit(
             if *entry == format::DeviceOverride::default() {
                 bail!("device {id:?}: give at least one override (or remove the entry)");
             }
-            ch.devices.insert(id.clone(), entry.clone());
+            // The device's role overrides are edited with `--role` and kept here.
+            let roles = ch.devices.get(id).map(|d| d.roles.clone()).unwrap_or_default();
+            ch.devices.insert(id.clone(), format::DeviceOverride { roles, ..entry.clone() });
         }
         Edit::Pin { version, reason, expires } => {
             if reason.trim().is_empty() {
@@ -528,11 +541,22 @@ pub fn describe(ch: &Channel, now: u64) -> String {
         let until = p.expires.map_or("unpinned".to_string(), |e| e.to_string());
         let _ = writeln!(s, "PINNED    {} until {until}: {}", p.version, p.reason);
     }
+    for (name, r) in &ch.roles {
+        let paused = if r.paused { ", PAUSED" } else { "" };
+        let pin = r.pin.as_ref().map_or(String::new(), |p| format!(", PINNED {}", p.version));
+        let pct = r.rollout.percent_at(now);
+        let _ = writeln!(
+            s,
+            "role      {name} {} ({} bytes, {pct}% now{paused}{pin})",
+            r.version, r.size
+        );
+    }
     for (id, o) in &ch.devices {
         let _ = writeln!(s, "device    {id}: {o:?}");
     }
     s
 }
 
+pub mod roles;
 #[cfg(test)]
 mod tests;

@@ -57,6 +57,14 @@ pub fn bundle_path(name: &str, version: &Version) -> String {
     format!("{BUNDLES_DIR}/{name}-{version}.mfb")
 }
 
+/// Folder of role bundles in a published folder.
+pub const ROLES_DIR: &str = "roles";
+
+/// Path of a role bundle inside a published folder: `roles/<name>/<version>.mfr`.
+pub fn role_bundle_path(name: &str, version: &Version) -> String {
+    format!("{ROLES_DIR}/{name}/{version}.{}", crate::role::bundle::EXTENSION)
+}
+
 /// Whether `name` is a valid channel (or role, or bundle) name: 1 to 64 characters of
 /// lowercase ASCII letters, digits, `.`, `_` and `-`, starting with a letter or digit.
 pub fn is_valid_name(name: &str) -> bool {
@@ -333,15 +341,75 @@ pub struct OsTarget {
     pub rollout: Rollout,
 }
 
-/// A role target (`[roles.<name>]`).
+/// A role target (`[roles.<name>]`): one role bundle (`.mfr`, `../roles/<name>/<version>.mfr`),
+/// rolled out like the OS, with its own pause and pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleTarget {
     pub version: Version,
     pub urls: Vec<String>,
+    /// Bytes of the `.mfr` file.
     pub size: u64,
+    /// sha256 of the `.mfr` file (hex).
     pub sha256: String,
     pub rollout: Rollout,
+    /// Emergency stop of this role only (the channel's `paused` stops every target).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Forces every device of the channel to this release of the role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<RolePin>,
+}
+
+impl RoleTarget {
+    /// A target of this bundle, rolled out by `rollout`, not paused, not pinned.
+    pub fn new(
+        version: Version,
+        urls: Vec<String>,
+        size: u64,
+        sha256: String,
+        rollout: Rollout,
+    ) -> RoleTarget {
+        RoleTarget { version, urls, size, sha256, rollout, paused: false, pin: None }
+    }
+}
+
+/// A forced release of one role (`[roles.<name>.pin]`): acted on even when paused, ignores the
+/// rollout, and may go down in version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolePin {
+    pub version: Version,
+    /// Why (shown in logs and status).
+    pub reason: String,
+    /// The pin is ignored from this time on; absent: until unpinned.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "toml_time::option")]
+    pub expires: Option<Timestamp>,
+    pub urls: Vec<String>,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl RolePin {
+    /// Whether the pin is in force at `now`.
+    pub fn active_at(&self, now: u64) -> bool {
+        self.expires.is_none_or(|e| now < e.0)
+    }
+}
+
+/// Per-device overrides of one role (`[devices.<device_id>.roles.<name>]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleOverride {
+    /// Stay on (or go to) exactly this release of the role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_lock: Option<Version>,
+    /// `false`: never update this role automatically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_update: Option<bool>,
+    /// Why (shown in logs and status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A fleet-wide forced version (`[pin]`): the emergency rollback. It is acted on even when
@@ -387,6 +455,9 @@ pub struct DeviceOverride {
     /// Why (shown in logs and status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Overrides of the device's roles, by role name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub roles: BTreeMap<String, RoleOverride>,
 }
 
 /// A channel document (`channels/<name>.toml`). Unknown keys are errors.
@@ -588,6 +659,12 @@ impl Channel {
             let at = format!("roles.{name}");
             check_artifact(&at, &role.urls, role.size, &role.sha256)?;
             role.rollout.validate(&format!("{at}.rollout"))?;
+            if let Some(pin) = &role.pin {
+                if pin.reason.trim().is_empty() {
+                    return Err(invalid(&format!("{at}.pin.reason"), "is empty: say why".into()));
+                }
+                check_artifact(&format!("{at}.pin"), &pin.urls, pin.size, &pin.sha256)?;
+            }
         }
         for (id, o) in &self.devices {
             if id.is_empty()
@@ -595,6 +672,12 @@ impl Channel {
                 || id.chars().any(|c| c.is_whitespace() || c.is_control())
             {
                 return Err(invalid(&format!("devices.{id:?}"), "is not a valid device id".into()));
+            }
+            if let Some(name) = o.roles.keys().find(|n| !is_valid_name(n)) {
+                return Err(invalid(
+                    &format!("devices.{id}.roles.{name:?}"),
+                    "is not a valid role name".into(),
+                ));
             }
             if let Some(c) = &o.channel {
                 if !is_valid_name(c) {

@@ -74,13 +74,13 @@ fn a_document_round_trips_and_reads_as_documented() {
     );
     ch.roles.insert(
         "camera-single".into(),
-        RoleTarget {
-            version: Version::new(3, 1, 0),
-            urls: vec!["../roles/camera-single/3.1.0.mfr".into()],
-            size: 10,
-            sha256: "ef".repeat(32),
-            rollout: Rollout::everyone(),
-        },
+        RoleTarget::new(
+            Version::new(3, 1, 0),
+            vec!["../roles/camera-single/3.1.0.mfr".into()],
+            10,
+            "ef".repeat(32),
+            Rollout::everyone(),
+        ),
     );
     let text = ch.to_toml();
     assert_eq!(Channel::parse(text.as_bytes()).unwrap(), ch, "{text}");
@@ -243,13 +243,13 @@ fn invalid_waves_pins_roles_and_devices_name_the_field() {
         ),
         (
             Box::new(|c| {
-                let mut r = RoleTarget {
-                    version: Version::new(1, 0, 0),
-                    urls: vec!["x".into()],
-                    size: 1,
-                    sha256: "00".repeat(32),
-                    rollout: Rollout::everyone(),
-                };
+                let mut r = RoleTarget::new(
+                    Version::new(1, 0, 0),
+                    vec!["x".into()],
+                    1,
+                    "00".repeat(32),
+                    Rollout::everyone(),
+                );
                 r.rollout.percent = 120;
                 c.roles.insert("cam".into(), r);
             }),
@@ -473,5 +473,117 @@ fn parsing_never_panics_on_mangled_documents() {
         if let Ok(parsed) = Channel::parse(&d) {
             assert!(parsed.validate().is_ok());
         }
+    }
+}
+
+/// A role target for `roles.cam`.
+fn role_target() -> RoleTarget {
+    RoleTarget::new(
+        Version::new(2, 1, 0),
+        vec!["../roles/cam/2.1.0.mfr".into()],
+        4096,
+        "3c".repeat(32),
+        Rollout { percent: 25, ..Rollout::everyone() },
+    )
+}
+
+#[test]
+fn role_targets_carry_pause_pin_waves_and_per_device_overrides() {
+    let mut c = sample();
+    let mut r = role_target();
+    r.paused = true;
+    r.rollout.waves = vec![Wave { at: Timestamp(T0 + 3600), percent: 100 }];
+    r.rollout.segments = [Segment::Canary].into_iter().collect();
+    r.pin = Some(RolePin {
+        version: Version::new(2, 0, 0),
+        reason: "stream stalls".into(),
+        expires: Some(Timestamp(T0 + 86_400)),
+        urls: vec!["../roles/cam/2.0.0.mfr".into()],
+        size: 4000,
+        sha256: "4d".repeat(32),
+    });
+    c.roles.insert("cam".into(), r);
+    let o = RoleOverride {
+        version_lock: Some(Version::new(2, 0, 0)),
+        auto_update: Some(false),
+        reason: Some("field trial".into()),
+    };
+    c.devices.insert(
+        "pi-9".into(),
+        DeviceOverride { roles: [("cam".to_string(), o)].into(), ..Default::default() },
+    );
+    let text = c.to_toml();
+    assert_eq!(Channel::parse(text.as_bytes()).unwrap(), c, "{text}");
+    assert!(
+        text.contains("[roles.cam.pin]") && text.contains("[devices.pi-9.roles.cam]"),
+        "{text}"
+    );
+    let pin = c.roles["cam"].pin.as_ref().unwrap();
+    assert!(pin.active_at(T0) && !pin.active_at(T0 + 86_400));
+    // Defaults: an unpaused, unpinned role target writes neither key.
+    let mut plain = sample();
+    plain.roles.insert("cam".into(), role_target());
+    let text = plain.to_toml();
+    assert!(!text.contains("paused = false\n[roles") && !text.contains(".pin]"), "{text}");
+}
+
+#[test]
+fn bad_role_targets_name_the_field() {
+    type Edit = Box<dyn Fn(&mut Channel)>;
+    let pin = RolePin {
+        version: Version::new(1, 0, 0),
+        reason: "x".into(),
+        expires: None,
+        urls: vec!["u".into()],
+        size: 1,
+        sha256: "00".repeat(32),
+    };
+    let with_pin = move |edit: fn(&mut RolePin)| -> Edit {
+        let mut p = pin.clone();
+        edit(&mut p);
+        Box::new(move |c: &mut Channel| {
+            let mut r = role_target();
+            r.pin = Some(p.clone());
+            c.roles.insert("cam".into(), r);
+        })
+    };
+    let cases: Vec<(Edit, &str)> = vec![
+        (with_pin(|p| p.reason = "  ".into()), "roles.cam.pin.reason"),
+        (with_pin(|p| p.urls.clear()), "roles.cam.pin.urls"),
+        (with_pin(|p| p.sha256 = "zz".into()), "roles.cam.pin.sha256"),
+        (
+            Box::new(|c| {
+                let mut r = role_target();
+                r.rollout.waves = vec![Wave { at: Timestamp(T0), percent: 5 }];
+                c.roles.insert("cam".into(), r);
+            }),
+            "roles.cam.rollout.waves[0].percent",
+        ),
+        (
+            Box::new(|c| {
+                let roles = [("Bad Name".to_string(), RoleOverride::default())].into();
+                c.devices.insert("pi-1".into(), DeviceOverride { roles, ..Default::default() });
+            }),
+            "devices.pi-1.roles.\"Bad Name\"",
+        ),
+    ];
+    for (edit, want) in cases {
+        let mut c = sample();
+        edit(&mut c);
+        let err = Channel::parse(c.to_toml().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains(want), "{want}: {err}");
+    }
+    // Unknown keys in a role target, its pin or a device's role override are errors.
+    let mut c = sample();
+    c.roles.insert("cam".into(), role_target());
+    let text = c.to_toml();
+    for (anchor, bad) in [
+        ("[roles.cam]\n", "[roles.cam]\npuased = true\n"),
+        ("[roles.cam]\n", "[devices.d.roles.cam]\nversion_lok = \"1.0.0\"\n\n[roles.cam]\n"),
+    ] {
+        let doc = text.replace(anchor, bad);
+        assert!(doc != text);
+        let err = Channel::parse(doc.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{bad}: {err}");
     }
 }

@@ -506,8 +506,11 @@ impl<R: Read> TarReader<'_, R> {
             out.write_all(&buf[..n]).map_err(|source| self.dest_err(source))?;
             left -= n as u64;
         }
-        let pad = (BLOCK - e.size % BLOCK) % BLOCK;
-        self.fill(&mut buf[..pad as usize], &e.name)?;
+        let pad = ((BLOCK - e.size % BLOCK) % BLOCK) as usize;
+        self.fill(&mut buf[..pad], &e.name)?;
+        if buf[..pad].iter().any(|&b| b != 0) {
+            return Err(self.member_err(&e.name, "padding after the data is not zeros".into()));
+        }
         Ok(hash.finalize().into())
     }
 

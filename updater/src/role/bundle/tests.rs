@@ -240,6 +240,11 @@ fn every_truncation_is_refused() {
         let ok = matches!(err, RoleBundleError::Truncated { .. } | RoleBundleError::Member { .. });
         assert!(ok, "cut at {cut}: {err}");
     }
+    let mut padded = bytes.clone();
+    let end_of_manifest = 512 + members(&bytes)[0].1.len();
+    padded[end_of_manifest] = b'x';
+    let err = verify_bytes(&padded, &ring()).unwrap_err();
+    assert!(err.to_string().contains("padding"), "{err}");
     let mut trailing = bytes;
     trailing.extend_from_slice(&[0u8; 512]);
     let err = verify_bytes(&trailing, &ring()).unwrap_err();
