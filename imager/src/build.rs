@@ -257,6 +257,7 @@ impl<'a> Build<'a> {
             self.add_layer(&mut root, i, layer, packages)?;
             step.inc(1);
         }
+        crate::role::bake(recipe, &mut root, self.progress)?;
         let release = Release {
             name: recipe.name.clone(),
             version: recipe.version.clone(),

@@ -28,6 +28,8 @@ pub struct Recipe {
     pub debian: Option<Debian>,
     pub layers: Vec<Layer>,
     pub boot: Boot,
+    /// `[roles] bundles`: signed role bundles (.mfr) baked into the root filesystem.
+    pub role_bundles: Vec<PathBuf>,
 }
 
 /// Partition sizes in bytes.
@@ -147,6 +149,15 @@ struct RawRecipe {
     #[serde(default)]
     layers: Vec<RawLayer>,
     boot: RawBoot,
+    #[serde(default)]
+    roles: Option<RawRoles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoles {
+    #[serde(default)]
+    bundles: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -424,6 +435,13 @@ impl Recipe {
             .collect::<Result<Vec<_>>>()?;
         let boot = c.boot(raw.boot, debian.as_ref())?;
         let signing_key = raw.signing_key.map(|k| c.host_path("signing_key", &k)).transpose()?;
+        let role_bundles = raw
+            .roles
+            .map_or_else(Vec::new, |r| r.bundles)
+            .iter()
+            .enumerate()
+            .map(|(i, b)| c.existing(&format!("roles.bundles[{i}]"), b))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Recipe {
             file: file.to_path_buf(),
             dir: dir.clone(),
@@ -438,6 +456,7 @@ impl Recipe {
             debian,
             layers,
             boot,
+            role_bundles,
         })
     }
 

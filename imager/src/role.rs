@@ -65,6 +65,68 @@ pub fn build(
     })
 }
 
+/// The keyring folder of an image: the updater's default `--keyring`.
+pub const IMAGE_KEYRING_DIR: &str = "/etc/metrica/keyring";
+
+/// The keyring of a root tree: every `*.pub.pem` file in [`IMAGE_KEYRING_DIR`] (the keys the
+/// device will trust).
+pub fn tree_keyring(root: &crate::rootfs::Tree) -> Result<Keyring> {
+    let dir = Path::new(IMAGE_KEYRING_DIR);
+    let mut ring = Keyring::default();
+    let keys: Vec<PathBuf> = root
+        .iter()
+        .map(|(p, _)| p.clone())
+        .filter(|p| p.parent() == Some(dir))
+        .filter(|p| p.to_string_lossy().ends_with(updater::sign::PUBLIC_KEY_SUFFIX))
+        .collect();
+    for p in keys {
+        let what = p.display().to_string();
+        let pem =
+            String::from_utf8(root.read(&what)?).with_context(|| format!("{what}: not UTF-8"))?;
+        ring.add(updater::sign::public_key_from_pem(&pem, &what)?);
+    }
+    Ok(ring)
+}
+
+/// Bakes the recipe's `[roles] bundles` into the root tree: each verified against the image's
+/// own keyring ([`tree_keyring`]), at most one per role, at
+/// `updater::role::bundle::baked_path(NAME)` (mode 0644, owner root). Errors name the recipe
+/// and the key.
+pub fn bake(
+    recipe: &crate::recipe::Recipe,
+    root: &mut crate::rootfs::Tree,
+    progress: &Progress,
+) -> Result<()> {
+    if recipe.role_bundles.is_empty() {
+        return Ok(());
+    }
+    let ring = tree_keyring(root)?;
+    if ring.is_empty() {
+        return Err(recipe.err(
+            "roles.bundles",
+            format!("the image has no keyring ({IMAGE_KEYRING_DIR}/*.pub.pem) to verify the role bundles against"),
+        ));
+    }
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    for (i, path) in recipe.role_bundles.iter().enumerate() {
+        let key = format!("roles.bundles[{i}]");
+        let step = progress.bar(1, &format!("verifying role bundle {}", path.display()));
+        let v = format::verify_file(path, &ring).map_err(|e| recipe.err(&key, e))?;
+        step.finish();
+        let name = v.manifest.name;
+        if let Some(first) = seen.insert(name.clone(), i) {
+            return Err(recipe.err(
+                &key,
+                format!("a second bundle of role {name} (roles.bundles[{first}] is one): bake one per role"),
+            ));
+        }
+        let dest = format::baked_path(&name);
+        root.add_host_file(&dest.to_string_lossy(), path, 0o644, 0, 0)
+            .map_err(|e| recipe.err(&key, format!("{e:#}")))?;
+    }
+    Ok(())
+}
+
 /// Whether `path` is a role bundle: the `.mfr` extension, or a readable role manifest.
 pub fn is_role_bundle(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == format::EXTENSION)
@@ -242,5 +304,119 @@ mod tests {
             build(&tmp.path().join("none"), &[], &test_key(4), tmp.path(), 0, &q).unwrap_err();
         assert!(format!("{err:#}").contains("none/role.toml"), "{err:#}");
         assert!(!is_role_bundle(&role.join("role.toml")));
+    }
+
+    /// A recipe folder with a kernel, a config.txt and the role bundles `bundles` (names of
+    /// files in the folder), and the recipe text baking them.
+    fn recipe(dir: &Path, bundles: &[&str]) -> anyhow::Result<crate::recipe::Recipe> {
+        std::fs::write(dir.join("kernel"), "kernel").unwrap();
+        std::fs::write(dir.join("config.txt"), "arm_64bit=1\n").unwrap();
+        let list: Vec<String> = bundles.iter().map(|b| format!("{b:?}")).collect();
+        let text = format!(
+            "name = \"t\"\nversion = \"1.0.0\"\ncompatible = \"metrica-test\"\n\
+             [partitions]\nconfig = \"16MiB\"\nboot_a = \"32MiB\"\nboot_b = \"32MiB\"\n\
+             root_a = \"64MiB\"\nroot_b = \"64MiB\"\nprovision = \"16MiB\"\ndata = \"32MiB\"\n\
+             [boot]\nkernel = \"kernel\"\nconfig_txt = \"config.txt\"\ncmdline = \"quiet\"\n\
+             [roles]\nbundles = [{}]\n",
+            list.join(", ")
+        );
+        let file = dir.join("r.toml");
+        std::fs::write(&file, &text).unwrap();
+        crate::recipe::Recipe::load(&file)
+    }
+
+    /// A root tree whose keyring trusts `key`.
+    fn tree(dir: &Path, key: &SigningKey) -> crate::rootfs::Tree {
+        let mut t = crate::rootfs::Tree::new(&dir.join("staging")).unwrap();
+        let pem = updater::sign::public_key_to_pem(&key.verifying_key());
+        t.add_bytes("/etc/metrica/keyring/fleet.pub.pem", pem.as_bytes(), 0o644, 0, 0).unwrap();
+        t
+    }
+
+    fn bundle(dir: &Path, name: &str, version: &str, key: &SigningKey, file: &str) {
+        let role = dir.join(format!("src-{file}"));
+        write_role(&role, name, version);
+        let out = dir.join(format!("out-{file}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let built = updater::role::bundle::testkit::make_role_bundle(&role, &[], key, &out);
+        std::fs::rename(built, dir.join(file)).unwrap();
+    }
+
+    #[test]
+    fn a_recipe_bakes_verified_role_bundles_into_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = test_key(4);
+        bundle(tmp.path(), "cam", "1.0.0", &key, "cam.mfr");
+        bundle(tmp.path(), "safe-mode", "1.0.0", &key, "safe.mfr");
+        let r = recipe(tmp.path(), &["cam.mfr", "safe.mfr"]).unwrap();
+        assert_eq!(r.role_bundles, vec![tmp.path().join("cam.mfr"), tmp.path().join("safe.mfr")]);
+        let mut t = tree(tmp.path(), &key);
+        bake(&r, &mut t, &Progress::quiet()).unwrap();
+        for (name, file) in [("cam", "cam.mfr"), ("safe-mode", "safe.mfr")] {
+            let path = format::baked_path(name);
+            assert_eq!(
+                t.read(&path.to_string_lossy()).unwrap(),
+                std::fs::read(tmp.path().join(file)).unwrap()
+            );
+            let node = t.get(&path).unwrap();
+            assert_eq!((node.mode, node.uid, node.gid), (0o644, 0, 0));
+        }
+        // The repository's QEMU recipe bakes nothing (the image stays small).
+        let qemu = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qemu.toml");
+        assert!(!std::fs::read_to_string(qemu).unwrap().contains("[roles]"));
+    }
+
+    #[test]
+    fn bad_baked_bundles_name_the_recipe_and_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = test_key(4);
+        let recipe_file = tmp.path().join("r.toml").display().to_string();
+        let err = format!("{:#}", recipe(tmp.path(), &["missing.mfr"]).unwrap_err());
+        assert!(
+            err.contains(&recipe_file)
+                && err.contains("roles.bundles[0]")
+                && err.contains("does not exist"),
+            "{err}"
+        );
+
+        bundle(tmp.path(), "cam", "1.0.0", &key, "cam.mfr");
+        bundle(tmp.path(), "cam", "1.1.0", &key, "cam2.mfr");
+        bundle(tmp.path(), "zig", "1.0.0", &test_key(6), "stranger.mfr");
+        let cases = [
+            (vec!["cam.mfr", "cam2.mfr"], "roles.bundles[1]: a second bundle of role cam"),
+            (vec!["cam.mfr", "stranger.mfr"], "roles.bundles[1]"),
+        ];
+        for (files, want) in cases {
+            let r = recipe(tmp.path(), &files).unwrap();
+            let err = bake(&r, &mut tree(tmp.path(), &key), &Progress::quiet()).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.starts_with(&recipe_file) && msg.contains(want), "{want}: {msg}");
+        }
+        let r = recipe(tmp.path(), &["stranger.mfr"]).unwrap();
+        let msg =
+            format!("{:#}", bake(&r, &mut tree(tmp.path(), &key), &Progress::quiet()).unwrap_err());
+        assert!(msg.contains("not in the keyring"), "{msg}");
+        // A tampered bundle.
+        let mut bytes = std::fs::read(tmp.path().join("cam.mfr")).unwrap();
+        let at = bytes.windows(9).position(|w| w == b"services:").unwrap();
+        bytes[at] ^= 1;
+        std::fs::write(tmp.path().join("bad.mfr"), bytes).unwrap();
+        let r = recipe(tmp.path(), &["bad.mfr"]).unwrap();
+        let msg =
+            format!("{:#}", bake(&r, &mut tree(tmp.path(), &key), &Progress::quiet()).unwrap_err());
+        assert!(msg.contains("roles.bundles[0]") && msg.contains("sha256 does not match"), "{msg}");
+        // No keyring in the image.
+        let r = recipe(tmp.path(), &["cam.mfr"]).unwrap();
+        let mut empty = crate::rootfs::Tree::new(&tmp.path().join("s2")).unwrap();
+        let msg = format!("{:#}", bake(&r, &mut empty, &Progress::quiet()).unwrap_err());
+        assert!(msg.contains("roles.bundles: the image has no keyring"), "{msg}");
+        // An unknown key in [roles].
+        let text = std::fs::read_to_string(tmp.path().join("r.toml")).unwrap();
+        let text = text.replace("[roles]\n", "[roles]\nbundle = 1\n");
+        let msg = format!(
+            "{:#}",
+            crate::recipe::Recipe::parse(&tmp.path().join("r.toml"), &text).unwrap_err()
+        );
+        assert!(msg.contains("unknown field `bundle`"), "{msg}");
     }
 }
