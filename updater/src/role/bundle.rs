@@ -166,6 +166,8 @@ impl Manifest {
             return Err(format!("{} files, expected 1 to {MAX_FILES}", self.files.len()));
         }
         let mut total = 0u64;
+        let paths: std::collections::BTreeSet<&str> =
+            self.files.iter().map(|f| f.path.as_str()).collect();
         for (i, f) in self.files.iter().enumerate() {
             check_path(&f.path).map_err(|e| format!("file {:?}: {e}", f.path))?;
             if parse_sha256(&f.sha256).is_none() {
@@ -180,9 +182,10 @@ impl Manifest {
                 if prev.as_str() >= f.path.as_str() {
                     return Err(format!("file {:?}: paths must be unique and ascending", f.path));
                 }
-                if f.path.starts_with(&format!("{prev}/")) {
-                    return Err(format!("file {:?}: {prev:?} is a file, not a folder", f.path));
-                }
+            }
+            let mut parents = f.path.match_indices('/').map(|(at, _)| &f.path[..at]);
+            if let Some(parent) = parents.find(|p| paths.contains(p)) {
+                return Err(format!("file {:?}: {parent:?} is a file, not a folder", f.path));
             }
         }
         if total > MAX_TOTAL {

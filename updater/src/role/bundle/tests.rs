@@ -325,6 +325,14 @@ fn manifest_rules() {
         m.files[0].path = "conf".into();
     })
     .contains("is a file, not a folder"));
+    // Not only the path just before: `conf-x` sorts between `conf` and `conf/app.conf`.
+    let err = check(&|m| {
+        let mut extra = m.files[0].clone();
+        extra.path = "conf-x".into();
+        m.files.insert(1, extra);
+        m.files[0].path = "conf".into();
+    });
+    assert!(err.contains("\"conf\" is a file, not a folder"), "{err}");
     assert!(Manifest::parse(b"format = 1\nextra = 2\n").unwrap_err().contains("extra"));
     assert_eq!(baked_path("zigbee-hub"), Path::new("/usr/share/metrica/roles/zigbee-hub.mfr"));
 }
