@@ -351,3 +351,26 @@ fn the_repository_roles_pass_compose_config() {
     }
     assert_eq!(checked, 7, "{NEEDS}");
 }
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn a_signed_role_bundle_with_a_docker_save_archive_unpacks_and_applies() {
+    use updater::role::bundle;
+    let d = Device::new("rt-bundle");
+    let src = d.bundle("1.0.0", "ok");
+    // The role folder holds no links: the archive goes in with `images`, as `--images` does.
+    std::fs::remove_dir_all(src.join("images")).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let contents = bundle::collect(&src, &[images().to_path_buf()]).unwrap();
+    let mfr = d.dir.path().join("rt-bundle-1.0.0.mfr");
+    let file = std::io::BufWriter::new(std::fs::File::create(&mfr).unwrap());
+    bundle::write(file, &contents, 1_700_000_000, &key, &mut |_| {}).unwrap();
+    let ring = updater::sign::Keyring::from_keys([key.verifying_key()]);
+    let t = Instant::now();
+    let u = bundle::unpack(&mfr, &ring, &d.dir.path().join("unpacked")).unwrap();
+    eprintln!("unpacked {} bytes in {:?}", std::fs::metadata(&mfr).unwrap().len(), t.elapsed());
+    assert!(u.dir.join("images/roletest-images.tar").is_file());
+    assert!(matches!(d.apply(&u.dir), Outcome::Committed { .. }));
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    assert_eq!(d.running(), ("metrica.invalid/roletest:ok".into(), "1.0.0".into()));
+}
