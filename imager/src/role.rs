@@ -28,7 +28,7 @@ pub struct Built {
 
 /// Builds `output/NAME-VERSION.mfr` from the role folder `dir` and the image archives
 /// `images` (docker save), signed with `key`, every entry dated `created`. role.toml is
-/// checked with the device's strict schema first; the file is replaced atomically.
+/// checked with the device's strict schema first; the file (mode 0644) is replaced atomically.
 pub fn build(
     dir: &Path,
     images: &[PathBuf],
@@ -51,6 +51,10 @@ pub fn build(
         format::write(BufWriter::new(tmp.as_file()), &contents, created, key, &mut |n| step.inc(n))
             .with_context(|| format!("writing {}", out.display()))?;
     step.finish();
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", out.display()))?;
     tmp.as_file().sync_all().with_context(|| format!("syncing {}", out.display()))?;
     let size = tmp.as_file().metadata()?.len();
     tmp.persist(&out).with_context(|| format!("renaming the bundle to {}", out.display()))?;
