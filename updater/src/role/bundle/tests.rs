@@ -350,3 +350,32 @@ fn unpack_refuses_an_existing_destination_and_leaves_it_alone() {
     let err = verify_file(&tmp.path().join("none.mfr"), &ring()).unwrap_err();
     assert!(matches!(err, RoleBundleError::Io { .. }), "{err}");
 }
+
+/// Random damage to a valid bundle never panics, and whatever still verifies is a bundle whose
+/// manifest passes every rule (the in-process cousin of a fuzz target on `verify_bytes`).
+#[test]
+fn random_damage_is_refused_or_harmless() {
+    let (_tmp, path) = built();
+    let bytes = std::fs::read(&path).unwrap();
+    let ring = ring();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut refused = 0;
+    for _ in 0..3000 {
+        let mut d = bytes.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let i = (next() % d.len() as u64) as usize;
+            d[i] = next() as u8;
+        }
+        match verify_bytes(&d, &ring) {
+            Ok(v) => v.manifest.check().unwrap(),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 2000, "only {refused} of 3000 damaged bundles were refused");
+}
