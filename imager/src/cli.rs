@@ -657,7 +657,7 @@ fn run_inspect(
 ) -> Result<()> {
     if crate::role::is_role_bundle(path) {
         let ring = keyring.map(Keyring::load).transpose().context("loading the keyring")?;
-        let inspection = crate::role::inspect(path, ring.as_ref())?;
+        let inspection = crate::role::inspect(path, ring.as_ref(), &Progress::detect())?;
         if json {
             println!("{}", serde_json::to_string_pretty(&inspection)?);
         } else {

@@ -114,9 +114,8 @@ pub fn bake(
     let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
     for (i, path) in recipe.role_bundles.iter().enumerate() {
         let key = format!("roles.bundles[{i}]");
-        let step = progress.bar(1, &format!("verifying role bundle {}", path.display()));
-        let v = format::verify_file(path, &ring).map_err(|e| recipe.err(&key, e))?;
-        step.finish();
+        let size = std::fs::metadata(path).map_err(|e| recipe.err(&key, e))?.len();
+        let v = verify(path, size, &ring, progress).map_err(|e| recipe.err(&key, e))?;
         let name = v.manifest.name;
         if let Some(first) = seen.insert(name.clone(), i) {
             return Err(recipe.err(
@@ -173,20 +172,33 @@ pub struct Inspection {
 
 /// Reads a role bundle's manifest; with a keyring, verifies the whole bundle (signature, then
 /// every member's hash and role.toml) and reports the result in `signature`.
-pub fn inspect(path: &Path, keyring: Option<&Keyring>) -> Result<Inspection> {
+pub fn inspect(path: &Path, keyring: Option<&Keyring>, progress: &Progress) -> Result<Inspection> {
     let peek = format::read_manifest(path, None)
         .with_context(|| format!("reading the role bundle {}", path.display()))?;
     let key_id = peek.key_id.to_string();
+    let size =
+        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
     let signature = match keyring {
         None => SignatureStatus::NotChecked { key_id },
-        Some(ring) => match format::verify_file(path, ring) {
+        Some(ring) => match verify(path, size, ring, progress) {
             Ok(v) => SignatureStatus::Valid { key_id: v.signer.to_string() },
             Err(e) => SignatureStatus::Invalid { key_id, reason: e.to_string() },
         },
     };
-    let size =
-        std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
     Ok(describe(path, &peek.manifest, size, signature))
+}
+
+/// Verifies the whole bundle at `path` (`size` bytes) with a progress bar.
+pub fn verify(
+    path: &Path,
+    size: u64,
+    keyring: &Keyring,
+    progress: &Progress,
+) -> Result<format::Verified, format::RoleBundleError> {
+    let step = progress.bytes(size, &format!("verifying {}", path.display()));
+    let v = format::verify_file_with(path, keyring, &mut |n| step.inc(n));
+    step.finish();
+    v
 }
 
 fn describe(path: &Path, m: &Manifest, size: u64, signature: SignatureStatus) -> Inspection {
@@ -271,7 +283,7 @@ mod tests {
         assert!(is_role_bundle(&built.path));
 
         let ring = keyring_of(&key);
-        let i = inspect(&built.path, Some(&ring)).unwrap();
+        let i = inspect(&built.path, Some(&ring), &q).unwrap();
         assert_eq!(
             (i.name.as_str(), i.version.as_str(), i.os.as_str()),
             ("app", "2.0.0", ">=1.0.0")
@@ -285,11 +297,11 @@ mod tests {
         assert_eq!(json["signature"]["status"], "valid");
 
         let other = keyring_of(&test_key(5));
-        let i = inspect(&built.path, Some(&other)).unwrap();
+        let i = inspect(&built.path, Some(&other), &q).unwrap();
         assert!(
             matches!(&i.signature, SignatureStatus::Invalid { reason, .. } if reason.contains("not in the keyring"))
         );
-        let i = inspect(&built.path, None).unwrap();
+        let i = inspect(&built.path, None, &q).unwrap();
         assert!(matches!(i.signature, SignatureStatus::NotChecked { .. }));
     }
 

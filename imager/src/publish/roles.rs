@@ -8,7 +8,6 @@
 
 use super::*;
 use updater::channel::{RoleOverride, RolePin, RoleTarget};
-use updater::role::bundle as role_bundle;
 
 /// A role bundle verified and described for a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,10 +21,9 @@ pub struct RoleFacts {
 /// Verifies a role bundle completely against `keyring` (signature, every member, role.toml)
 /// and hashes the file.
 pub fn role_facts(path: &Path, keyring: &Keyring, progress: &Progress) -> Result<RoleFacts> {
-    let step = progress.bar(1, &format!("verifying {}", path.display()));
-    let v = role_bundle::verify_file(path, keyring)
+    let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let v = crate::role::verify(path, len, keyring, progress)
         .with_context(|| format!("verifying the role bundle {}", path.display()))?;
-    step.finish();
     let (size, sha256) = hash_file(path, progress)?;
     Ok(RoleFacts { name: v.manifest.name, version: v.manifest.version, size, sha256 })
 }

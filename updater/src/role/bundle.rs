@@ -248,13 +248,33 @@ pub fn verify_bytes(bytes: &[u8], keyring: &Keyring) -> Result<Verified, RoleBun
 
 /// Verifies the bundle at `path` (every hash) without unpacking it.
 pub fn verify_file(path: &Path, keyring: &Keyring) -> Result<Verified, RoleBundleError> {
+    verify_file_with(path, keyring, &mut |_| {})
+}
+
+/// [`verify_file`], reporting the bytes read to `progress` as it goes.
+pub fn verify_file_with(
+    path: &Path,
+    keyring: &Keyring,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Verified, RoleBundleError> {
     let file = File::open(path).map_err(|source| io_err(path, source))?;
-    read(io::BufReader::new(file), path, keyring, &mut |_| Ok(Box::new(io::sink())))
+    let r = Counting { inner: io::BufReader::new(file), progress };
+    read(r, path, keyring, &mut |_| Ok(Box::new(io::sink())))
 }
 
 /// Verifies the role bundle at `path` against `keyring` and unpacks it into `dest`, a folder
 /// that must not exist yet (its parent must). On error `dest` is removed again.
 pub fn unpack(path: &Path, keyring: &Keyring, dest: &Path) -> Result<Unpacked, RoleBundleError> {
+    unpack_with(path, keyring, dest, &mut |_| {})
+}
+
+/// [`unpack`], reporting the bytes of the bundle read to `progress` as it goes.
+pub fn unpack_with(
+    path: &Path,
+    keyring: &Keyring,
+    dest: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Unpacked, RoleBundleError> {
     let dest_err = |source| RoleBundleError::Dest {
         path: path.to_path_buf(),
         dest: dest.to_path_buf(),
@@ -262,7 +282,8 @@ pub fn unpack(path: &Path, keyring: &Keyring, dest: &Path) -> Result<Unpacked, R
     };
     let file = File::open(path).map_err(|source| io_err(path, source))?;
     std::fs::create_dir(dest).map_err(dest_err)?;
-    let result = read(io::BufReader::new(file), path, keyring, &mut |rel| {
+    let r = Counting { inner: io::BufReader::new(file), progress };
+    let result = read(r, path, keyring, &mut |rel| {
         let target = dest.join(rel);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
@@ -316,6 +337,20 @@ pub fn read_manifest(
     let checked = keyring.map(|k| k.verify(&bytes, &sig));
     let manifest = Manifest::parse(&bytes).map_err(|reason| r.manifest_err(reason))?;
     Ok(ManifestPeek { manifest, key_id: sig.key_id, checked })
+}
+
+/// Reads through, reporting byte counts.
+struct Counting<'a, R> {
+    inner: R,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
 }
 
 /// A writer that fsyncs its file when flushed at the end of a member.
