@@ -284,8 +284,8 @@ pub struct RoleArg {
 
 #[derive(Debug, Subcommand)]
 pub enum ChannelCommand {
-    /// Change the OS rollout (percent, segments, not_before, waves); with no option, only
-    /// re-sign with a new expiry.
+    /// Change the OS rollout (percent, segments, not_before, waves), or a role's with --role;
+    /// with no option, only re-sign with a new expiry.
     Set {
         #[command(flatten)]
         target: ChannelArgs,
@@ -294,7 +294,8 @@ pub enum ChannelCommand {
         #[command(flatten)]
         rollout: RolloutArgs,
     },
-    /// Emergency stop: no device starts an update from this channel (a pin still applies).
+    /// Emergency stop: no device starts an update from this channel (a pin still applies);
+    /// with --role, of that role only.
     Pause {
         #[command(flatten)]
         target: ChannelArgs,
@@ -309,7 +310,7 @@ pub enum ChannelCommand {
         role: RoleArg,
     },
     /// Force every device of the channel to VERSION (also down, within the security epoch);
-    /// its bundle must be in FOLDER/bundles/.
+    /// its bundle must be in FOLDER/bundles/ (with --role: FOLDER/roles/NAME/VERSION.mfr).
     Pin {
         #[command(flatten)]
         target: ChannelArgs,
