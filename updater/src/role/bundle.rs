@@ -332,7 +332,7 @@ pub fn read_manifest(
     keyring: Option<&Keyring>,
 ) -> Result<ManifestPeek, RoleBundleError> {
     let file = File::open(path).map_err(|source| io_err(path, source))?;
-    let mut r = TarReader { r: io::BufReader::new(file), path };
+    let mut r = TarReader { r: io::BufReader::new(file), path, buf: Vec::new() };
     let (bytes, sig) = r.signed_manifest()?;
     let checked = keyring.map(|k| k.verify(&bytes, &sig));
     let manifest = Manifest::parse(&bytes).map_err(|reason| r.manifest_err(reason))?;
@@ -380,7 +380,7 @@ fn read(
     keyring: &Keyring,
     open: &mut Open,
 ) -> Result<Verified, RoleBundleError> {
-    let mut r = TarReader { r, path };
+    let mut r = TarReader { r, path, buf: Vec::new() };
     let (bytes, sig) = r.signed_manifest()?;
     let signer = keyring
         .verify(&bytes, &sig)
@@ -451,7 +451,12 @@ fn check_role_toml(path: &Path, m: &Manifest, bytes: &[u8]) -> Result<RoleSpec, 
 struct TarReader<'p, R> {
     r: R,
     path: &'p Path,
+    /// The copy buffer, allocated once per bundle.
+    buf: Vec<u8>,
 }
+
+/// Size of the copy buffer.
+const COPY_BUF: usize = 256 * 1024;
 
 impl<R: Read> TarReader<'_, R> {
     fn member_err(&self, member: &str, reason: String) -> RoleBundleError {
@@ -529,10 +534,23 @@ impl<R: Read> TarReader<'_, R> {
         &mut self,
         e: &TarEntry,
         out: &mut dyn Write,
+        keep: Option<&mut Vec<u8>>,
+    ) -> Result<[u8; 32], RoleBundleError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(COPY_BUF, 0);
+        let result = self.copy_with(&mut buf, e, out, keep);
+        self.buf = buf;
+        result
+    }
+
+    fn copy_with(
+        &mut self,
+        buf: &mut [u8],
+        e: &TarEntry,
+        out: &mut dyn Write,
         mut keep: Option<&mut Vec<u8>>,
     ) -> Result<[u8; 32], RoleBundleError> {
         let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
         let mut left = e.size;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
