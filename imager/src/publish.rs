@@ -392,12 +392,7 @@ pub fn edit(
             ch.devices.insert(id.clone(), format::DeviceOverride { roles, ..entry.clone() });
         }
         Edit::Pin { version, reason, expires } => {
-            if reason.trim().is_empty() {
-                bail!("a pin needs a reason (--reason)");
-            }
-            if let Some(e) = expires.filter(|e| e.0 <= signer.now) {
-                bail!("the pin's expiry {e} is in the past");
-            }
+            check_pin(reason, *expires, signer.now)?;
             let (path, facts) = find_bundle(folder, version, keyring, progress)?;
             if facts.compatible != ch.os.compatible {
                 bail!(
@@ -422,6 +417,17 @@ pub fn edit(
     }
     ch.sequence += 1;
     sign_and_write(folder, ch, signer)
+}
+
+/// A pin (of the OS or of a role) needs a reason and an expiry, if any, in the future.
+fn check_pin(reason: &str, expires: Option<Timestamp>, now: u64) -> Result<()> {
+    if reason.trim().is_empty() {
+        bail!("a pin needs a reason (--reason)");
+    }
+    if let Some(e) = expires.filter(|e| e.0 <= now) {
+        bail!("the pin's expiry {e} is in the past");
+    }
+    Ok(())
 }
 
 /// The published bundle of `version` in `<folder>/bundles/` (`*-<version>.mfb`), verified.

@@ -190,12 +190,7 @@ fn role_pin(
     signer: &Signer<'_>,
     progress: &Progress,
 ) -> Result<RolePin> {
-    if reason.trim().is_empty() {
-        bail!("a pin needs a reason (--reason)");
-    }
-    if let Some(e) = expires.filter(|e| e.0 <= signer.now) {
-        bail!("the pin's expiry {e} is in the past");
-    }
+    check_pin(reason, expires, signer.now)?;
     let rel = format::role_bundle_path(role, version);
     let path = folder.join(&rel);
     if !path.is_file() {
