@@ -289,10 +289,10 @@ pub fn unpack_with(
             std::fs::create_dir_all(parent)?;
         }
         let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&target)?;
-        Ok(Box::new(SyncOnDrop(BufWriter::new(f))))
+        Ok(Box::new(SyncOnFlush(BufWriter::new(f))))
     })
     .and_then(|v| {
-        super::layout::sync_dir(dest).map_err(|e| dest_err(io::Error::other(format!("{e:#}"))))?;
+        sync_dirs(dest).map_err(dest_err)?;
         Ok(v)
     });
     match result.map_err(|e| match e {
@@ -339,6 +339,17 @@ pub fn read_manifest(
     Ok(ManifestPeek { manifest, key_id: sig.key_id, checked })
 }
 
+/// Fsyncs `dir` and every folder under it (the files were fsynced as they were written).
+fn sync_dirs(dir: &Path) -> io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_dirs(&e.path())?;
+        }
+    }
+    File::open(dir)?.sync_all()
+}
+
 /// Reads through, reporting byte counts.
 struct Counting<'a, R> {
     inner: R,
@@ -354,9 +365,9 @@ impl<R: Read> Read for Counting<'_, R> {
 }
 
 /// A writer that fsyncs its file when flushed at the end of a member.
-struct SyncOnDrop(BufWriter<File>);
+struct SyncOnFlush(BufWriter<File>);
 
-impl Write for SyncOnDrop {
+impl Write for SyncOnFlush {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write(buf)
     }
