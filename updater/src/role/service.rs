@@ -195,7 +195,7 @@ impl Roles<'_> {
             Ok(o) => o,
             Err(e) => {
                 if active {
-                    self.start_safe_mode_stack();
+                    self.switch_to_safe_mode();
                 }
                 return Err(e.into());
             }
@@ -210,8 +210,9 @@ impl Roles<'_> {
         };
         let safe_mode = self.settle(&signals)?;
         if active && safe_mode.is_none() {
-            // Still in safe mode: the safe-mode stack runs instead of the role.
-            self.start_safe_mode_stack();
+            // Still in safe mode: the safe-mode stack runs instead of the role (which a
+            // rollback may have brought up again).
+            self.switch_to_safe_mode();
         }
         Ok(Applied { role, outcome, safe_mode })
     }
@@ -591,3 +592,6 @@ pub fn role_names(metrica_dir: &Path) -> anyhow::Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+#[cfg(test)]
+mod tests;
