@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::cli::Cli;
 use crate::log::Log;
-use crate::role::apply::{Event, Outcome};
+use crate::role::apply::{Event, Outcome, Recovery};
 use crate::role::docker::DockerCli;
 use crate::role::safe_mode::{self, Command as SafeCommand};
 use crate::role::service::{Applied, Roles, RolesStatus, SafeModeChange, ServiceError, Source};
@@ -184,15 +184,22 @@ pub fn run(
     let log_event = |e: &Event| progress.event(&log, e);
     let bundle = matches!(which, Which::Role(RoleCommand::Apply { source, .. }) if !Path::new(source).is_dir());
     let keyring = if bundle { load_keyring(&cli.keyring)? } else { Keyring::default() };
-    let os_version = match &opts.os_version {
-        Some(v) => v.clone(),
-        None => crate::cli::read_release(&cli.sysroot).map(|r| r.version).with_context(|| {
-            format!(
+    let running = crate::cli::read_release(&cli.sysroot).map(|r| r.version);
+    let os_version = match (&opts.os_version, running) {
+        (Some(v), _) => v.clone(),
+        (None, Some(v)) => v,
+        // Only an apply checks a release's OS range; the other commands never read it.
+        (None, None) if !matches!(which, Which::Role(RoleCommand::Apply { .. })) => {
+            semver::Version::new(0, 0, 0)
+        }
+        (None, None) => {
+            return Err(anyhow::anyhow!(
                 "the OS version: {} under {} is missing or invalid (or give --os-version)",
                 crate::release::RELEASE_PATH,
                 cli.sysroot.display()
             )
-        })?,
+            .into())
+        }
     };
     let roles = Roles {
         metrica_dir: cli.data_dir.join("metrica"),
@@ -343,7 +350,17 @@ fn report_status(st: &RolesStatus, json: bool, out: &mut dyn Write) -> Result<Ex
 
 fn recover(roles: &Roles, out: &mut dyn Write) -> Result<Exit, ServiceError> {
     for (role, r) in roles.recover()? {
-        writeln!(out, "metrica: role {role}: {r:?}").context("writing the report")?;
+        let words = match r {
+            Recovery::Clean(Some(v)) => format!("nothing was interrupted; release {v} is up"),
+            Recovery::Clean(None) => "nothing was interrupted; no release yet".into(),
+            Recovery::KeptOld { interrupted, running } => {
+                format!("the apply of {interrupted} was cut before the switch; {}", runs(&running))
+            }
+            Recovery::RolledBack { interrupted, running } => {
+                format!("the apply of {interrupted} was cut and rolled back; {}", runs(&running))
+            }
+        };
+        writeln!(out, "metrica: role {role}: {words}").context("writing the report")?;
     }
     if let Some(m) = safe_mode::read_marker(&roles.metrica_dir) {
         writeln!(out, "metrica: safe mode is on ({}): the safe-mode stack runs", m.reason)
@@ -357,6 +374,10 @@ fn safe_mode_line(marker: Option<&safe_mode::Marker>) -> String {
         Some(m) => format!("safe mode: ON ({}, since {})", m.reason, crate::cli::utc(m.since)),
         None => "safe mode: off".into(),
     }
+}
+
+fn runs(v: &Option<semver::Version>) -> String {
+    v.as_ref().map_or("no release runs".into(), |v| format!("release {v} runs"))
 }
 
 fn report_change(
