@@ -182,7 +182,11 @@ pub fn run(
     let log = Log::command_line(cli.log_file.clone());
     let progress = Progress::new();
     let log_event = |e: &Event| progress.event(&log, e);
-    let bundle = matches!(which, Which::Role(RoleCommand::Apply { source, .. }) if !Path::new(source).is_dir());
+    let source = match which {
+        Which::Role(RoleCommand::Apply { source, .. }) => Some(parse_source(source)?),
+        _ => None,
+    };
+    let bundle = matches!(source, Some(Source::Bundle(_)));
     let keyring = if bundle { load_keyring(&cli.keyring)? } else { Keyring::default() };
     let running = crate::cli::read_release(&cli.sysroot).map(|r| r.version);
     let os_version = match (&opts.os_version, running) {
@@ -212,8 +216,8 @@ pub fn run(
         log: &log_event,
     };
     let code = match which {
-        Which::Role(RoleCommand::Apply { source, role, force, json }) => {
-            let source = parse_source(source)?;
+        Which::Role(RoleCommand::Apply { role, force, json, .. }) => {
+            let source = source.expect("parsed above for apply");
             let applied = roles.apply_as(&source, role.as_deref(), *force);
             progress.finish();
             report_applied(&applied?, *json, out)?
@@ -464,3 +468,118 @@ fn die_at_power_cut(e: &ServiceError) {
 
 #[cfg(not(any(test, feature = "failpoints")))]
 fn die_at_power_cut(_: &ServiceError) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::role::apply::ApplyError;
+    use clap::Parser;
+
+    /// Runs `updater --data-dir TMP/data ARGS...` in-process; the exit code or the error.
+    fn run_args(dir: &Path, args: &[&str]) -> (Result<Exit, ServiceError>, String) {
+        let data = dir.join("data");
+        let mut argv = vec!["updater", "--data-dir", data.to_str().unwrap(), "--sysroot"];
+        argv.push(dir.to_str().unwrap());
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let crate::cli::Command::Role { options, command } = &cli.command else {
+            panic!("not a role command")
+        };
+        let mut out = Vec::new();
+        let r = run(&cli, options, Which::Role(command), &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    fn error(r: Result<Exit, ServiceError>) -> (Exit, String) {
+        let e = r.unwrap_err();
+        (Exit::of_error(&e), format!("{e:#}"))
+    }
+
+    #[test]
+    fn bad_sources_and_names_are_refused_with_what_was_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (code, msg) = error(run_args(d, &["role", "apply", "https://fleet.invalid/web.mfr"]).0);
+        assert_eq!(
+            (code, msg.as_str()),
+            (Exit::Failed, "https://fleet.invalid/web.mfr: URL sources are not supported yet")
+        );
+        let (code, msg) = error(run_args(d, &["role", "apply", "/nonexistent/web-1.0.0.mfr"]).0);
+        assert_eq!(code, Exit::Failed);
+        assert!(msg.starts_with("reading the source /nonexistent/web-1.0.0.mfr: "), "{msg}");
+        let (code, msg) = error(
+            run_args(d, &["role", "apply", "--os-version", "1.0.0", "--role", "Web!", "."]).0,
+        );
+        assert_eq!((code, msg.as_str()), (Exit::Refused, "\"Web!\" is not a valid role name"));
+        // The OS version: neither --os-version nor the release file under --sysroot.
+        let folder = d.join("release");
+        std::fs::create_dir_all(&folder).unwrap();
+        let (code, msg) = error(run_args(d, &["role", "apply", folder.to_str().unwrap()]).0);
+        assert_eq!(code, Exit::Failed);
+        assert!(msg.contains("the OS version: /etc/metrica/release.toml under"), "{msg}");
+        assert!(msg.contains("--os-version"), "{msg}");
+    }
+
+    #[test]
+    fn a_release_folder_without_role_toml_is_refused_with_exit_code_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("release");
+        std::fs::create_dir_all(&folder).unwrap();
+        let args = ["role", "apply", "--os-version", "1.0.0", "--min-free-mib", "0"];
+        let mut args = args.to_vec();
+        args.push(folder.to_str().unwrap());
+        let (r, out) = run_args(dir.path(), &args);
+        assert_eq!(r.unwrap(), Exit::Refused);
+        assert!(
+            out.starts_with("metrica: role release: refused: invalid role description: "),
+            "{out}"
+        );
+        assert!(out.contains("role.toml"), "{out}");
+    }
+
+    #[test]
+    fn outcomes_have_their_exit_codes_and_json() {
+        let v = |s: &str| s.parse::<semver::Version>().unwrap();
+        let cases = [
+            (Outcome::Committed { version: v("1.1.0"), previous: Some(v("1.0.0")) }, Exit::Done,
+             "metrica: role web: committed 1.1.0 (previous 1.0.0)\n"),
+            (Outcome::AlreadyCurrent(v("1.1.0")), Exit::Done, "metrica: role web: already-current 1.1.0\n"),
+            (Outcome::Refused { error: ApplyError::FailedBefore(v("2.0.0")), recorded: false }, Exit::Refused,
+             "metrica: role web: refused: release 2.0.0 failed before and is not applied again unless forced\n"),
+            (Outcome::RolledBack { version: v("2.0.0"), error: ApplyError::Probation("restarted".into()), restored: Some(v("1.1.0")) },
+             Exit::RolledBack, "metrica: role web: rolled-back 2.0.0 (1.1.0 runs again): probation: restarted\n"),
+        ];
+        for (outcome, code, text) in cases {
+            let a = Applied { role: "web".into(), outcome, safe_mode: None };
+            let mut out = Vec::new();
+            assert_eq!(report_applied(&a, false, &mut out).unwrap(), code);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+            let mut out = Vec::new();
+            report_applied(&a, true, &mut out).unwrap();
+            let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(
+                (doc["role"].as_str(), doc["exit_code"].as_u64()),
+                (Some("web"), Some(code as u64))
+            );
+        }
+        let entered = Applied {
+            role: "web".into(),
+            outcome: Outcome::RolledBack {
+                version: v("2.0.0"),
+                error: ApplyError::Interrupted(v("2.0.0")),
+                restored: None,
+            },
+            safe_mode: Some(SafeModeChange::Entered(safe_mode::Reason::FailedUpdates { count: 3 })),
+        };
+        let mut out = Vec::new();
+        report_applied(&entered, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with("metrica: safe mode entered: 3 consecutive failed role updates\n"),
+            "{text}"
+        );
+        let busy = ServiceError::Busy(crate::slot::LockBusy("/data/metrica/lock".into()));
+        let space = ServiceError::NoSpace { dir: "/data/metrica".into(), free: 1, need: 2 };
+        assert_eq!((Exit::of_error(&busy), Exit::of_error(&space)), (Exit::Busy, Exit::NoSpace));
+    }
+}

@@ -179,7 +179,9 @@ impl Roles<'_> {
                 unpacked.dir
             }
         };
-        let role = match (spec::load(&folder.join(ROLE_FILE)), expected) {
+        let spec = spec::load(&folder.join(ROLE_FILE));
+        let release = spec.as_ref().ok().map(|s| s.role.version.clone());
+        let role = match (spec, expected) {
             (_, Some(name)) => name.to_string(),
             (Ok(spec), None) => spec.role.name.0,
             (Err(e), None) => {
@@ -200,7 +202,7 @@ impl Roles<'_> {
                 return Err(e.into());
             }
         };
-        self.record_outcome(&role, &outcome);
+        self.record_outcome(&role, release.as_ref(), &outcome);
         let signals = Signals {
             active,
             role: role.clone(),
@@ -222,7 +224,7 @@ impl Roles<'_> {
     fn refused_unreadable(&self, folder: &Path, e: spec::SpecError) -> Applied {
         let role = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let outcome = Outcome::Refused { error: e.into(), recorded: false };
-        self.record_outcome(&role, &outcome);
+        self.record_outcome(&role, None, &outcome);
         Applied { role, outcome, safe_mode: None }
     }
 
@@ -385,14 +387,17 @@ impl Roles<'_> {
 
     /// The history entry of an apply's outcome. `AlreadyCurrent` changed nothing and is not
     /// recorded (the daemon asks for its target at every poll).
-    fn record_outcome(&self, role: &str, outcome: &Outcome) {
+    /// `release`: the version the release names, when its role.toml reads.
+    fn record_outcome(&self, role: &str, release: Option<&semver::Version>, outcome: &Outcome) {
         let (event, version, what) = match outcome {
             Outcome::Committed { version, previous } => {
                 let prev = previous.as_ref().map_or("none".into(), ToString::to_string);
                 (HistoryEvent::RoleApplied, Some(version), format!("committed, previous {prev}"))
             }
             Outcome::AlreadyCurrent(_) => return,
-            Outcome::Refused { error, .. } => (HistoryEvent::RoleRefused, None, error.to_string()),
+            Outcome::Refused { error, .. } => {
+                (HistoryEvent::RoleRefused, release, error.to_string())
+            }
             Outcome::RolledBack { version, error, restored } => (
                 HistoryEvent::RoleRolledBack,
                 Some(version),
