@@ -526,3 +526,39 @@ fn safe_mode_enter_and_exit_swap_the_stacks() {
     let run = d.updater(&["safe-mode", "status"], None);
     assert_eq!(run.stdout, "safe mode: off\n");
 }
+
+/// The service's rule on the real engine through the binary: three failed updates enter safe
+/// mode (the role stopped, the safe-mode stack serving); a good update leaves it.
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn three_failed_applies_enter_safe_mode_and_a_good_apply_leaves_it() {
+    let mut d = Device::new("rt-cli-fail");
+    let safe = Device::new("rt-cli-fail-safe");
+    d.extra_projects.push(project_name("rt-cli-fail-safe"));
+    let stack = safe.bundle("1.0.0", "ok");
+    let apply = |version: &str, mode: &str| {
+        let src = d.bundle(version, mode);
+        let args = ["role", "--safe-mode-stack", stack.to_str().unwrap(), "apply"];
+        let mut args = args.to_vec();
+        args.extend(["--os-version", "1.0.0", "--min-free-mib", "1", src.to_str().unwrap()]);
+        d.updater(&args, None)
+    };
+    assert_eq!(apply("1.0.0", "ok").code, Some(0));
+    for v in ["1.1.0", "1.2.0"] {
+        let run = apply(v, "exit");
+        assert_eq!(run.code, Some(4), "{run:?}");
+        assert!(!run.stdout.contains("safe mode"), "{run:?}");
+    }
+    let run = apply("1.3.0", "exit");
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert!(run.stdout.contains("safe mode entered: 3 consecutive failed role updates"), "{run:?}");
+    assert!(d.get("/").starts_with("error"), "the role is stopped");
+    assert_eq!(safe.get("/"), "version 1.0.0\n", "the safe-mode stack serves");
+    assert_eq!(d.status_json()["safe_mode"]["reason"], "failed-updates");
+    let run = apply("1.4.0", "ok");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("safe mode left: a good update"), "{run:?}");
+    assert_eq!(d.get("/"), "version 1.4.0\n");
+    assert!(safe.get("/").starts_with("error"), "the safe-mode stack is stopped");
+    assert!(d.status_json()["safe_mode"].is_null());
+}
