@@ -344,6 +344,9 @@ fn report_status(st: &RolesStatus, json: bool, out: &mut dyn Write) -> Result<Ex
         if let Some(e) = &r.last_error {
             writeln!(out, "  last error: {e}")?;
         }
+        for c in r.checks.iter().flatten().filter(|c| !c.ok) {
+            writeln!(out, "  check {} FAILS: {}", c.check, c.detail)?;
+        }
         for c in r.containers.iter().flatten() {
             let h = if c.health.is_empty() { String::new() } else { format!(" ({})", c.health) };
             writeln!(out, "  {} [{}]: {}{h}", c.name, c.service, c.state)?;

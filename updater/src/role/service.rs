@@ -23,6 +23,7 @@ use thiserror::Error;
 use super::apply::{self, Event, Options, Outcome, Recovery};
 use super::bundle::{self, RoleBundleError};
 use super::engine::{Container, Engine, EngineError, Project};
+use super::health::{self, CheckResult};
 use super::layout::{Link, RoleLayout, ROLES_DIR};
 use super::safe_mode::{self, Command, Decision, ExitReason, Marker, Reason, Signals};
 use super::spec::{self, RoleName, RoleSpec, ROLE_FILE};
@@ -100,7 +101,11 @@ pub struct RoleStatus {
     pub last_error: Option<String>,
     /// The stack's containers; `None` when the engine could not be asked.
     pub containers: Option<Vec<Container>>,
-    /// Whether every container is up (and healthy where it has a check); `None` when unknown.
+    /// The role's own health checks (role.toml `[health]`), run once; `None` when there is
+    /// no current release or the engine did not answer.
+    pub checks: Option<Vec<CheckResult>>,
+    /// Whether every container is up (and healthy where it has a check) and every check of
+    /// the role passes; `None` when unknown.
     pub healthy: Option<bool>,
 }
 
@@ -312,13 +317,18 @@ impl Roles<'_> {
         let state = layout.read_state()?;
         let current = layout.read_link(Link::Current)?;
         let previous = layout.read_link(Link::Previous)?;
-        let project = current.as_ref().and_then(|v| release_project(&layout, v).ok());
-        let containers = match (&project, engine_up) {
-            (Some(p), true) => self.engine.ps(p).ok(),
-            (None, true) => Some(Vec::new()),
-            _ => None,
+        let release = current.as_ref().and_then(|v| release_spec(&layout, v).ok());
+        let (containers, checks) = match (&release, engine_up) {
+            (Some((p, spec)), true) => {
+                (self.engine.ps(p).ok(), Some(health::run_checks(self.engine, p, &spec.health)))
+            }
+            (None, true) => (Some(Vec::new()), None),
+            _ => (None, None),
         };
-        let healthy = containers.as_ref().map(|c| !c.is_empty() && c.iter().all(Container::is_up));
+        let checks_pass = checks.iter().flatten().all(|c| c.ok);
+        let healthy = containers
+            .as_ref()
+            .map(|c| !c.is_empty() && c.iter().all(Container::is_up) && checks_pass);
         let v = |v: Option<semver::Version>| v.map(|v| v.to_string());
         Ok(RoleStatus {
             name: name.to_string(),
@@ -331,6 +341,7 @@ impl Roles<'_> {
             rollbacks_total: state.rollbacks_total,
             last_error: state.last_error,
             containers,
+            checks,
             healthy,
         })
     }
@@ -521,15 +532,15 @@ fn stack_project(spec: &RoleSpec, dir: &Path) -> Project {
     Project::for_release(&spec.role.name.0, dir, &spec.role.compose.0)
 }
 
-fn release_project(layout: &RoleLayout, v: &semver::Version) -> anyhow::Result<Project> {
+fn release_spec(layout: &RoleLayout, v: &semver::Version) -> anyhow::Result<(Project, RoleSpec)> {
     let dir = layout.release(v);
     let spec = spec::load(&dir.join(ROLE_FILE))?;
-    Ok(Project::for_release(&layout.name, &dir, &spec.role.compose.0))
+    Ok((Project::for_release(&layout.name, &dir, &spec.role.compose.0), spec))
 }
 
 fn current_project(layout: &RoleLayout) -> Option<Project> {
     let v = layout.read_link(Link::Current).ok().flatten()?;
-    release_project(layout, &v).ok()
+    release_spec(layout, &v).ok().map(|(p, _)| p)
 }
 
 /// Whether an engine error says the engine itself is unreachable.

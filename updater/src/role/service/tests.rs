@@ -139,6 +139,8 @@ fn a_folder_release_commits_and_status_shows_it() {
         (ROLE, Some("1.1.0"), Some("1.0.0"), Some("1.1.0"))
     );
     assert_eq!((r.healthy, r.containers.as_ref().map(Vec::len)), (Some(true), Some(1)));
+    let checks = r.checks.clone().unwrap();
+    assert_eq!((checks.len(), checks[0].check.as_str(), checks[0].ok), (1, "container web", true));
     // Every line of the apply names the role and the version.
     let events = b.events.borrow();
     assert!(events.iter().all(|e| e.role == ROLE && !e.version.is_empty()), "{events:?}");
@@ -217,6 +219,9 @@ fn three_failed_updates_enter_safe_mode_and_a_good_update_leaves_it() {
     assert_eq!((b.running(), b.safe_running()), (None, true));
     let st = b.roles().status().unwrap();
     assert_eq!(st.safe_mode.map(|m| m.reason), Some(Reason::FailedUpdates { count: 3 }));
+    // The role is stopped in safe mode: its status says it is not healthy, and why.
+    assert_eq!(st.roles[0].healthy, Some(false));
+    assert!(st.roles[0].checks.iter().flatten().any(|c| !c.ok), "{:?}", st.roles[0]);
     // In safe mode a failed update keeps safe mode and its stack.
     let a = b.apply(&b.release("1.4.0", Up::Exits(2)));
     assert_eq!(a.safe_mode, None);
