@@ -130,6 +130,23 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         history: usize,
     },
+    /// Apply, show and recover the device's roles (app stacks in Docker Compose,
+    /// docs/roles.md). Exit codes: 0 done, 1 failed, 2 usage, 3 refused, 4 rolled back,
+    /// 5 busy, 6 no space.
+    Role {
+        #[command(flatten)]
+        options: crate::role_cli::RoleOptions,
+        #[command(subcommand)]
+        command: crate::role_cli::RoleCommand,
+    },
+    /// Enter, leave or show safe mode: every role's stack stopped and the safe-mode stack
+    /// running. Exit codes as for `role`.
+    SafeMode {
+        #[command(flatten)]
+        options: crate::role_cli::RoleOptions,
+        #[command(subcommand)]
+        command: crate::role_cli::SafeModeCommand,
+    },
 }
 
 // The flags of `updater run` (its help text is the variant's doc comment above).
@@ -173,6 +190,9 @@ pub struct RunArgs {
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some((options, which)) = role_command(&cli.command) {
+        return crate::role_cli::main(&cli, options, which);
+    }
     let log = Log::command_line(cli.log_file.clone());
     match run(&cli, &mut std::io::stdout()) {
         Ok(true) => ExitCode::SUCCESS,
@@ -194,9 +214,16 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
         Command::CheckNow { listen } => return check_now(listen, out),
         _ => {}
     }
+    if let Some((options, which)) = role_command(&cli.command) {
+        let code = crate::role_cli::run(cli, options, which, out)?;
+        return Ok(code == crate::role_cli::Exit::Done);
+    }
     let host = HostFacts::new(cli)?;
     match &cli.command {
-        Command::Locate { .. } | Command::CheckNow { .. } => unreachable!("handled above"),
+        Command::Locate { .. }
+        | Command::CheckNow { .. }
+        | Command::Role { .. }
+        | Command::SafeMode { .. } => unreachable!("handled above"),
         Command::Run(args) => run_daemon(host, args),
         Command::Status { json, history } => status(&host, *json, *history, out),
         Command::Firstboot => firstboot(&host, out),
@@ -215,6 +242,21 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
         Command::Trial => trial(&host, out),
         Command::MarkGood { slot } => mark_good(&host, *slot, out),
         Command::MarkBad { slot, reason } => mark_bad(&host, *slot, reason, out),
+    }
+}
+
+/// The role and safe-mode commands (role_cli.rs), which need no disk.
+fn role_command(
+    c: &Command,
+) -> Option<(&crate::role_cli::RoleOptions, crate::role_cli::Which<'_>)> {
+    match c {
+        Command::Role { options, command } => {
+            Some((options, crate::role_cli::Which::Role(command)))
+        }
+        Command::SafeMode { options, command } => {
+            Some((options, crate::role_cli::Which::SafeMode(command)))
+        }
+        _ => None,
     }
 }
 
@@ -693,7 +735,7 @@ fn machine_id(sysroot: &Path) -> Result<String> {
     Ok(id.to_string())
 }
 
-fn read_release(sysroot: &Path) -> Option<Release> {
+pub(crate) fn read_release(sysroot: &Path) -> Option<Release> {
     let path = sysroot.join(RELEASE_PATH.trim_start_matches('/'));
     Release::from_toml(&std::fs::read_to_string(path).ok()?).ok()
 }

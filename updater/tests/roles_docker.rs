@@ -374,3 +374,214 @@ fn a_signed_role_bundle_with_a_docker_save_archive_unpacks_and_applies() {
     assert_eq!(d.get("/"), "version 1.0.0\n");
     assert_eq!(d.running(), ("metrica.invalid/roletest:ok".into(), "1.0.0".into()));
 }
+
+/// What one run of the real `updater` binary did.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Device {
+    /// Runs `updater --data-dir DIR/data ARGS...` (the real binary, built with failpoints for
+    /// the tests), with `METRICA_FAILPOINT` set when `failpoint` is given.
+    fn updater(&self, args: &[&str], failpoint: Option<&str>) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_updater"));
+        cmd.arg("--data-dir").arg(self.dir.path().join("data")).args(args);
+        cmd.env_remove("METRICA_FAILPOINT");
+        if let Some(name) = failpoint {
+            cmd.env("METRICA_FAILPOINT", name);
+        }
+        let out = cmd.output().unwrap();
+        let run = Run {
+            code: out.status.code(),
+            signal: out.status.signal(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        eprintln!(
+            "updater {args:?} (failpoint {failpoint:?}): {:?} {:?}\n{}",
+            run.code, run.signal, run.stdout
+        );
+        run
+    }
+
+    fn cli_apply(&self, src: &Path, failpoint: Option<&str>) -> Run {
+        let src = src.to_str().unwrap();
+        self.updater(
+            &["role", "apply", "--os-version", "1.0.0", "--min-free-mib", "1", src],
+            failpoint,
+        )
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let run = self.updater(&["role", "status", "--json"], None);
+        assert_eq!(run.code, Some(0), "{run:?}");
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run:?}"))
+    }
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn the_updater_binary_applies_a_folder_rolls_back_a_failure_and_reports_status() {
+    let d = Device::new("rt-cli");
+    let run = d.cli_apply(&d.bundle("1.0.0", "ok"), None);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout, "metrica: role rt-cli: committed 1.0.0\n");
+    // Every log line of the apply names the role and its version.
+    for line in run.stderr.lines().filter(|l| l.contains("\"event\":\"role\"")) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (v["role"].as_str(), v["version"].as_str()),
+            (Some("rt-cli"), Some("1.0.0")),
+            "{line}"
+        );
+    }
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    let st = d.status_json();
+    let role = &st["roles"][0];
+    assert_eq!((role["name"].as_str(), role["current"].as_str()), (Some("rt-cli"), Some("1.0.0")));
+    assert_eq!((role["healthy"].as_bool(), st["engine_up"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(role["containers"][0]["state"], "running", "{st}");
+    // A release whose container exits: rolled back, exit code 4, the old release serves.
+    let run = d.cli_apply(&d.bundle("2.0.0", "exit"), None);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert!(run.stdout.contains("rolled-back 2.0.0 (1.0.0 runs again)"), "{run:?}");
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    // Applying it again is refused (it failed before): exit code 3; --json says so.
+    let src = d.bundle("2.0.0", "exit");
+    let run = d.updater(
+        &["role", "apply", "--os-version", "1.0.0", "--json", src.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(run.code, Some(3), "{run:?}");
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!((v["result"].as_str(), v["exit_code"].as_u64()), (Some("refused"), Some(3)));
+    let st = d.status_json();
+    assert_eq!(st["roles"][0]["failed"], serde_json::json!(["2.0.0"]));
+    assert_eq!(st["roles"][0]["rollbacks_total"], 1);
+    // A release of another role than --role: refused, nothing changes.
+    let src = d.bundle("3.0.0", "ok");
+    let run = d.updater(
+        &["role", "apply", "--os-version", "1.0.0", "--role", "other", src.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+}
+
+/// A SIGKILL of the updater at each step of an apply, then `updater role recover`: the old or
+/// the new release runs, `current` names it, and the next apply works.
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn a_sigkill_at_every_apply_step_then_recover_leaves_the_old_or_the_new_release() {
+    let d = Device::new("rt-kill");
+    assert_eq!(d.cli_apply(&d.bundle("1.0.0", "ok"), None).code, Some(0));
+    let steps = [
+        "role-stage",
+        "role-load-images",
+        "role-validate",
+        "role-switch",
+        "role-up",
+        "role-health",
+        "role-probation",
+        "role-commit",
+    ];
+    let mut old = v("1.0.0");
+    for (i, step) in steps.iter().enumerate() {
+        let new = v(&format!("1.{}.0", i + 1));
+        let run = d.cli_apply(&d.bundle(&new.to_string(), "ok"), Some(step));
+        assert_eq!(run.signal, Some(9), "{step}: not killed: {run:?}");
+        assert!(run.stderr.contains(&format!("power cut at failpoint {step}")), "{step}: {run:?}");
+        let run = d.updater(&["role", "recover"], None);
+        assert_eq!(run.code, Some(0), "{step}: {run:?}");
+        let current = d.layout.read_link(Link::Current).unwrap().expect("a current release");
+        assert!(
+            current == old || current == new,
+            "{step}: current {current}, old {old}, new {new}"
+        );
+        assert_eq!(d.get("/"), format!("version {current}\n"), "{step}: serves what current names");
+        assert_eq!(d.running().1, current.to_string(), "{step}");
+        let state = d.layout.read_state().unwrap();
+        assert_eq!(state.pending, None, "{step}");
+        // A good update afterwards commits (and resets the failure count of the cuts).
+        let next = v(&format!("1.{}.5", i + 1));
+        let run = d.cli_apply(&d.bundle(&next.to_string(), "ok"), None);
+        assert_eq!(run.code, Some(0), "{step}: the next apply: {run:?}");
+        assert_eq!(d.get("/"), format!("version {next}\n"));
+        old = next;
+    }
+}
+
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn safe_mode_enter_and_exit_swap_the_stacks() {
+    let mut d = Device::new("rt-cli-safe");
+    let safe = Device::new("rt-cli-safe-mode");
+    d.extra_projects.push(project_name("rt-cli-safe-mode"));
+    assert_eq!(d.cli_apply(&d.bundle("1.0.0", "ok"), None).code, Some(0));
+    let stack = safe.bundle("1.0.0", "ok");
+    let stack = stack.to_str().unwrap();
+    let run = d.updater(&["safe-mode", "--safe-mode-stack", stack, "enter"], None);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("safe mode entered: entered by an operator"), "{run:?}");
+    assert!(d.get("/").starts_with("error"), "the role is stopped");
+    assert_eq!(safe.get("/"), "version 1.0.0\n", "the safe-mode stack serves");
+    let run = d.updater(&["safe-mode", "status", "--json"], None);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        (v["active"].as_bool(), v["marker"]["reason"].as_str()),
+        (Some(true), Some("operator"))
+    );
+    assert_eq!(d.status_json()["safe_mode"]["reason"], "operator");
+    // A recover in safe mode keeps the safe-mode stack, not the role.
+    let run = d.updater(&["role", "--safe-mode-stack", stack, "recover"], None);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(d.get("/").starts_with("error"), "the role stays stopped in safe mode");
+    assert_eq!(safe.get("/"), "version 1.0.0\n");
+    let run = d.updater(&["safe-mode", "--safe-mode-stack", stack, "exit"], None);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(d.get("/"), "version 1.0.0\n", "the role runs again");
+    assert!(safe.get("/").starts_with("error"), "the safe-mode stack is stopped");
+    let run = d.updater(&["safe-mode", "status"], None);
+    assert_eq!(run.stdout, "safe mode: off\n");
+}
+
+/// The service's rule on the real engine through the binary: three failed updates enter safe
+/// mode (the role stopped, the safe-mode stack serving); a good update leaves it.
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn three_failed_applies_enter_safe_mode_and_a_good_apply_leaves_it() {
+    let mut d = Device::new("rt-cli-fail");
+    let safe = Device::new("rt-cli-fail-safe");
+    d.extra_projects.push(project_name("rt-cli-fail-safe"));
+    let stack = safe.bundle("1.0.0", "ok");
+    let apply = |version: &str, mode: &str| {
+        let src = d.bundle(version, mode);
+        let args = ["role", "--safe-mode-stack", stack.to_str().unwrap(), "apply"];
+        let mut args = args.to_vec();
+        args.extend(["--os-version", "1.0.0", "--min-free-mib", "1", src.to_str().unwrap()]);
+        d.updater(&args, None)
+    };
+    assert_eq!(apply("1.0.0", "ok").code, Some(0));
+    for v in ["1.1.0", "1.2.0"] {
+        let run = apply(v, "exit");
+        assert_eq!(run.code, Some(4), "{run:?}");
+        assert!(!run.stdout.contains("safe mode"), "{run:?}");
+    }
+    let run = apply("1.3.0", "exit");
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert!(run.stdout.contains("safe mode entered: 3 consecutive failed role updates"), "{run:?}");
+    assert!(d.get("/").starts_with("error"), "the role is stopped");
+    assert_eq!(safe.get("/"), "version 1.0.0\n", "the safe-mode stack serves");
+    assert_eq!(d.status_json()["safe_mode"]["reason"], "failed-updates");
+    let run = apply("1.4.0", "ok");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("safe mode left: a good update"), "{run:?}");
+    assert_eq!(d.get("/"), "version 1.4.0\n");
+    assert!(safe.get("/").starts_with("error"), "the safe-mode stack is stopped");
+    assert!(d.status_json()["safe_mode"].is_null());
+}
