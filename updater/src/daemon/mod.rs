@@ -15,6 +15,7 @@
 //! released by the kernel if the process dies), so it never runs beside `updater install`.
 
 pub mod fetch;
+pub mod role;
 #[cfg(test)]
 mod fleet;
 #[cfg(test)]
