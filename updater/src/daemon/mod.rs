@@ -15,9 +15,9 @@
 //! released by the kernel if the process dies), so it never runs beside `updater install`.
 
 pub mod fetch;
-pub mod role;
 #[cfg(test)]
 mod fleet;
+pub mod role;
 #[cfg(test)]
 mod tests;
 
@@ -109,6 +109,8 @@ pub struct ChannelView {
     pub sequence: u64,
     pub expires: Option<u64>,
     pub target_version: Option<semver::Version>,
+    /// The verified document, for the role targets ([`role::RoleRunner`]).
+    pub document: Option<std::sync::Arc<crate::channel::Channel>>,
 }
 
 /// What the rollout decided.
@@ -291,6 +293,8 @@ pub struct Daemon {
     pub log: Log,
     pub cache: Cache,
     pub record: DaemonRecord,
+    /// Runs the device's role; `None` on a device without provisioning.
+    pub roles: Option<role::RoleRunner>,
 }
 
 /// What one poll did, for callers and tests.
@@ -352,7 +356,14 @@ impl Daemon {
 
     /// One poll. Never fails: every problem is a named error in the log and the record.
     pub fn poll(&mut self, now: u64) -> PollOutcome {
+        if let Some(r) = self.roles.as_mut() {
+            r.offer(None, String::new());
+        }
         let outcome = self.poll_inner(now);
+        // After the OS decision and outside its lock: the roles service takes the lock.
+        if let Some(r) = self.roles.as_mut() {
+            r.cycle(&self.log, now);
+        }
         self.save_record();
         outcome
     }
@@ -433,6 +444,14 @@ impl Daemon {
             self.decide(now, DecisionOutcome::Stay, "no_channel", None, why);
             return PollOutcome::NoChannel;
         };
+        if let Some(r) = self.roles.as_mut() {
+            let mirror = self.record.channel.mirror.as_deref().or(self
+                .config
+                .mirrors
+                .first()
+                .map(String::as_str));
+            r.offer(plan.channel.document.clone(), self.fetcher.url(mirror.unwrap_or_default()));
+        }
         self.record.channel.sequence = Some(plan.channel.sequence);
         self.record.channel.expires = plan.channel.expires;
         self.record.channel.target_version =
@@ -891,6 +910,7 @@ impl Planner for ChannelPlanner {
             sequence: ch.sequence,
             expires: Some(ch.expires.0),
             target_version: Some(ch.os.version.clone()),
+            document: Some(std::sync::Arc::new(ch.clone())),
         };
         let segment: channel::Segment = input
             .segment
@@ -983,6 +1003,9 @@ pub fn serve_loop(
     let mut server = Server::start(&daemon.config.listen, ctx, tx)?;
     daemon.record.listen = server.addr.to_string();
     daemon.save_record();
+    if let Some(r) = daemon.roles.as_mut() {
+        r.start(&daemon.log, crate::slot::unix_now());
+    }
     daemon.log.info(
         "started",
         &format!(

@@ -154,10 +154,17 @@ pub enum CycleOutcome {
     /// Provisioning is invalid or absent: the role is not run (safe mode).
     NoRole,
     /// The role crash-looped: rolled back (`true`) or safe mode asked (`false`).
-    CrashLoop { rolled_back: bool },
-    Stayed { code: String },
+    CrashLoop {
+        rolled_back: bool,
+    },
+    Stayed {
+        code: String,
+    },
     /// A version was taken: downloaded and applied (`Ok` carries how it ended).
-    Took { version: semver::Version, result: Result<String, String> },
+    Took {
+        version: semver::Version,
+        result: Result<String, String>,
+    },
 }
 
 /// See the module documentation.
@@ -290,10 +297,11 @@ impl RoleRunner {
         if !matches!(layout.read_link(Link::Current), Ok(None)) {
             return;
         }
-        let baked = self.cfg.sysroot.join(BAKED_DIR).join(format!(
-            "{role}.{}",
-            crate::role::bundle::EXTENSION
-        ));
+        let baked = self
+            .cfg
+            .sysroot
+            .join(BAKED_DIR)
+            .join(format!("{role}.{}", crate::role::bundle::EXTENSION));
         if !baked.exists() {
             let msg = format!(
                 "role {role} has no release and the image bakes none ({}): waiting for the channel",
@@ -308,7 +316,7 @@ impl RoleRunner {
             serde_json::json!({ "role": role }),
         );
         let events = event_logger(log);
-        let result = self.roles(&events).apply(&Source::Bundle(baked.clone()), false);
+        let result = self.roles(&events).apply(&Source::Bundle(baked), false);
         let key = format!("{role}@baked");
         let _ = self.settle(log, now, role, &key, result);
     }
@@ -343,13 +351,22 @@ impl RoleRunner {
             rollout::Decision::Stay { .. } => None,
         };
         let changed = self.record.decision.as_ref().is_none_or(|d| d.code != code);
-        self.record.decision =
-            Some(RoleDecision { time: now, role: role.clone(), code: code.clone(), reason, version });
+        self.record.decision = Some(RoleDecision {
+            time: now,
+            role: role.clone(),
+            code: code.clone(),
+            reason,
+            version,
+        });
         match decision {
             rollout::Decision::Stay { reason } => {
                 if changed {
                     let msg = format!("role {role}: {reason}");
-                    log.info("role_decision", &msg, serde_json::json!({ "role": role, "code": code }));
+                    log.info(
+                        "role_decision",
+                        &msg,
+                        serde_json::json!({ "role": role, "code": code }),
+                    );
                 }
                 CycleOutcome::Stayed { code }
             }
@@ -361,7 +378,8 @@ impl RoleRunner {
                 );
                 let urls: Vec<String> =
                     urls.iter().map(|u| crate::channel::resolve_url(&doc_url, u)).collect();
-                let result = self.take(log, now, &role, &version, &urls, &Expected { size, sha256 });
+                let result =
+                    self.take(log, now, &role, &version, &urls, &Expected { size, sha256 });
                 CycleOutcome::Took { version, result }
             }
         }
@@ -487,7 +505,11 @@ impl RoleRunner {
             Outcome::Committed { version, previous } => {
                 let prev = previous.map_or("none".to_string(), |p| p.to_string());
                 let msg = format!("role {role} {version} committed (previous {prev})");
-                log.info("role_committed", &msg, serde_json::json!({ "role": role, "version": version.to_string() }));
+                log.info(
+                    "role_committed",
+                    &msg,
+                    serde_json::json!({ "role": role, "version": version.to_string() }),
+                );
                 Ok(msg)
             }
             Outcome::AlreadyCurrent(v) => Ok(format!("role {role} {v} already runs")),
@@ -592,7 +614,11 @@ impl RoleRunner {
         });
         if let Some(prev) = previous {
             let msg = format!("role {role}: rolling back from {current} to {prev}");
-            log.warn("role_crash_loop_rollback", &msg, serde_json::json!({ "role": role, "version": current.to_string() }));
+            log.warn(
+                "role_crash_loop_rollback",
+                &msg,
+                serde_json::json!({ "role": role, "version": current.to_string() }),
+            );
             let events = event_logger(log);
             let source = Source::Folder(layout.release(&prev));
             let result = self.roles(&events).apply(&source, true);
@@ -647,6 +673,46 @@ pub fn restart_total(
     Ok(engine.inspect(&ids)?.iter().map(|i| i.restart_count).sum())
 }
 
+/// The role the provisioning names: `None` on a device without a provision partition (a
+/// development machine: no role is run), `Some(Err)` when the provisioning is invalid (safe
+/// mode).
+pub fn provisioned_role(disk: &Path) -> Option<Result<String, String>> {
+    let files = crate::provision::read_partition(disk).ok()?;
+    Some(
+        crate::provision::Provisioning::from_files(&files)
+            .map(|p| p.device.role)
+            .map_err(|e| format!("provision partition: {e}")),
+    )
+}
+
+/// The runner of `updater run`: the provisioned role, the real engine (`docker`), and the
+/// daemon's settings. `None` without provisioning.
+pub fn runner_for(
+    disk: &Path,
+    data_dir: &Path,
+    sysroot: &Path,
+    config: &super::Config,
+    overrides: &rollout::Overrides,
+    os_version: Option<semver::Version>,
+    keyring: Keyring,
+) -> Option<RoleRunner> {
+    let role = provisioned_role(disk)?;
+    let cfg = RoleConfig {
+        metrica_dir: data_dir.join("metrica"),
+        sysroot: sysroot.to_path_buf(),
+        role,
+        device_id: config.device_id.clone(),
+        segment: config.segment.parse().unwrap_or(Segment::General),
+        overrides: overrides.clone(),
+        os_version: os_version.unwrap_or_else(|| semver::Version::new(0, 0, 0)),
+        dev_root: sysroot.to_path_buf(),
+        min_free_bytes: config.min_free_bytes,
+        http: HttpOptions { timeout: config.request_deadline, ..HttpOptions::default() },
+    };
+    let engine = Arc::new(crate::role::docker::DockerCli::default());
+    Some(RoleRunner::new(cfg, engine, keyring))
+}
+
 /// Unpacks a baked bundle into `dir` (replacing what is there once the new one is complete)
 /// and returns its version.
 fn unpack_stack(baked: &Path, keyring: &Keyring, dir: &Path) -> anyhow::Result<String> {
@@ -660,7 +726,8 @@ fn unpack_stack(baked: &Path, keyring: &Keyring, dir: &Path) -> anyhow::Result<S
     let unpacked = crate::role::bundle::unpack(baked, keyring, &tmp)
         .with_context(|| format!("unpacking the safe-mode stack {}", baked.display()))?;
     if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing the old {}", dir.display()))?;
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing the old {}", dir.display()))?;
     }
     std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
     crate::role::layout::sync_dir(parent)?;

@@ -58,6 +58,7 @@ impl Planner for TestPlanner {
                 sequence,
                 expires: Some(expires),
                 target_version: Some(version),
+                document: None,
             },
             decision,
         })
@@ -144,6 +145,7 @@ fn rig_with(mirrors: &[&str], no_reboot: bool, planner: Box<dyn Planner>, compat
     let daemon = Daemon {
         fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
         record: Daemon::open_record(&device, &config, T0),
+        roles: None,
         cache: Cache::new(&device.data_dir),
         log: Log::new(Some(dir.path().join("log.jsonl")), "dev-1"),
         booted: None,
@@ -822,6 +824,7 @@ mod real_install {
         Daemon {
             fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
             record: Daemon::open_record(&device, &config, CT0),
+            roles: None,
             cache: Cache::new(&device.data_dir),
             log: Log::new(Some(dir.join("log.jsonl")), "dev-1"),
             booted: None,
