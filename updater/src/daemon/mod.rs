@@ -999,6 +999,9 @@ pub fn serve_loop(
         booted: daemon.booted.ok_or_else(|| "unknown".to_string()),
         min_free_bytes: daemon.config.min_free_bytes,
         history,
+        roles: daemon.roles.as_ref().map(|r| {
+            std::sync::Arc::new(r.status_source()) as std::sync::Arc<dyn crate::status::RoleSource>
+        }),
     };
     let mut server = Server::start(&daemon.config.listen, ctx, tx)?;
     daemon.record.listen = server.addr.to_string();

@@ -178,6 +178,26 @@ pub struct RoleRunner {
     watch: Option<(semver::Version, CrashLoopWatch)>,
 }
 
+/// The roles service of the device `cfg` describes.
+fn service<'a>(
+    cfg: &RoleConfig,
+    engine: &'a dyn Engine,
+    keyring: &'a Keyring,
+    log: &'a dyn Fn(&Event),
+) -> Roles<'a> {
+    let stack = cfg.metrica_dir.join(SAFE_MODE_STACK);
+    Roles {
+        metrica_dir: cfg.metrica_dir.clone(),
+        engine,
+        keyring,
+        os_version: cfg.os_version.clone(),
+        dev_root: cfg.dev_root.clone(),
+        safe_mode_stack: stack.join(ROLE_FILE).exists().then_some(stack),
+        min_free_bytes: cfg.min_free_bytes,
+        log,
+    }
+}
+
 /// The service's log lines in the daemon's log: every one names the role and the version.
 fn event_logger(log: &Log) -> impl Fn(&Event) + '_ {
     move |e: &Event| {
@@ -198,17 +218,7 @@ impl RoleRunner {
 
     /// The service, as this device has it.
     pub fn roles<'a>(&'a self, log: &'a dyn Fn(&Event)) -> Roles<'a> {
-        let stack = self.cfg.metrica_dir.join(SAFE_MODE_STACK);
-        Roles {
-            metrica_dir: self.cfg.metrica_dir.clone(),
-            engine: self.engine.as_ref(),
-            keyring: &self.keyring,
-            os_version: self.cfg.os_version.clone(),
-            dev_root: self.cfg.dev_root.clone(),
-            safe_mode_stack: stack.join(ROLE_FILE).exists().then_some(stack),
-            min_free_bytes: self.cfg.min_free_bytes,
-            log,
-        }
+        service(&self.cfg, self.engine.as_ref(), &self.keyring, log)
     }
 
     fn save(&self, log: &Log) {
@@ -631,6 +641,58 @@ impl RoleRunner {
         }
         self.enter_safe_mode(log, now, &Reason::CrashLoop { role: role.to_string() });
         false
+    }
+}
+
+impl RoleRunner {
+    /// What the endpoints read of the roles (their own engine handle and settings).
+    pub fn status_source(&self) -> RoleStatusSource {
+        RoleStatusSource {
+            cfg: self.cfg.clone(),
+            engine: self.engine.clone(),
+            keyring: self.keyring.clone(),
+        }
+    }
+}
+
+/// The role section of `/status`, `/health`, `/metrics` and the page, read at each request:
+/// the service's status (no lock), each role's restarts, and the runner's record.
+pub struct RoleStatusSource {
+    cfg: RoleConfig,
+    engine: Arc<dyn Engine + Send + Sync>,
+    keyring: Keyring,
+}
+
+impl crate::status::RoleSource for RoleStatusSource {
+    fn section(&self) -> crate::status::RoleSection {
+        let quiet = |_: &Event| {};
+        let service = service(&self.cfg, self.engine.as_ref(), &self.keyring, &quiet);
+        let (roles, error) = match service.status() {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        let daemon = RoleRecord::load(&self.cfg.metrica_dir);
+        let mut names: BTreeSet<String> =
+            roles.iter().flat_map(|s| s.roles.iter().map(|r| r.name.clone())).collect();
+        names.extend(self.cfg.role.clone().ok());
+        let mut restarts = BTreeMap::new();
+        let mut engine_down = false;
+        for name in names {
+            let layout = RoleLayout::new(&self.cfg.metrica_dir, &name);
+            let Some(current) = layout.read_link(Link::Current).ok().flatten() else { continue };
+            match restart_total(self.engine.as_ref(), &layout, &current) {
+                Ok(n) => {
+                    restarts.insert(name, n);
+                }
+                Err(e) => engine_down |= matches!(e, EngineError::Unavailable(_)),
+            }
+        }
+        let engine_up = match &roles {
+            Some(s) => Some(s.engine_up),
+            None if engine_down => Some(false),
+            None => daemon.engine_up,
+        };
+        crate::status::RoleSection { roles, error, restarts, daemon, engine_up }
     }
 }
 

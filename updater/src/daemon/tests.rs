@@ -539,6 +539,9 @@ fn the_loop_serves_its_endpoints_and_wakes_on_check_now() {
             |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&status), keys(&cli), "/status and `updater status --json` are one shape");
         assert_eq!(status["daemon"]["decision"]["code"], "up_to_date");
+        let (code, page) = get("/");
+        assert_eq!(code, 200);
+        assert!(page.contains("<tr><th>Safe mode</th><td>off</td></tr>"), "{page}");
         let (code, _) = get("/nope");
         assert_eq!(code, 404);
         assert_eq!(
