@@ -438,6 +438,7 @@ impl RoleRunner {
             return Err(msg);
         }
         let dest = dir.join(format!("{role}-{version}.{}", crate::role::bundle::EXTENSION));
+        remove_other_downloads(&dir, &dest);
         let mut last: Option<DownloadError> = None;
         for url in urls {
             let mut step = 0u64;
@@ -484,7 +485,8 @@ impl RoleRunner {
         let events = event_logger(log);
         let result = self.roles(&events).apply(&Source::Bundle(dest.clone()), false);
         let done = self.settle(log, now, role, &key, result);
-        if done.is_ok() {
+        // Kept only while the same version may be tried again (a transient failure).
+        if done.is_ok() || self.record.failed.contains(&key) {
             let _ = std::fs::remove_file(&dest);
         }
         done
@@ -713,6 +715,19 @@ fn service_kind(e: &ServiceError) -> &'static str {
         ServiceError::RoleName(_) => "role_name",
         ServiceError::NotWritten(_) => "role_service",
         ServiceError::Other(_) => "role_error",
+    }
+}
+
+/// Removes the downloads (and partial downloads) of other versions: one bundle at most
+/// waits on /data.
+fn remove_other_downloads(dir: &Path, keep: &Path) {
+    let part = download::part_path(keep);
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p != keep && p != part {
+            let _ = std::fs::remove_file(&p);
+        }
     }
 }
 

@@ -160,6 +160,10 @@ fn the_target_is_downloaded_and_handed_to_the_service_and_a_failure_reported_onc
     let body: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
     let s = TestServer::empty(Mode::Normal);
     s.put("/roles/web-1.1.0.mfr", &body);
+    // A download of a version the channel no longer offers is removed.
+    let stale = b.metrica().join(DOWNLOADS).join("web-1.0.9.mfr.part");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"old").unwrap();
     let mut r = b.runner(Ok(ROLE));
     let channel = channel_offering("1.1.0", "../roles/web-1.1.0.mfr", &body);
     r.offer(Some(channel.clone()), s.url_of("/channels/stable.toml"));
@@ -170,6 +174,7 @@ fn the_target_is_downloaded_and_handed_to_the_service_and_a_failure_reported_onc
     assert!(err.contains("role web"), "{err}");
     let dest = b.metrica().join(DOWNLOADS).join("web-1.1.0.mfr");
     assert_eq!(std::fs::read(&dest).unwrap(), body, "downloaded and verified before the apply");
+    assert!(!stale.exists());
     // The next poll is throttled: no loop of attempts, one report.
     r.offer(Some(channel.clone()), s.url_of("/channels/stable.toml"));
     assert_eq!(r.cycle(&b.log, NOW + 60), CycleOutcome::Stayed { code: "throttled".into() });
