@@ -31,6 +31,7 @@ pub mod provision;
 pub mod reboot;
 pub mod release;
 pub mod role;
+pub mod role_report;
 pub mod rollout;
 pub mod serve;
 pub mod sign;

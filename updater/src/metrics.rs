@@ -6,6 +6,7 @@
 use crate::connectivity::Connectivity;
 use crate::daemon_record::DecisionOutcome;
 use crate::layout::Slot;
+use crate::role_report::RoleSection;
 use crate::status::Status;
 use std::fmt::Write;
 
@@ -48,6 +49,16 @@ fn escape(v: &str) -> String {
 
 /// Renders the metrics. `agent_up`: whether the daemon is running (1 from the daemon itself).
 pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
+    render_with_role(st, None, agent_up, now)
+}
+
+/// [`render`], with the daemon's role section (the `metrica_role_*` series).
+pub fn render_with_role(
+    st: &Status,
+    role: Option<&RoleSection>,
+    agent_up: bool,
+    now: u64,
+) -> String {
     let mut o = Out(String::new());
     o.one("metrica_agent_up", "gauge", "1 while the updater daemon runs.", u8::from(agent_up));
     let state = st.state.as_ref();
@@ -104,7 +115,7 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
         "1 while the device runs its safe-mode stack instead of its role.",
         u8::from(st.safe_mode),
     );
-    roles(&mut o, st.role.as_ref());
+    roles(&mut o, role);
     if let Some(free) = st.disk_free_bytes {
         o.family("metrica_disk_free_bytes", "gauge", "Free bytes on the data partition.");
         o.sample("metrica_disk_free_bytes", &[("mount", &st.data_dir.display().to_string())], free);
@@ -199,7 +210,7 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
 }
 
 /// The role families: always declared, with a series per role the daemon knows of.
-fn roles(o: &mut Out, section: Option<&crate::status::RoleSection>) {
+fn roles(o: &mut Out, section: Option<&RoleSection>) {
     let listed = section.and_then(|r| r.roles.as_ref()).map_or(&[][..], |r| &r.roles[..]);
     o.family(
         "metrica_role_info",
@@ -285,8 +296,6 @@ pub(crate) mod tests {
             connectivity: None,
             disk_free_bytes: Some(123),
             safe_mode: false,
-            safe_mode_marker: None,
-            role: None,
             drift: vec!["x".into()],
             last_update_success: Some(1500),
         }
@@ -318,9 +327,9 @@ pub(crate) mod tests {
         }
     }
 
-    /// A status with one role: 1.2.0 running, unhealthy, restarted 7 times; 2 rollbacks by
-    /// the service and 1 after a crash loop; the engine answers.
-    pub(crate) fn with_role(mut st: Status) -> Status {
+    /// A role section: 1.2.0 running, unhealthy, restarted 7 times; 2 rollbacks by the
+    /// service and 1 after a crash loop; the engine answers; not in safe mode.
+    pub(crate) fn role_section() -> RoleSection {
         use crate::role::service::{RoleStatus, RolesStatus};
         let role = RoleStatus {
             name: "camera-single".into(),
@@ -337,19 +346,19 @@ pub(crate) mod tests {
         };
         let mut daemon = crate::daemon::role::RoleRecord::default();
         daemon.crash_rollbacks.insert("camera-single".into(), 1);
-        st.role = Some(crate::status::RoleSection {
+        RoleSection {
             roles: Some(RolesStatus { roles: vec![role], safe_mode: None, engine_up: true }),
             error: None,
             restarts: [("camera-single".to_string(), 7)].into_iter().collect(),
             daemon,
             engine_up: Some(true),
-        });
-        st
+            safe_mode: None,
+        }
     }
 
     #[test]
     fn renders_the_role_metrics() {
-        let text = render(&with_role(status()), true, 5000);
+        let text = render_with_role(&status(), Some(&role_section()), true, 5000);
         for line in [
             "metrica_role_info{role=\"camera-single\",version=\"1.2.0\"} 1",
             "metrica_role_healthy{role=\"camera-single\"} 0",
@@ -394,8 +403,9 @@ pub(crate) mod tests {
         bare.daemon = None;
         bare.state = None;
         bare.disk_free_bytes = None;
-        for (what, st) in [("full", with_role(status())), ("bare", bare)] {
-            let text = render(&st, true, 5000);
+        let section = role_section();
+        for (what, st, role) in [("full", status(), Some(&section)), ("bare", bare, None)] {
+            let text = render_with_role(&st, role, true, 5000);
             let mut child = std::process::Command::new(&promtool)
                 .args(["check", "metrics"])
                 .stdin(std::process::Stdio::piped())

@@ -12,6 +12,7 @@
 //! daemon writes (state, record, history), so the endpoints never disagree with the CLI.
 
 use crate::bootinfo::BootInfo;
+use crate::role_report::{RoleSection, RoleSource};
 use crate::slot::Device;
 use crate::status::Status;
 use serde::Serialize;
@@ -36,7 +37,7 @@ pub struct Context {
     pub history: usize,
     /// The roles section of `/status`, `/health`, `/metrics` and the page (the daemon's role
     /// runner); `None` on a device without a role.
-    pub roles: Option<Arc<dyn crate::status::RoleSource>>,
+    pub roles: Option<Arc<dyn RoleSource>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -68,6 +69,17 @@ pub struct Health {
 /// The health of a device from its status (pure): state readable, `/data` writable and above
 /// its floor, no drift, not in safe mode.
 pub fn health(st: &Status, data_read_only: Option<bool>, min_free: u64) -> Health {
+    health_with_role(st, None, data_read_only, min_free)
+}
+
+/// [`health`], with the daemon's role section: why safe mode is on (the marker), and the
+/// `container-engine` check.
+pub fn health_with_role(
+    st: &Status,
+    role: Option<&RoleSection>,
+    data_read_only: Option<bool>,
+    min_free: u64,
+) -> Health {
     let mut checks = Vec::new();
     let mut check = |name: &'static str, ok: bool, detail: String| {
         checks.push(CheckResult { name, ok, detail });
@@ -95,7 +107,7 @@ pub fn health(st: &Status, data_read_only: Option<bool>, min_free: u64) -> Healt
     } else {
         check("drift", false, st.drift.join("; "));
     }
-    let safe_mode = match (&st.safe_mode_marker, st.safe_mode) {
+    let safe_mode = match (role.and_then(|r| r.safe_mode.as_ref()), st.safe_mode) {
         (Some(m), _) => format!(
             "the device runs its safe-mode stack: {} (since {})",
             m.reason,
@@ -105,7 +117,7 @@ pub fn health(st: &Status, data_read_only: Option<bool>, min_free: u64) -> Healt
         (None, false) => "off".into(),
     };
     check("safe-mode", !st.safe_mode, safe_mode);
-    if let Some(up) = st.role.as_ref().and_then(|r| r.engine_up) {
+    if let Some(up) = role.and_then(|r| r.engine_up) {
         let detail = if up {
             "the container engine answers".into()
         } else {
@@ -133,27 +145,34 @@ pub fn respond(
 ) -> (u16, &'static str, String) {
     const JSON: &str = "application/json";
     let path = path.split('?').next().unwrap_or(path);
-    let status = || {
-        let mut st = ctx.device.status(ctx.booted.clone(), ctx.history);
-        st.role = ctx.roles.as_ref().map(|r| r.section());
-        st
-    };
+    let status = || ctx.device.status(ctx.booted.clone(), ctx.history);
+    let role = || ctx.roles.as_ref().map(|r| r.section());
     match (method, path) {
         ("GET", "/health") => {
             let st = status();
-            let h = health(&st, read_only(&st.data_dir), ctx.min_free_bytes);
+            let h =
+                health_with_role(&st, role().as_ref(), read_only(&st.data_dir), ctx.min_free_bytes);
             let body = serde_json::to_string_pretty(&h).unwrap_or_default();
             (if h.ok { 200 } else { 503 }, JSON, body)
         }
         ("GET", "/metrics") => (
             200,
             crate::metrics::CONTENT_TYPE,
-            crate::metrics::render(&status(), true, crate::slot::unix_now()),
+            crate::metrics::render_with_role(
+                &status(),
+                role().as_ref(),
+                true,
+                crate::slot::unix_now(),
+            ),
         ),
         ("GET", "/status") => {
-            (200, JSON, serde_json::to_string_pretty(&status()).unwrap_or_default())
+            let mut j = serde_json::to_value(status()).unwrap_or_default();
+            if let (Some(r), Some(map)) = (role(), j.as_object_mut()) {
+                map.insert("role".into(), serde_json::to_value(r).unwrap_or_default());
+            }
+            (200, JSON, serde_json::to_string_pretty(&j).unwrap_or_default())
         }
-        ("GET", "/") => (200, "text/html; charset=utf-8", page(&status())),
+        ("GET", "/") => (200, "text/html; charset=utf-8", page(&status(), role().as_ref())),
         ("POST", "/check-now") => match wake.send(Wake::CheckNow) {
             Ok(()) => (202, JSON, "{\"check\":\"started\"}".into()),
             Err(_) => (503, JSON, "{\"error\":\"the daemon is stopping\"}".into()),
@@ -171,7 +190,7 @@ fn esc(s: &str) -> String {
 }
 
 /// The status page: what an operator on the LAN needs when the role (or the engine) is down.
-pub fn page(st: &Status) -> String {
+pub fn page(st: &Status, role: Option<&RoleSection>) -> String {
     let mut rows: Vec<(&str, String)> = Vec::new();
     let slot = st.booted.as_ref().and_then(BootInfo::slot);
     let version = match (&st.state, slot) {
@@ -181,14 +200,14 @@ pub fn page(st: &Status) -> String {
     };
     rows.push(("OS version", version.unwrap_or_else(|| "unknown".into())));
     rows.push(("Slot", slot.map_or_else(|| "unknown".into(), |s| s.to_string())));
-    let safe = match &st.safe_mode_marker {
+    let safe = match role.and_then(|r| r.safe_mode.as_ref()) {
         Some(m) => format!("ON: {} (since {})", m.reason, crate::cli::utc(m.since)),
         None if st.safe_mode => "ON".into(),
         None => "off".into(),
     };
     rows.push(("Safe mode", safe));
     let mut errors: Vec<String> = Vec::new();
-    if let Some(r) = &st.role {
+    if let Some(r) = role {
         for role in r.roles.iter().flat_map(|s| &s.roles) {
             let health = match role.healthy {
                 Some(true) => "healthy",
@@ -305,9 +324,8 @@ pub fn check_now(listen: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::tests::{status, with_role};
+    use crate::metrics::tests::{role_section, status};
     use crate::role::safe_mode::{Marker, Reason};
-    use crate::status::{RoleSection, RoleSource};
 
     fn check<'a>(h: &'a Health, name: &str) -> &'a CheckResult {
         h.checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no {name}: {h:?}"))
@@ -315,16 +333,17 @@ mod tests {
 
     #[test]
     fn health_says_why_safe_mode_is_on_and_when_the_engine_is_down() {
-        let mut st = with_role(status());
+        let mut st = status();
         st.drift.clear();
-        let h = health(&st, Some(false), 0);
+        let mut role = role_section();
+        let h = health_with_role(&st, Some(&role), Some(false), 0);
         assert!(h.ok, "{h:?}");
         assert_eq!(check(&h, "container-engine").detail, "the container engine answers");
         st.safe_mode = true;
-        st.safe_mode_marker =
+        role.safe_mode =
             Some(Marker { reason: Reason::CrashLoop { role: "camera-single".into() }, since: 0 });
-        st.role.as_mut().unwrap().engine_up = Some(false);
-        let h = health(&st, Some(false), 0);
+        role.engine_up = Some(false);
+        let h = health_with_role(&st, Some(&role), Some(false), 0);
         assert_eq!(h.failing, ["safe-mode", "container-engine"]);
         let safe = &check(&h, "safe-mode").detail;
         assert!(safe.contains("role camera-single is crash-looping (since 1970-01-01"), "{safe}");
@@ -337,20 +356,20 @@ mod tests {
 
     #[test]
     fn the_page_shows_version_slot_role_safe_mode_and_errors_escaped() {
-        let mut st = with_role(status());
+        let mut st = status();
         st.safe_mode = true;
-        st.safe_mode_marker = Some(Marker {
+        let mut r = role_section();
+        r.safe_mode = Some(Marker {
             reason: Reason::BadProvisioning { error: "role: <bad>".into() },
             since: 1_795_507_200,
         });
-        let r = st.role.as_mut().unwrap();
         r.engine_up = Some(false);
         r.daemon.errors.push(crate::daemon_record::NamedError {
             time: 1,
             kind: "role_rolled_back".into(),
             message: "role camera-single 1.3.0 rolled back to 1.2.0: <probation>".into(),
         });
-        let html = page(&st);
+        let html = page(&st, Some(&r));
         for want in [
             "<tr><th>OS version</th><td>1.0.0</td></tr>",
             "<tr><th>Safe mode</th><td>ON: invalid provisioning: role: &lt;bad&gt; (since 2026-11-24T08:00:00Z)</td></tr>",
@@ -361,14 +380,14 @@ mod tests {
             assert!(html.contains(want), "missing {want:?} in\n{html}");
         }
         assert!(!html.contains("<bad>") && !html.contains("<probation>"));
-        let quiet = page(&status());
+        let quiet = page(&status(), None);
         assert!(quiet.contains("<tr><th>Safe mode</th><td>off</td></tr>"), "{quiet}");
     }
 
     struct Fixed;
     impl RoleSource for Fixed {
         fn section(&self) -> RoleSection {
-            with_role(status()).role.unwrap()
+            role_section()
         }
     }
 
@@ -393,7 +412,7 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(j["role"]["roles"]["roles"][0]["name"], "camera-single");
         assert_eq!(j["role"]["restarts"]["camera-single"], 7);
-        assert_eq!(j["safe_mode_marker"], serde_json::Value::Null);
+        assert_eq!(j["role"]["safe_mode"], serde_json::Value::Null);
         let (_, _, body) = respond(&ctx, "GET", "/metrics", &tx);
         assert!(body.contains("metrica_role_restarts_total{role=\"camera-single\"} 7\n"));
         let (_, _, body) = respond(&ctx, "GET", "/health", &tx);

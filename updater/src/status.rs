@@ -9,7 +9,6 @@ use crate::layout::Slot;
 use crate::slot::{unix_now, Device, OnDisk};
 use crate::state::{self, State};
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 impl Device {
@@ -59,33 +58,10 @@ impl Device {
             daemon_error,
             disk_free_bytes: disk_free_bytes(&self.data_dir),
             safe_mode: self.data_dir.join("metrica").join(SAFE_MODE_MARKER).exists(),
-            safe_mode_marker: crate::role::safe_mode::read_marker(&self.data_dir.join("metrica")),
-            role: None,
             drift,
             last_update_success,
         }
     }
-}
-
-/// The `role` section of `/status` (the daemon fills it; `updater status` leaves it out).
-#[derive(Debug, Clone, Serialize)]
-pub struct RoleSection {
-    /// The roles service's view (roles, versions, containers, health, safe mode, engine);
-    /// `None` when it could not be read, and `error` says why.
-    pub roles: Option<crate::role::service::RolesStatus>,
-    pub error: Option<String>,
-    /// The summed restart count of each role's running stack.
-    pub restarts: BTreeMap<String, u64>,
-    /// The daemon's role runner: last decision, failed versions, errors, crash rollbacks.
-    pub daemon: crate::daemon::role::RoleRecord,
-    /// Whether the container engine answered (the service's view, else the runner's last
-    /// look; `None`: unknown).
-    pub engine_up: Option<bool>,
-}
-
-/// Where the daemon's endpoints get the role section from.
-pub trait RoleSource: Send + Sync {
-    fn section(&self) -> RoleSection;
 }
 
 /// The file whose presence means the device runs its safe-mode stack (written by whatever
@@ -156,11 +132,6 @@ pub struct Status {
     pub disk_free_bytes: Option<u64>,
     /// The safe-mode marker `/data/metrica/safe-mode` exists.
     pub safe_mode: bool,
-    /// Why and since when (the marker's content).
-    pub safe_mode_marker: Option<crate::role::safe_mode::Marker>,
-    /// The roles, from the daemon (`/status`); absent from `updater status`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub role: Option<RoleSection>,
     /// Where the disk disagrees with the state (empty: no drift).
     pub drift: Vec<String>,
     /// Unix time of the last commit in the history.

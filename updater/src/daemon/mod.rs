@@ -1000,7 +1000,8 @@ pub fn serve_loop(
         min_free_bytes: daemon.config.min_free_bytes,
         history,
         roles: daemon.roles.as_ref().map(|r| {
-            std::sync::Arc::new(r.status_source()) as std::sync::Arc<dyn crate::status::RoleSource>
+            std::sync::Arc::new(r.status_source())
+                as std::sync::Arc<dyn crate::role_report::RoleSource>
         }),
     };
     let mut server = Server::start(&daemon.config.listen, ctx, tx)?;

@@ -27,8 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::channel::{Channel, Segment};
 use crate::daemon_record::NamedError;
 use crate::log::Log;
@@ -40,6 +38,7 @@ use crate::role::layout::{Link, RoleLayout};
 use crate::role::safe_mode::{self, Reason};
 use crate::role::service::{Applied, Roles, SafeModeChange, ServiceError, Source};
 use crate::role::spec::{self, ROLE_FILE};
+pub use crate::role_report::{BakedStack, RoleDecision, RoleRecord, RECORD};
 use crate::rollout;
 use crate::sign::Keyring;
 
@@ -52,8 +51,6 @@ pub const BAKED_SAFE_MODE: &str = "usr/share/metrica/roles/safe-mode.mfr";
 pub const SAFE_MODE_STACK: &str = "safe-mode-stack";
 /// Downloaded role bundles, under `/data/metrica`.
 pub const DOWNLOADS: &str = "role-downloads";
-/// The runner's record, under `/data/metrica`.
-pub const RECORD: &str = "role-daemon.json";
 /// Errors kept in the record.
 const KEEP_ERRORS: usize = 10;
 
@@ -74,78 +71,6 @@ pub struct RoleConfig {
     pub dev_root: PathBuf,
     pub min_free_bytes: u64,
     pub http: HttpOptions,
-}
-
-/// The baked safe-mode stack as last unpacked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BakedStack {
-    /// Size and modification time of the baked file (a new OS brings a new one).
-    pub key: String,
-    pub version: String,
-}
-
-/// The last role decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoleDecision {
-    pub time: u64,
-    pub role: String,
-    pub code: String,
-    pub reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-}
-
-/// What the runner remembers (`/data/metrica/role-daemon.json`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoleRecord {
-    #[serde(default)]
-    pub safe_mode_stack: Option<BakedStack>,
-    #[serde(default)]
-    pub decision: Option<RoleDecision>,
-    #[serde(default)]
-    pub last_attempt: Option<u64>,
-    #[serde(default)]
-    pub last_failure: Option<u64>,
-    /// `ROLE@VERSION` that failed: never taken again automatically.
-    #[serde(default)]
-    pub failed: BTreeSet<String>,
-    /// `ROLE@VERSION:KIND` already reported (each failure is reported once).
-    #[serde(default)]
-    pub reported: BTreeSet<String>,
-    /// Rollbacks the runner made after a crash loop, per role.
-    #[serde(default)]
-    pub crash_rollbacks: BTreeMap<String, u64>,
-    /// The last errors, newest last.
-    #[serde(default)]
-    pub errors: Vec<NamedError>,
-    /// Whether the engine answered at the last look.
-    #[serde(default)]
-    pub engine_up: Option<bool>,
-}
-
-impl RoleRecord {
-    pub fn path(metrica_dir: &Path) -> PathBuf {
-        metrica_dir.join(RECORD)
-    }
-
-    /// The record, or an empty one when there is none or it cannot be read.
-    pub fn load(metrica_dir: &Path) -> RoleRecord {
-        std::fs::read(Self::path(metrica_dir))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
-
-    fn save(&self, metrica_dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(metrica_dir)?;
-        let bytes = serde_json::to_vec_pretty(self)?;
-        crate::state::write_atomic(&Self::path(metrica_dir), &bytes, "role-daemon")
-    }
-
-    fn failed_versions(&self, role: &str) -> impl Iterator<Item = semver::Version> + '_ {
-        let prefix = format!("{role}@");
-        self.failed.iter().filter_map(move |k| k.strip_prefix(&prefix)?.parse().ok())
-    }
 }
 
 /// What one cycle did, for callers and tests.
@@ -665,8 +590,8 @@ pub struct RoleStatusSource {
     keyring: Keyring,
 }
 
-impl crate::status::RoleSource for RoleStatusSource {
-    fn section(&self) -> crate::status::RoleSection {
+impl crate::role_report::RoleSource for RoleStatusSource {
+    fn section(&self) -> crate::role_report::RoleSection {
         let quiet = |_: &Event| {};
         let service = service(&self.cfg, self.engine.as_ref(), &self.keyring, &quiet);
         let (roles, error) = match service.status() {
@@ -694,7 +619,8 @@ impl crate::status::RoleSource for RoleStatusSource {
             None if engine_down => Some(false),
             None => daemon.engine_up,
         };
-        crate::status::RoleSection { roles, error, restarts, daemon, engine_up }
+        let safe_mode = safe_mode::read_marker(&self.cfg.metrica_dir);
+        crate::role_report::RoleSection { roles, error, restarts, daemon, engine_up, safe_mode }
     }
 }
 
