@@ -360,8 +360,10 @@ impl Daemon {
             r.offer(None, String::new());
         }
         let outcome = self.poll_inner(now);
-        // After the OS decision and outside its lock: the roles service takes the lock.
-        if let Some(r) = self.roles.as_mut() {
+        // After the OS decision and outside its lock (the roles service takes the lock); not
+        // while the system reboots for an OS trial.
+        let rebooting = matches!(outcome, PollOutcome::Installed { trial: true, .. });
+        if let Some(r) = self.roles.as_mut().filter(|_| !rebooting) {
             r.cycle(&self.log, now);
         }
         self.save_record();

@@ -918,3 +918,70 @@ mod real_install {
         }
     }
 }
+
+/// The test planner, whose verified document also offers role `web` 1.1.0 (a bundle on the
+/// mirror, by a relative URL).
+struct RolePlanner(Vec<u8>);
+
+impl Planner for RolePlanner {
+    fn plan(
+        &self,
+        doc: &Document,
+        input: &PlanInput<'_>,
+        now: u64,
+    ) -> Result<Plan, ChannelProblem> {
+        use sha2::Digest;
+        let mut plan = TestPlanner.plan(doc, input, now)?;
+        let mut channel = crate::channel::tests::sample();
+        channel.roles.insert(
+            "web".into(),
+            crate::channel::RoleTarget {
+                version: "1.1.0".parse().unwrap(),
+                urls: vec!["../roles/web-1.1.0.mfr".into()],
+                size: self.0.len() as u64,
+                sha256: hex::encode(sha2::Sha256::digest(&self.0)),
+                rollout: crate::channel::Rollout::everyone(),
+            },
+        );
+        plan.channel.document = Some(std::sync::Arc::new(channel));
+        Ok(plan)
+    }
+}
+
+/// A poll hands its verified document to the role runner, after the OS decision: the role's
+/// target is decided, its bundle fetched from the mirror the channel came from, and handed
+/// to the roles service (which refuses on this branch: reported, the OS poll unaffected).
+#[test]
+fn a_poll_runs_the_role_from_the_same_verified_document() {
+    use crate::daemon::role::{RoleConfig, RoleRecord, RoleRunner, DOWNLOADS};
+    let s = TestServer::empty(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let bundle = b"a role bundle".to_vec();
+    s.put("/roles/web-1.1.0.mfr", &bundle);
+    let mut r = rig_with(&[&s.base], true, Box::new(RolePlanner(bundle.clone())), "c");
+    seed_state(&r);
+    let metrica = r.daemon.device.data_dir.join("metrica");
+    let cfg = RoleConfig {
+        metrica_dir: metrica.clone(),
+        sysroot: r.dir.path().join("root"),
+        role: Ok("web".into()),
+        device_id: "dev-1".into(),
+        segment: crate::channel::Segment::General,
+        overrides: crate::rollout::Overrides::default(),
+        os_version: "1.0.0".parse().unwrap(),
+        dev_root: r.dir.path().join("root"),
+        min_free_bytes: 0,
+        http: crate::role::download::HttpOptions::default(),
+    };
+    let engine = std::sync::Arc::new(crate::role::fake::FakeEngine::new());
+    r.daemon.roles = Some(RoleRunner::new(cfg, engine, crate::sign::Keyring::default()));
+    let outcome = r.daemon.poll(T0 + 60);
+    assert!(matches!(outcome, PollOutcome::Stayed { .. }), "{outcome:?}");
+    let downloaded = metrica.join(DOWNLOADS).join("web-1.1.0.mfr");
+    assert_eq!(std::fs::read(downloaded).unwrap(), bundle);
+    let rec = RoleRecord::load(&metrica);
+    let d = rec.decision.unwrap();
+    assert_eq!((d.code.as_str(), d.version.as_deref()), ("rollout", Some("1.1.0")));
+    assert_eq!(rec.errors.len(), 1, "the service's refusal, once: {:?}", rec.errors);
+    assert_eq!(r.events("role_decision").len(), 1);
+}
