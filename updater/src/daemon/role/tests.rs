@@ -304,6 +304,32 @@ fn a_baked_safe_mode_stack_that_does_not_verify_is_reported_and_leaves_nothing()
     assert!(!b.metrica().join(format!(".{SAFE_MODE_STACK}.new")).exists());
 }
 
+/// The endpoints' role section: restarts of the running stack, the runner's record, the
+/// safe-mode marker, and the engine's state (here from the sample, the service being
+/// unwritten on this branch: its refusal is the section's `error`).
+#[test]
+fn the_status_source_reads_restarts_record_marker_and_engine() {
+    use crate::role_report::RoleSource;
+    let b = Bench::new();
+    b.install("1.0.0", Up::RestartsLater);
+    let mut r = b.runner(Ok(ROLE));
+    r.cycle(&b.log, NOW);
+    let source = r.status_source();
+    let s = source.section();
+    assert!(s.restarts.get(ROLE).is_some_and(|n| *n >= 1), "{:?}", s.restarts);
+    assert_eq!(s.daemon, RoleRecord::load(&b.metrica()));
+    assert!(s.safe_mode.is_none());
+    assert_eq!(s.engine_up, Some(true));
+    // Until the service lands, its refusal is the section's error.
+    assert_eq!(s.roles.is_none(), s.error.as_deref().is_some_and(|e| e.contains("not written")));
+    safe_mode::write_marker(&b.metrica(), Reason::Operator).unwrap();
+    b.fake.set_engine_down(true);
+    let s = source.section();
+    assert_eq!(s.safe_mode.map(|m| m.reason), Some(Reason::Operator));
+    assert_eq!(s.engine_up, Some(false));
+    assert!(s.restarts.is_empty());
+}
+
 // ---- Through the roles service (the `rolecli` branch) ----
 
 #[test]
