@@ -6,7 +6,8 @@
 //! the decision, and when it says install: check free space on `/data` and the target
 //! partitions, install the bundle into the inactive slot, then reboot for the trial (unless
 //! `--no-reboot`). Connectivity ([`connectivity`]) follows from the last contact and is logged
-//! when it changes. What the daemon knows is kept in [`record`] (`/data/metrica/daemon.json`).
+//! when it changes. After the OS decision, [`role::RoleRunner`] runs the device's role from the
+//! same verified document (docs/daemon.md, "The role"). What the daemon knows is kept in [`record`] (`/data/metrica/daemon.json`).
 //!
 //! [`run`] is the loop: a poll, then a wait of the interval with ±20 % jitter
 //! ([`crate::rollout::poll_delay`]), cut short by
@@ -446,13 +447,9 @@ impl Daemon {
             self.decide(now, DecisionOutcome::Stay, "no_channel", None, why);
             return PollOutcome::NoChannel;
         };
+        let doc_url = self.doc_url();
         if let Some(r) = self.roles.as_mut() {
-            let mirror = self.record.channel.mirror.as_deref().or(self
-                .config
-                .mirrors
-                .first()
-                .map(String::as_str));
-            r.offer(plan.channel.document.clone(), self.fetcher.url(mirror.unwrap_or_default()));
+            r.offer(plan.channel.document.clone(), doc_url);
         }
         self.record.channel.sequence = Some(plan.channel.sequence);
         self.record.channel.expires = plan.channel.expires;
@@ -465,16 +462,20 @@ impl Daemon {
             }
             Decision::Install { version, urls, pinned, code, reason } => {
                 self.decide(now, DecisionOutcome::Install, &code, Some(&version), &reason);
-                let mirror =
-                    self.record.channel.mirror.clone().unwrap_or_else(|| {
-                        self.config.mirrors.first().cloned().unwrap_or_default()
-                    });
-                let doc_url = self.fetcher.url(&mirror);
+                let doc_url = self.doc_url();
                 let urls: Vec<String> =
                     urls.iter().map(|u| crate::channel::resolve_url(&doc_url, u)).collect();
                 self.install(now, &state, &version, &urls, pinned)
             }
         }
+    }
+
+    /// The URL of the document acted on (relative bundle URLs resolve against it): on the
+    /// mirror that gave it, else the first.
+    fn doc_url(&self) -> String {
+        let mirror = self.record.channel.mirror.clone();
+        let mirror = mirror.or_else(|| self.config.mirrors.first().cloned()).unwrap_or_default();
+        self.fetcher.url(&mirror)
     }
 
     /// Fetches the fetcher's channel: the new document (if it changed) and the cached one.
