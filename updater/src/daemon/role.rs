@@ -51,6 +51,8 @@ pub const BAKED_SAFE_MODE: &str = "usr/share/metrica/roles/safe-mode.mfr";
 pub const SAFE_MODE_STACK: &str = "safe-mode-stack";
 /// Downloaded role bundles, under `/data/metrica`.
 pub const DOWNLOADS: &str = "role-downloads";
+/// Limit of each engine call the endpoints make.
+pub const STATUS_ENGINE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors kept in the record.
 const KEEP_ERRORS: usize = 10;
 
@@ -98,6 +100,9 @@ pub struct RoleRunner {
     pub engine: Arc<dyn Engine + Send + Sync>,
     pub keyring: Keyring,
     pub record: RoleRecord,
+    /// The engine the endpoints ask (a short timeout: a hung engine must not hold the
+    /// endpoints for minutes); `engine` when `None`.
+    pub status_engine: Option<Arc<dyn Engine + Send + Sync>>,
     /// The verified channel of this poll and its URL (relative bundle URLs resolve on it).
     channel: Option<(Arc<Channel>, String)>,
     watch: Option<(semver::Version, CrashLoopWatch)>,
@@ -138,7 +143,7 @@ fn event_logger(log: &Log) -> impl Fn(&Event) + '_ {
 impl RoleRunner {
     pub fn new(cfg: RoleConfig, engine: Arc<dyn Engine + Send + Sync>, keyring: Keyring) -> Self {
         let record = RoleRecord::load(&cfg.metrica_dir);
-        RoleRunner { cfg, engine, keyring, record, channel: None, watch: None }
+        RoleRunner { cfg, engine, keyring, record, status_engine: None, channel: None, watch: None }
     }
 
     /// The service, as this device has it.
@@ -576,7 +581,7 @@ impl RoleRunner {
     pub fn status_source(&self) -> RoleStatusSource {
         RoleStatusSource {
             cfg: self.cfg.clone(),
-            engine: self.engine.clone(),
+            engine: self.status_engine.clone().unwrap_or_else(|| self.engine.clone()),
             keyring: self.keyring.clone(),
         }
     }
@@ -713,7 +718,12 @@ pub fn runner_for(
         http: HttpOptions { timeout: config.request_deadline, ..HttpOptions::default() },
     };
     let engine = Arc::new(crate::role::docker::DockerCli::default());
-    Some(RoleRunner::new(cfg, engine, keyring))
+    let mut runner = RoleRunner::new(cfg, engine, keyring);
+    runner.status_engine = Some(Arc::new(crate::role::docker::DockerCli {
+        timeout: STATUS_ENGINE_TIMEOUT,
+        ..crate::role::docker::DockerCli::default()
+    }));
+    Some(runner)
 }
 
 /// Unpacks a baked bundle into `dir` (replacing what is there once the new one is complete)
