@@ -427,6 +427,15 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
     let keyring = load_keyring(cli)?;
     let booted = host.booted().copied();
     let running = read_release(&cli.sysroot);
+    let roles = crate::daemon::role::runner_for(
+        &host.disk,
+        &cli.data_dir,
+        &cli.sysroot,
+        &config,
+        &overrides,
+        running.as_ref().map(|r| r.version.clone()),
+        keyring.clone(),
+    );
     let daemon = crate::daemon::Daemon {
         fetcher: crate::daemon::fetch::ChannelFetcher::new(
             config.mirrors.clone(),
@@ -434,6 +443,7 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
             config.request_deadline,
         ),
         record: crate::daemon::Daemon::open_record(&host.device, &config, host.now),
+        roles,
         cache: crate::daemon::Cache::new(&cli.data_dir),
         log: Log::new(cli.log_file.clone(), &config.device_id),
         planner: Box::new(crate::daemon::ChannelPlanner { keyring: keyring.clone(), overrides }),

@@ -32,6 +32,7 @@ pub mod reboot;
 pub mod release;
 pub mod role;
 pub mod role_cli;
+pub mod role_report;
 pub mod rollout;
 pub mod serve;
 pub mod sign;

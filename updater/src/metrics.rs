@@ -6,6 +6,7 @@
 use crate::connectivity::Connectivity;
 use crate::daemon_record::DecisionOutcome;
 use crate::layout::Slot;
+use crate::role_report::RoleSection;
 use crate::status::Status;
 use std::fmt::Write;
 
@@ -48,6 +49,16 @@ fn escape(v: &str) -> String {
 
 /// Renders the metrics. `agent_up`: whether the daemon is running (1 from the daemon itself).
 pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
+    render_with_role(st, None, agent_up, now)
+}
+
+/// [`render`], with the daemon's role section (the `metrica_role_*` series).
+pub fn render_with_role(
+    st: &Status,
+    role: Option<&RoleSection>,
+    agent_up: bool,
+    now: u64,
+) -> String {
     let mut o = Out(String::new());
     o.one("metrica_agent_up", "gauge", "1 while the updater daemon runs.", u8::from(agent_up));
     let state = st.state.as_ref();
@@ -104,6 +115,7 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
         "1 while the device runs its safe-mode stack instead of its role.",
         u8::from(st.safe_mode),
     );
+    roles(&mut o, role);
     if let Some(free) = st.disk_free_bytes {
         o.family("metrica_disk_free_bytes", "gauge", "Free bytes on the data partition.");
         o.sample("metrica_disk_free_bytes", &[("mount", &st.data_dir.display().to_string())], free);
@@ -197,13 +209,67 @@ pub fn render(st: &Status, agent_up: bool, now: u64) -> String {
     o.0
 }
 
+/// The role families: always declared, with a series per role the daemon knows of.
+fn roles(o: &mut Out, section: Option<&RoleSection>) {
+    let listed = section.and_then(|r| r.roles.as_ref()).map_or(&[][..], |r| &r.roles[..]);
+    o.family(
+        "metrica_role_info",
+        "gauge",
+        "1 for the release each role runs (its current version).",
+    );
+    for r in listed {
+        if let Some(v) = &r.current {
+            o.sample("metrica_role_info", &[("role", &r.name), ("version", v)], 1);
+        }
+    }
+    o.family(
+        "metrica_role_healthy",
+        "gauge",
+        "1 while every container of the role is up (and healthy where it has a check); 0 when          not, or when the engine cannot be asked.",
+    );
+    for r in listed {
+        o.sample("metrica_role_healthy", &[("role", &r.name)], u8::from(r.healthy == Some(true)));
+    }
+    o.family(
+        "metrica_role_restarts_total",
+        "counter",
+        "Restarts of the containers of the role's running stack (resets when they are replaced).",
+    );
+    for (role, n) in section.map(|r| &r.restarts).into_iter().flatten() {
+        o.sample("metrica_role_restarts_total", &[("role", role)], n);
+    }
+    o.family(
+        "metrica_role_rollbacks_total",
+        "counter",
+        "Role releases rolled back: failed applies, and crash loops that went back to the          previous release.",
+    );
+    let mut rollbacks: std::collections::BTreeMap<&str, u64> = Default::default();
+    for r in listed {
+        *rollbacks.entry(&r.name).or_default() += r.rollbacks_total;
+    }
+    for (role, n) in section.map(|r| &r.daemon.crash_rollbacks).into_iter().flatten() {
+        *rollbacks.entry(role).or_default() += n;
+    }
+    for (role, n) in rollbacks {
+        o.sample("metrica_role_rollbacks_total", &[("role", role)], n);
+    }
+    o.family(
+        "metrica_container_engine_up",
+        "gauge",
+        "1 when the container engine answers, 0 when it does not (then the updater serves the          status page alone).",
+    );
+    if let Some(up) = section.and_then(|r| r.engine_up) {
+        o.sample("metrica_container_engine_up", &[], u8::from(up));
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::daemon_record::DaemonRecord;
     use crate::state::State;
 
-    fn status() -> Status {
+    pub(crate) fn status() -> Status {
         let mut s = State::new(Slot::A, Some("1.0.0".parse().unwrap()));
         s.counters.commits = 2;
         s.counters.rollbacks = 1;
@@ -261,6 +327,55 @@ pub(crate) mod tests {
         }
     }
 
+    /// A role section: 1.2.0 running, unhealthy, restarted 7 times; 2 rollbacks by the
+    /// service and 1 after a crash loop; the engine answers; not in safe mode.
+    pub(crate) fn role_section() -> RoleSection {
+        use crate::role::service::{RoleStatus, RolesStatus};
+        let role = RoleStatus {
+            name: "camera-single".into(),
+            current: Some("1.2.0".into()),
+            previous: Some("1.1.0".into()),
+            committed: Some("1.2.0".into()),
+            pending: None,
+            failed: vec![],
+            consecutive_failures: 0,
+            rollbacks_total: 2,
+            last_error: None,
+            containers: Some(vec![]),
+            healthy: Some(false),
+            checks: None,
+        };
+        let mut daemon = crate::daemon::role::RoleRecord::default();
+        daemon.crash_rollbacks.insert("camera-single".into(), 1);
+        RoleSection {
+            roles: Some(RolesStatus { roles: vec![role], safe_mode: None, engine_up: true }),
+            error: None,
+            restarts: [("camera-single".to_string(), 7)].into_iter().collect(),
+            daemon,
+            engine_up: Some(true),
+            safe_mode: None,
+        }
+    }
+
+    #[test]
+    fn renders_the_role_metrics() {
+        let text = render_with_role(&status(), Some(&role_section()), true, 5000);
+        for line in [
+            "metrica_role_info{role=\"camera-single\",version=\"1.2.0\"} 1",
+            "metrica_role_healthy{role=\"camera-single\"} 0",
+            "metrica_role_restarts_total{role=\"camera-single\"} 7",
+            "metrica_role_rollbacks_total{role=\"camera-single\"} 3",
+            "metrica_container_engine_up 1",
+            "metrica_safe_mode 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // Without the daemon's role section the families are declared with no series.
+        let bare = render(&status(), true, 5000);
+        assert!(bare.contains("# TYPE metrica_role_info gauge"));
+        assert!(!bare.lines().any(|l| l.starts_with("metrica_role_")), "{bare}");
+    }
+
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
@@ -289,8 +404,9 @@ pub(crate) mod tests {
         bare.daemon = None;
         bare.state = None;
         bare.disk_free_bytes = None;
-        for (what, st) in [("full", status()), ("bare", bare)] {
-            let text = render(&st, true, 5000);
+        let section = role_section();
+        for (what, st, role) in [("full", status(), Some(&section)), ("bare", bare, None)] {
+            let text = render_with_role(&st, role, true, 5000);
             let mut child = std::process::Command::new(&promtool)
                 .args(["check", "metrics"])
                 .stdin(std::process::Stdio::piped())

@@ -22,15 +22,13 @@ use crate::role::safe_mode::{self, Command as SafeCommand};
 use crate::role::service::{Applied, Roles, RolesStatus, SafeModeChange, ServiceError, Source};
 use crate::sign::Keyring;
 
-/// Where the image keeps the safe-mode stack's release folder.
-pub const SAFE_MODE_STACK: &str = "/usr/share/metrica/safe-mode";
-
 /// Options of every role and safe-mode command.
 #[derive(Debug, clap::Args)]
 pub struct RoleOptions {
-    /// The safe-mode stack's release folder (role.toml, compose file), baked into the image.
-    #[arg(long, global = true, value_name = "DIR", default_value = SAFE_MODE_STACK)]
-    pub safe_mode_stack: PathBuf,
+    /// The safe-mode stack's release folder (role.toml, compose file). Default: the one the
+    /// daemon unpacks from the image's baked bundle, DATA_DIR/metrica/safe-mode-stack.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub safe_mode_stack: Option<PathBuf>,
     /// The OS version a release's `os` range is checked against. Default: the running
     /// release's (/etc/metrica/release.toml under --sysroot).
     #[arg(long, global = true, value_name = "VERSION")]
@@ -211,7 +209,10 @@ pub fn run(
         keyring: &keyring,
         os_version,
         dev_root: cli.sysroot.clone(),
-        safe_mode_stack: opts.safe_mode_stack.is_dir().then(|| opts.safe_mode_stack.clone()),
+        safe_mode_stack: Some(opts.safe_mode_stack.clone().unwrap_or_else(|| {
+            cli.data_dir.join("metrica").join(crate::role::service::SAFE_MODE_STACK)
+        }))
+        .filter(|dir| dir.is_dir()),
         min_free_bytes: opts.min_free_mib << 20,
         log: &log_event,
     };
@@ -242,12 +243,15 @@ fn load_keyring(dir: &Path) -> Result<Keyring> {
     Keyring::load(dir).with_context(|| format!("loading the keyring {}", dir.display()))
 }
 
-/// A release folder or a bundle file; a URL is refused until the daemon's download lands.
+/// A release folder or a bundle file. A URL is refused: `role::download` needs the size and
+/// sha256 a channel gives, which a bare URL lacks (download the bundle, then apply the file;
+/// its signature is what is trusted).
 fn parse_source(source: &str) -> Result<Source, ServiceError> {
     if source.starts_with("http://") || source.starts_with("https://") {
-        // TODO(role::download): resolve a URL with the daemon's role::download into a bundle
-        // file on /data, then apply it as Source::Bundle.
-        return Err(anyhow::anyhow!("{source}: URL sources are not supported yet").into());
+        return Err(anyhow::anyhow!(
+            "{source}: URL sources are not supported yet (download the bundle and apply the file)"
+        )
+        .into());
     }
     let path = PathBuf::from(source);
     let meta = std::fs::metadata(&path).with_context(|| format!("reading the source {source}"))?;
@@ -505,7 +509,7 @@ mod tests {
         let (code, msg) = error(run_args(d, &["role", "apply", "https://fleet.invalid/web.mfr"]).0);
         assert_eq!(
             (code, msg.as_str()),
-            (Exit::Failed, "https://fleet.invalid/web.mfr: URL sources are not supported yet")
+            (Exit::Failed, "https://fleet.invalid/web.mfr: URL sources are not supported yet (download the bundle and apply the file)")
         );
         let (code, msg) = error(run_args(d, &["role", "apply", "/nonexistent/web-1.0.0.mfr"]).0);
         assert_eq!(code, Exit::Failed);

@@ -26,6 +26,10 @@
 //! 11. **Maintenance window**, if the device has one: now is inside it.
 //! 12. **Throttle**: 5 minutes since the last attempt, 15 since the last failure.
 //!
+//! Roles: [`decide_role`] decides whether the device takes the version of its role that the
+//! channel's `[roles.NAME]` target offers, by these same rules (one function applies rules 4
+//! to 12 to either offer), with the role's running version, failures and attempts.
+//!
 //! Update bomb: a channel offers one OS version, the newest published; a device that was
 //! away while several were published sees only the newest and goes straight to it.
 
@@ -363,6 +367,10 @@ pub enum StayReason {
         until: Timestamp,
         after_failure: bool,
     },
+    /// The channel has no `[roles.ROLE]` target for the device's role.
+    NoTarget {
+        role: String,
+    },
 }
 
 impl StayReason {
@@ -384,11 +392,12 @@ impl StayReason {
             StayReason::NotSelected { .. } => "not_selected",
             StayReason::MaintenanceWindow { .. } => "maintenance_window",
             StayReason::Throttled { .. } => "throttled",
+            StayReason::NoTarget { .. } => "no_target",
         }
     }
 
     /// Every code, for metrics that list all label values.
-    pub const CODES: [&'static str; 15] = [
+    pub const CODES: [&'static str; 16] = [
         "other_channel",
         "auto_update_off",
         "paused",
@@ -404,6 +413,7 @@ impl StayReason {
         "not_selected",
         "maintenance_window",
         "throttled",
+        "no_target",
     ];
 }
 
@@ -451,6 +461,7 @@ impl fmt::Display for StayReason {
                 let why = if *after_failure { "a failure" } else { "the last attempt" };
                 write!(f, "throttled after {why} until {until}")
             }
+            StayReason::NoTarget { role } => write!(f, "the channel has no [roles.{role}] target"),
         }
     }
 }
@@ -497,26 +508,48 @@ impl fmt::Display for Decision {
     }
 }
 
-/// The offer the rules work on: the pin or the OS target.
+/// The offer the rules work on: the pin or the OS target, or a role's target.
 struct Offer<'a> {
     version: &'a Version,
-    compatible: &'a str,
+    /// `None` for a role: its OS range is in its `role.toml`, checked when it is applied.
+    compatible: Option<&'a str>,
     urls: &'a [String],
     size: u64,
     sha256: &'a str,
     security_epoch: u64,
     pin_reason: Option<&'a str>,
+    rollout: &'a crate::channel::Rollout,
 }
 
 impl Offer<'_> {
     /// What the acceptance rules read of the offer.
-    fn terms(&self) -> acceptance::Offer<'_> {
+    fn terms<'b>(&'b self, device: &'b DeviceFacts) -> acceptance::Offer<'b> {
         acceptance::Offer {
-            compatible: self.compatible,
+            compatible: self.compatible.unwrap_or(&device.compatible),
             version: self.version,
             security_epoch: self.security_epoch,
         }
     }
+}
+
+/// Rules 1 and 2, the same for the OS and the roles: another channel, `auto_update = false`.
+fn device_gates(channel: &Channel, device: &Device, overrides: &Overrides) -> Option<StayReason> {
+    let entry = channel.devices.get(&device.device_id);
+    let redirect = entry
+        .and_then(|e| e.channel.clone().map(|c| (c, OverrideSource::Channel)))
+        .or_else(|| overrides.channel.clone().map(|c| (c, OverrideSource::Provisioning)));
+    if let Some((other, source)) = redirect {
+        if other != channel.name {
+            return Some(StayReason::OtherChannel { channel: other, source });
+        }
+    }
+    let auto_update = entry
+        .and_then(|e| e.auto_update.map(|a| (a, OverrideSource::Channel)))
+        .or_else(|| overrides.auto_update.map(|a| (a, OverrideSource::Provisioning)));
+    if let Some((false, source)) = auto_update {
+        return Some(StayReason::AutoUpdateOff { source });
+    }
+    None
 }
 
 /// The rollout decision (rules in the module documentation). Pure: same inputs, same output.
@@ -527,63 +560,136 @@ pub fn decide(
     history: &AttemptHistory,
     now: u64,
 ) -> Decision {
-    let stay = |reason| Decision::Stay { reason };
-    let entry = channel.devices.get(&device.device_id);
-
-    // 1. Another channel.
-    let redirect = entry
-        .and_then(|e| e.channel.clone().map(|c| (c, OverrideSource::Channel)))
-        .or_else(|| overrides.channel.clone().map(|c| (c, OverrideSource::Provisioning)));
-    if let Some((other, source)) = redirect {
-        if other != channel.name {
-            return stay(StayReason::OtherChannel { channel: other, source });
-        }
+    // 1, 2.
+    if let Some(reason) = device_gates(channel, device, overrides) {
+        return Decision::Stay { reason };
     }
-
-    // 2. auto_update = false.
-    let auto_update = entry
-        .and_then(|e| e.auto_update.map(|a| (a, OverrideSource::Channel)))
-        .or_else(|| overrides.auto_update.map(|a| (a, OverrideSource::Provisioning)));
-    if let Some((false, source)) = auto_update {
-        return stay(StayReason::AutoUpdateOff { source });
-    }
-
     // 3. The offer.
     let offer = match channel.pin.as_ref().filter(|p| p.active_at(now)) {
         Some(p) => Offer {
             version: &p.version,
-            compatible: &p.compatible,
+            compatible: Some(&p.compatible),
             urls: &p.urls,
             size: p.size,
             sha256: &p.sha256,
             security_epoch: p.security_epoch,
             pin_reason: Some(&p.reason),
+            rollout: &channel.os.rollout,
         },
-        None if channel.paused => return stay(StayReason::Paused),
+        None if channel.paused => return Decision::Stay { reason: StayReason::Paused },
         None => Offer {
             version: &channel.os.version,
-            compatible: &channel.os.compatible,
+            compatible: Some(&channel.os.compatible),
             urls: &channel.os.urls,
             size: channel.os.size,
             sha256: &channel.os.sha256,
             security_epoch: channel.os.security_epoch,
             pin_reason: None,
+            rollout: &channel.os.rollout,
         },
     };
+    let lock = channel
+        .devices
+        .get(&device.device_id)
+        .and_then(|e| e.version_lock.clone().map(|v| (v, OverrideSource::Channel)))
+        .or_else(|| overrides.version_lock.clone().map(|v| (v, OverrideSource::Provisioning)));
+    let window = overrides.maintenance_window.as_ref();
+    decide_offer(&offer, lock, &device.device_id, device, window, history, now)
+}
+
+/// The rollout key of a role: its bucket is [`bucket`]`("ID/ROLE", version)`, so the devices
+/// that take a role's version first are not those that take the OS version of the same
+/// number (`printf '%s/%s@%s' ID ROLE VERSION | sha256sum`).
+pub fn role_bucket_key(device_id: &str, role: &str) -> String {
+    format!("{device_id}/{role}")
+}
+
+/// The rollout decision for the device's role `role` from the channel's `[roles.ROLE]`
+/// target, by the same rules as the OS (module documentation), with the role's facts:
+/// `device.facts.committed_version` is the role's running version (`None`: none yet, any
+/// offer is newer), `history` the role's own attempts and failed versions. What differs:
+/// no hardware or security-epoch rule (a role's OS range is checked when it is applied), the
+/// OS version lock and the fleet `[pin]` are the OS's: a role has its own (`[roles.ROLE]`
+/// `pin` and `paused`, `[devices.ID.roles.ROLE]` `version_lock` and `auto_update`), and the
+/// channel's `paused` stops roles too.
+pub fn decide_role(
+    channel: &Channel,
+    role: &str,
+    device: &Device,
+    overrides: &Overrides,
+    history: &AttemptHistory,
+    now: u64,
+) -> Decision {
+    if let Some(reason) = device_gates(channel, device, overrides) {
+        return Decision::Stay { reason };
+    }
+    let Some(target) = channel.roles.get(role) else {
+        return Decision::Stay { reason: StayReason::NoTarget { role: role.to_string() } };
+    };
+    let role_override = channel.devices.get(&device.device_id).and_then(|e| e.roles.get(role));
+    if role_override.and_then(|o| o.auto_update) == Some(false) {
+        return Decision::Stay {
+            reason: StayReason::AutoUpdateOff { source: OverrideSource::Channel },
+        };
+    }
+    // The role's pin wins over its pause and the channel's, as the OS pin does.
+    let offer = match target.pin.as_ref().filter(|p| p.active_at(now)) {
+        Some(p) => Offer {
+            version: &p.version,
+            compatible: None,
+            urls: &p.urls,
+            size: p.size,
+            sha256: &p.sha256,
+            security_epoch: 0,
+            pin_reason: Some(&p.reason),
+            rollout: &target.rollout,
+        },
+        None if channel.paused || target.paused => {
+            return Decision::Stay { reason: StayReason::Paused };
+        }
+        None => Offer {
+            version: &target.version,
+            compatible: None,
+            urls: &target.urls,
+            size: target.size,
+            sha256: &target.sha256,
+            security_epoch: 0,
+            pin_reason: None,
+            rollout: &target.rollout,
+        },
+    };
+    let lock =
+        role_override.and_then(|o| o.version_lock.clone()).map(|v| (v, OverrideSource::Channel));
+    let mut facts = device.clone();
+    facts.facts.security_epoch = 0;
+    let key = role_bucket_key(&device.device_id, role);
+    let window = overrides.maintenance_window.as_ref();
+    decide_offer(&offer, lock, &key, &facts, window, history, now)
+}
+
+/// Rules 4 to 12 on one offer. `bucket_key`: what the device's bucket is hashed from.
+fn decide_offer(
+    offer: &Offer<'_>,
+    lock: Option<(Version, OverrideSource)>,
+    bucket_key: &str,
+    device: &Device,
+    window: Option<&MaintenanceWindow>,
+    history: &AttemptHistory,
+    now: u64,
+) -> Decision {
+    let stay = |reason| Decision::Stay { reason };
+    let facts = &device.facts;
+    let terms = offer.terms(facts);
 
     // 4. Hardware.
-    let facts = &device.facts;
-    if !acceptance::is_compatible(&offer.terms(), facts) {
+    if !acceptance::is_compatible(&terms, facts) {
         return stay(StayReason::Incompatible {
-            offered: offer.compatible.to_string(),
+            offered: terms.compatible.to_string(),
             device: facts.compatible.clone(),
         });
     }
 
     // 5. Version lock.
-    let lock = entry
-        .and_then(|e| e.version_lock.clone().map(|v| (v, OverrideSource::Channel)))
-        .or_else(|| overrides.version_lock.clone().map(|v| (v, OverrideSource::Provisioning)));
     let mut lock_source = None;
     if let Some((locked, source)) = lock {
         let runs_it = facts.committed_version.as_ref().is_some_and(|c| same_version(c, &locked));
@@ -617,7 +723,7 @@ pub fn decide(
     }
 
     // 8. Security epoch.
-    if !acceptance::epoch_allowed(&offer.terms(), facts) {
+    if !acceptance::epoch_allowed(&terms, facts) {
         return stay(StayReason::EpochTooLow {
             offered: offer.security_epoch,
             device: facts.security_epoch,
@@ -635,14 +741,14 @@ pub fn decide(
     } else if let Some(source) = lock_source {
         InstallReason::VersionLock { source }
     } else {
-        let rollout = &channel.os.rollout;
+        let rollout = offer.rollout;
         if let Some(at) = rollout.not_before.filter(|t| now < t.0) {
             return stay(StayReason::NotBefore { at });
         }
         if !rollout.segments.contains(&device.segment) {
             return stay(StayReason::SegmentNotAllowed { segment: device.segment });
         }
-        let b = bucket(&device.device_id, offer.version);
+        let b = bucket(bucket_key, offer.version);
         let percent = rollout.percent_at(now);
         if b >= percent {
             return stay(StayReason::NotSelected {
@@ -655,7 +761,7 @@ pub fn decide(
     };
 
     // 11. Maintenance window.
-    if let Some(w) = &overrides.maintenance_window {
+    if let Some(w) = window {
         if !w.contains(now) {
             return stay(StayReason::MaintenanceWindow { opens: w.next_open(now).map(Timestamp) });
         }

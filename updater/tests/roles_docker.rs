@@ -585,3 +585,41 @@ fn three_failed_applies_enter_safe_mode_and_a_good_apply_leaves_it() {
     assert!(safe.get("/").starts_with("error"), "the safe-mode stack is stopped");
     assert!(d.status_json()["safe_mode"].is_null());
 }
+
+/// The daemon's crash-loop watch on the real engine: a stack whose container exits at once
+/// under `restart: unless-stopped` piles up restarts in `docker inspect`, and the watch's
+/// samples (`daemon::role::restart_total`, as the daemon takes them at each poll) see 3
+/// restarts within a minute.
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn the_crash_loop_watch_sees_a_container_that_keeps_exiting() {
+    use updater::daemon::role::restart_total;
+    use updater::role::health::CrashLoopWatch;
+    let d = Device::new("crashwatch");
+    d.engine.load_images(images()).unwrap();
+    let version = v("1.0.0");
+    let src = d.bundle("1.0.0", "exit");
+    let dir = d.layout.release(&version);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["role.toml", "compose.yaml"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let project = Project::for_release(&d.layout.name, &dir, Path::new("compose.yaml"));
+    // `up --wait` fails (the container exits); the engine keeps restarting it.
+    assert!(d.engine.up(&project, Duration::from_secs(5)).is_err());
+    let mut watch = CrashLoopWatch::new(3, Duration::from_secs(60));
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let looping = loop {
+        let total = restart_total(&d.engine, &d.layout, &version).unwrap();
+        samples.push(total);
+        if watch.observe(started.elapsed(), total) {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(looping, "no crash loop seen; restart totals sampled: {samples:?}");
+}

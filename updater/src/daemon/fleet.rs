@@ -127,6 +127,7 @@ impl Fleet {
         Daemon {
             fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
             record: Daemon::open_record(device, &config, T0),
+            roles: None,
             cache: Cache::new(&device.data_dir),
             log: Log::new(Some(log.clone()), id),
             booted: None,

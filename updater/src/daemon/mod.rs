@@ -6,7 +6,8 @@
 //! the decision, and when it says install: check free space on `/data` and the target
 //! partitions, install the bundle into the inactive slot, then reboot for the trial (unless
 //! `--no-reboot`). Connectivity ([`connectivity`]) follows from the last contact and is logged
-//! when it changes. What the daemon knows is kept in [`record`] (`/data/metrica/daemon.json`).
+//! when it changes. After the OS decision, [`role::RoleRunner`] runs the device's role from the
+//! same verified document (docs/daemon.md, "The role"). What the daemon knows is kept in [`record`] (`/data/metrica/daemon.json`).
 //!
 //! [`run`] is the loop: a poll, then a wait of the interval with ±20 % jitter
 //! ([`crate::rollout::poll_delay`]), cut short by
@@ -17,6 +18,7 @@
 pub mod fetch;
 #[cfg(test)]
 mod fleet;
+pub mod role;
 #[cfg(test)]
 mod tests;
 
@@ -108,6 +110,8 @@ pub struct ChannelView {
     pub sequence: u64,
     pub expires: Option<u64>,
     pub target_version: Option<semver::Version>,
+    /// The verified document, for the role targets ([`role::RoleRunner`]).
+    pub document: Option<std::sync::Arc<crate::channel::Channel>>,
 }
 
 /// What the rollout decided.
@@ -290,6 +294,8 @@ pub struct Daemon {
     pub log: Log,
     pub cache: Cache,
     pub record: DaemonRecord,
+    /// Runs the device's role; `None` on a device without provisioning.
+    pub roles: Option<role::RoleRunner>,
 }
 
 /// What one poll did, for callers and tests.
@@ -351,7 +357,16 @@ impl Daemon {
 
     /// One poll. Never fails: every problem is a named error in the log and the record.
     pub fn poll(&mut self, now: u64) -> PollOutcome {
+        if let Some(r) = self.roles.as_mut() {
+            r.offer(None, String::new());
+        }
         let outcome = self.poll_inner(now);
+        // After the OS decision and outside its lock (the roles service takes the lock); not
+        // while the system reboots for an OS trial.
+        let rebooting = matches!(outcome, PollOutcome::Installed { trial: true, .. });
+        if let Some(r) = self.roles.as_mut().filter(|_| !rebooting) {
+            r.cycle(&self.log, now);
+        }
         self.save_record();
         outcome
     }
@@ -432,6 +447,10 @@ impl Daemon {
             self.decide(now, DecisionOutcome::Stay, "no_channel", None, why);
             return PollOutcome::NoChannel;
         };
+        let doc_url = self.doc_url();
+        if let Some(r) = self.roles.as_mut() {
+            r.offer(plan.channel.document.clone(), doc_url);
+        }
         self.record.channel.sequence = Some(plan.channel.sequence);
         self.record.channel.expires = plan.channel.expires;
         self.record.channel.target_version =
@@ -443,16 +462,20 @@ impl Daemon {
             }
             Decision::Install { version, urls, pinned, code, reason } => {
                 self.decide(now, DecisionOutcome::Install, &code, Some(&version), &reason);
-                let mirror =
-                    self.record.channel.mirror.clone().unwrap_or_else(|| {
-                        self.config.mirrors.first().cloned().unwrap_or_default()
-                    });
-                let doc_url = self.fetcher.url(&mirror);
+                let doc_url = self.doc_url();
                 let urls: Vec<String> =
                     urls.iter().map(|u| crate::channel::resolve_url(&doc_url, u)).collect();
                 self.install(now, &state, &version, &urls, pinned)
             }
         }
+    }
+
+    /// The URL of the document acted on (relative bundle URLs resolve against it): on the
+    /// mirror that gave it, else the first.
+    fn doc_url(&self) -> String {
+        let mirror = self.record.channel.mirror.clone();
+        let mirror = mirror.or_else(|| self.config.mirrors.first().cloned()).unwrap_or_default();
+        self.fetcher.url(&mirror)
     }
 
     /// Fetches the fetcher's channel: the new document (if it changed) and the cached one.
@@ -890,6 +913,7 @@ impl Planner for ChannelPlanner {
             sequence: ch.sequence,
             expires: Some(ch.expires.0),
             target_version: Some(ch.os.version.clone()),
+            document: Some(std::sync::Arc::new(ch.clone())),
         };
         let segment: channel::Segment = input
             .segment
@@ -978,10 +1002,17 @@ pub fn serve_loop(
         booted: daemon.booted.ok_or_else(|| "unknown".to_string()),
         min_free_bytes: daemon.config.min_free_bytes,
         history,
+        roles: daemon.roles.as_ref().map(|r| {
+            std::sync::Arc::new(r.status_source())
+                as std::sync::Arc<dyn crate::role_report::RoleSource>
+        }),
     };
     let mut server = Server::start(&daemon.config.listen, ctx, tx)?;
     daemon.record.listen = server.addr.to_string();
     daemon.save_record();
+    if let Some(r) = daemon.roles.as_mut() {
+        r.start(&daemon.log, crate::slot::unix_now());
+    }
     daemon.log.info(
         "started",
         &format!(

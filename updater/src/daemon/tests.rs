@@ -58,6 +58,7 @@ impl Planner for TestPlanner {
                 sequence,
                 expires: Some(expires),
                 target_version: Some(version),
+                document: None,
             },
             decision,
         })
@@ -144,6 +145,7 @@ fn rig_with(mirrors: &[&str], no_reboot: bool, planner: Box<dyn Planner>, compat
     let daemon = Daemon {
         fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
         record: Daemon::open_record(&device, &config, T0),
+        roles: None,
         cache: Cache::new(&device.data_dir),
         log: Log::new(Some(dir.path().join("log.jsonl")), "dev-1"),
         booted: None,
@@ -537,6 +539,9 @@ fn the_loop_serves_its_endpoints_and_wakes_on_check_now() {
             |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&status), keys(&cli), "/status and `updater status --json` are one shape");
         assert_eq!(status["daemon"]["decision"]["code"], "up_to_date");
+        let (code, page) = get("/");
+        assert_eq!(code, 200);
+        assert!(page.contains("<tr><th>Safe mode</th><td>off</td></tr>"), "{page}");
         let (code, _) = get("/nope");
         assert_eq!(code, 404);
         assert_eq!(
@@ -822,6 +827,7 @@ mod real_install {
         Daemon {
             fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
             record: Daemon::open_record(&device, &config, CT0),
+            roles: None,
             cache: Cache::new(&device.data_dir),
             log: Log::new(Some(dir.join("log.jsonl")), "dev-1"),
             booted: None,
@@ -911,4 +917,75 @@ mod real_install {
             assert!(log.contains(kind), "{kind} not in the log");
         }
     }
+}
+
+/// The test planner, whose verified document also offers role `web` 1.1.0 (a bundle on the
+/// mirror, by a relative URL).
+struct RolePlanner(Vec<u8>);
+
+impl Planner for RolePlanner {
+    fn plan(
+        &self,
+        doc: &Document,
+        input: &PlanInput<'_>,
+        now: u64,
+    ) -> Result<Plan, ChannelProblem> {
+        use sha2::Digest;
+        let mut plan = TestPlanner.plan(doc, input, now)?;
+        let mut channel = crate::channel::tests::sample();
+        channel.roles.insert(
+            "web".into(),
+            crate::channel::RoleTarget {
+                version: "1.1.0".parse().unwrap(),
+                urls: vec!["../roles/web-1.1.0.mfr".into()],
+                size: self.0.len() as u64,
+                sha256: hex::encode(sha2::Sha256::digest(&self.0)),
+                rollout: crate::channel::Rollout::everyone(),
+                paused: false,
+                pin: None,
+            },
+        );
+        plan.channel.document = Some(std::sync::Arc::new(channel));
+        Ok(plan)
+    }
+}
+
+/// A poll hands its verified document to the role runner, after the OS decision: the role's
+/// target is decided, its bundle fetched from the mirror the channel came from, and handed
+/// to the roles service (which refuses on this branch: reported, the OS poll unaffected).
+#[test]
+fn a_poll_runs_the_role_from_the_same_verified_document() {
+    use crate::daemon::role::{RoleConfig, RoleRecord, RoleRunner};
+    let s = TestServer::empty(Mode::Normal);
+    publish(&s, &doc(1, "1.0.0"), "ok");
+    let bundle = b"a role bundle".to_vec();
+    s.put("/roles/web-1.1.0.mfr", &bundle);
+    let mut r = rig_with(&[&s.base], true, Box::new(RolePlanner(bundle)), "c");
+    seed_state(&r);
+    let metrica = r.daemon.device.data_dir.join("metrica");
+    let cfg = RoleConfig {
+        metrica_dir: metrica.clone(),
+        sysroot: r.dir.path().join("root"),
+        role: Ok("web".into()),
+        device_id: "dev-1".into(),
+        segment: crate::channel::Segment::General,
+        overrides: crate::rollout::Overrides::default(),
+        os_version: "1.0.0".parse().unwrap(),
+        dev_root: r.dir.path().join("root"),
+        min_free_bytes: 0,
+        http: crate::role::download::HttpOptions::default(),
+    };
+    let engine = std::sync::Arc::new(crate::role::fake::FakeEngine::new());
+    r.daemon.roles = Some(RoleRunner::new(cfg, engine, crate::sign::Keyring::default()));
+    let outcome = r.daemon.poll(T0 + 60);
+    assert!(matches!(outcome, PollOutcome::Stayed { .. }), "{outcome:?}");
+    let rec = RoleRecord::load(&metrica);
+    let d = rec.decision.as_ref().unwrap();
+    assert_eq!((d.code.as_str(), d.version.as_deref()), ("rollout", Some("1.1.0")));
+    // The download verified against the document reached the service, whose bundle reader
+    // refused it (these bytes are not a signed bundle): reported once, the version barred.
+    assert_eq!(rec.errors.len(), 1, "the service's refusal, once: {:?}", rec.errors);
+    assert_eq!(rec.errors[0].kind, "role_bundle", "{:?}", rec.errors);
+    assert!(rec.failed.contains("web@1.1.0"), "{rec:?}");
+    assert_eq!(r.events("role_decision").len(), 1);
 }

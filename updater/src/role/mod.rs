@@ -9,11 +9,13 @@
 //! - [`health`]: health checks, probation, crash-loop detection;
 //! - [`apply`]: one release applied as a chain of steps, with rollback, and recovery at start;
 //! - [`safe_mode`]: when to enter and leave safe mode, and the switch of stacks;
+//! - [`download`]: a role bundle fetched onto /data, resumable and verified;
 //! - [`service`]: the entry point of the CLI and the daemon (lock, bundle, history, safe mode).
 
 pub mod apply;
 pub mod bundle;
 pub mod docker;
+pub mod download;
 pub mod engine;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;

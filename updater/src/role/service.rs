@@ -41,6 +41,10 @@ const POLL: Duration =
 /// Limit of a role's own validation command.
 const VALIDATE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The safe-mode stack's release folder under `/data/metrica`: unpacked there by the daemon
+/// from the bundle baked into the image, used by the daemon and the `safe-mode` commands.
+pub const SAFE_MODE_STACK: &str = "safe-mode-stack";
+
 /// Where a release comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {

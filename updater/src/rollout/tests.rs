@@ -738,6 +738,7 @@ fn every_stay_code_is_listed() {
         StayReason::NotSelected { bucket: 1, percent: 0, next_wave: None },
         StayReason::MaintenanceWindow { opens: None },
         StayReason::Throttled { until: Timestamp(0), after_failure: true },
+        StayReason::NoTarget { role: "cam".into() },
     ];
     let codes: Vec<&str> = reasons.iter().map(StayReason::code).collect();
     assert_eq!(codes, StayReason::CODES);
@@ -745,5 +746,198 @@ fn every_stay_code_is_listed() {
         let json = serde_json::to_value(r).unwrap();
         assert_eq!(json["code"], r.code());
         assert!(!r.to_string().is_empty());
+    }
+}
+
+/// Roles: `[roles.NAME]` decided by the same rules as the OS.
+mod roles {
+    use super::*;
+    use crate::channel::RoleTarget;
+
+    const ROLE: &str = "camera-single";
+
+    fn target(version: &str, rollout: Rollout) -> RoleTarget {
+        RoleTarget {
+            version: v(version),
+            urls: vec![format!("../roles/{ROLE}-{version}.mfr")],
+            size: 1234,
+            sha256: "ef".repeat(32),
+            rollout,
+            paused: false,
+            pin: None,
+        }
+    }
+
+    fn channel_with(t: RoleTarget) -> Channel {
+        let mut c = everyone();
+        c.roles.insert(ROLE.into(), t);
+        c
+    }
+
+    /// A device whose role runs `current` (the OS facts are not the role's).
+    fn role_device(id: &str, current: Option<&str>) -> Device {
+        with(device(id), |f| f.committed_version = current.map(v))
+    }
+
+    fn decide_r(c: &Channel, d: &Device, o: &Overrides, h: &AttemptHistory) -> Decision {
+        decide_role(c, ROLE, d, o, h, NOW)
+    }
+
+    #[test]
+    fn a_role_target_is_installed_from_nothing_or_upwards() {
+        let c = channel_with(target("3.1.0", Rollout::everyone()));
+        let none = AttemptHistory::default();
+        for current in [None, Some("3.0.0")] {
+            let d = decide_r(&c, &role_device("pi-1", current), &Overrides::default(), &none);
+            let Decision::Install { version, urls, size, sha256, security_epoch, reason } = d
+            else {
+                panic!("{current:?}: {d}")
+            };
+            assert_eq!((version, size, security_epoch), (v("3.1.0"), 1234, 0));
+            assert_eq!(
+                (urls[0].as_str(), sha256),
+                ("../roles/camera-single-3.1.0.mfr", "ef".repeat(32))
+            );
+            assert_eq!(reason.code(), "rollout");
+        }
+        let o = Overrides::default();
+        let code_of = |cur: &str| decide_r(&c, &role_device("pi-1", Some(cur)), &o, &none).code();
+        assert_eq!(code_of("3.1.0"), "up_to_date");
+        assert_eq!(code_of("4.0.0"), "not_newer");
+    }
+
+    #[test]
+    fn no_target_paused_and_device_gates() {
+        let none = AttemptHistory::default();
+        let d = role_device("pi-1", Some("3.0.0"));
+        let o = Overrides::default();
+        let bare = everyone();
+        let stay = decide_r(&bare, &d, &o, &none);
+        assert_eq!(stay.code(), "no_target");
+        assert_eq!(stay.to_string(), "stay: the channel has no [roles.camera-single] target");
+        let mut c = channel_with(target("3.1.0", Rollout::everyone()));
+        c.paused = true;
+        assert_eq!(decide_r(&c, &d, &o, &none).code(), "paused");
+        c.paused = false;
+        let off = Overrides { auto_update: Some(false), ..Overrides::default() };
+        assert_eq!(decide_r(&c, &d, &off, &none).code(), "auto_update_off");
+        let mut redirected = c.clone();
+        let e = DeviceOverride { channel: Some("beta".into()), ..DeviceOverride::default() };
+        redirected.devices.insert("pi-1".into(), e);
+        assert_eq!(decide_r(&redirected, &d, &o, &none).code(), "other_channel");
+        // The OS version lock is the OS's: it does not hold the role.
+        let lock = Overrides { version_lock: Some(v("1.0.0")), ..Overrides::default() };
+        assert!(decide_r(&c, &d, &lock, &none).is_install());
+    }
+
+    #[test]
+    fn the_roles_own_pause_pin_and_device_overrides() {
+        use crate::channel::{RoleOverride, RolePin};
+        let none = AttemptHistory::default();
+        let o = Overrides::default();
+        let d = role_device("pi-1", Some("3.0.0"));
+        let mut c = channel_with(target("3.1.0", Rollout::everyone()));
+        c.roles.get_mut(ROLE).unwrap().paused = true;
+        assert_eq!(decide_r(&c, &d, &o, &none).code(), "paused");
+        // A pin wins over the pause and takes a running newer version back.
+        let pin = RolePin {
+            version: v("2.0.0"),
+            reason: "3.x stalls".into(),
+            expires: None,
+            urls: vec!["../roles/camera-single/2.0.0.mfr".into()],
+            size: 99,
+            sha256: "ab".repeat(32),
+        };
+        c.roles.get_mut(ROLE).unwrap().pin = Some(pin.clone());
+        let Decision::Install { version, size, .. } = decide_r(&c, &d, &o, &none) else {
+            panic!("the pin installs")
+        };
+        assert_eq!((version, size), (v("2.0.0"), 99));
+        let expired = RolePin { expires: Some(Timestamp(NOW - 1)), ..pin };
+        c.roles.get_mut(ROLE).unwrap().pin = Some(expired);
+        assert_eq!(decide_r(&c, &d, &o, &none).code(), "paused", "an expired pin is ignored");
+        // Per-device role overrides: auto_update off holds, a version lock pins the device.
+        let mut c = channel_with(target("3.1.0", Rollout::everyone()));
+        let mut entry = DeviceOverride::default();
+        let off = RoleOverride { auto_update: Some(false), ..RoleOverride::default() };
+        entry.roles.insert(ROLE.into(), off);
+        c.devices.insert("pi-1".into(), entry.clone());
+        assert_eq!(decide_r(&c, &d, &o, &none).code(), "auto_update_off");
+        assert!(decide_r(&c, &role_device("pi-2", None), &o, &none).is_install());
+        let lock = RoleOverride { version_lock: Some(v("3.0.0")), ..RoleOverride::default() };
+        entry.roles.insert(ROLE.into(), lock);
+        c.devices.insert("pi-1".into(), entry);
+        assert!(!decide_r(&c, &d, &o, &none).is_install(), "locked on the version it runs");
+    }
+
+    #[test]
+    fn failed_versions_and_the_throttle_are_the_roles_own() {
+        let c = channel_with(target("3.1.0", Rollout::everyone()));
+        let d = role_device("pi-1", Some("3.0.0"));
+        let o = Overrides::default();
+        let failed = AttemptHistory {
+            failed_versions: [v("3.1.0")].into_iter().collect(),
+            ..AttemptHistory::default()
+        };
+        assert_eq!(decide_r(&c, &d, &o, &failed).code(), "version_failed");
+        let recent = AttemptHistory { last_failure: Some(NOW - 60), ..AttemptHistory::default() };
+        assert_eq!(decide_r(&c, &d, &o, &recent).code(), "throttled");
+        // The maintenance window: closed (opening in 10 minutes) holds the role, open lets
+        // it go.
+        let minute = ((NOW % 86_400) / 60) as u16;
+        let window = |from: u16, to: u16| Overrides {
+            maintenance_window: Some(MaintenanceWindow {
+                days: Default::default(),
+                start: TimeOfDay(from % 1440),
+                end: TimeOfDay((to - 1) % 1440 + 1),
+                utc_offset_minutes: 0,
+            }),
+            ..Overrides::default()
+        };
+        let none = AttemptHistory::default();
+        let closed = decide_r(&c, &d, &window(minute + 10, minute + 20), &none);
+        assert_eq!(closed.code(), "maintenance_window", "{closed}");
+        assert!(decide_r(&c, &d, &window(minute, minute + 20), &none).is_install());
+    }
+
+    #[test]
+    fn percent_segments_and_waves_use_the_role_bucket() {
+        let ver = v("3.1.0");
+        let ids: Vec<String> = (0..400).map(|i| format!("pi-{i:03}")).collect();
+        let rollout = Rollout { percent: 30, ..Rollout::everyone() };
+        let c = channel_with(target("3.1.0", rollout));
+        let none = AttemptHistory::default();
+        let o = Overrides::default();
+        let mut differs = 0;
+        for id in &ids {
+            let b = bucket(&role_bucket_key(id, ROLE), &ver);
+            let d = decide_r(&c, &role_device(id, Some("3.0.0")), &o, &none);
+            assert_eq!(d.is_install(), b < 30, "{id}: {d}");
+            differs += usize::from(b != bucket(id, &ver));
+        }
+        assert!(differs > 300, "the role bucket is not the OS bucket: {differs}");
+        // Segments.
+        let mut canary_only = channel_with(target("3.1.0", Rollout::everyone()));
+        canary_only.roles.get_mut(ROLE).unwrap().rollout.segments =
+            [Segment::Canary].into_iter().collect();
+        let d = role_device("pi-1", Some("3.0.0"));
+        assert_eq!(decide_r(&canary_only, &d, &o, &none).code(), "segment_not_allowed");
+        // A wave that opened raises the percent from 0 to 100.
+        let waves = Rollout {
+            percent: 0,
+            waves: vec![Wave { at: Timestamp(NOW - 1), percent: 100 }],
+            ..Rollout::everyone()
+        };
+        assert!(decide_r(&channel_with(target("3.1.0", waves.clone())), &d, &o, &none).is_install());
+        let later =
+            Rollout { waves: vec![Wave { at: Timestamp(NOW + 60), percent: 100 }], ..waves };
+        let stay = decide_r(&channel_with(target("3.1.0", later)), &d, &o, &none);
+        assert!(
+            matches!(
+                stay,
+                Decision::Stay { reason: StayReason::NotSelected { next_wave: Some(_), .. } }
+            ),
+            "{stay}"
+        );
     }
 }
