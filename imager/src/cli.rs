@@ -442,13 +442,17 @@ fn show_channel(
 }
 
 /// Runs the command line; exit code 0 done, 1 failed, 2 usage (from clap).
+/// Errors, clap's included, print as `imager: error: WHAT: WHY` (updater::cli_error).
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return updater::cli_error::clap_exit("imager", &e),
+    };
     crate::logger::install();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("imager: error: {e:#}");
+            eprintln!("{}", updater::cli_error::render("imager", &e));
             ExitCode::from(1)
         }
     }
@@ -518,26 +522,71 @@ fn run_inspect(
     cat: Option<&str>,
     json: bool,
 ) -> Result<()> {
-    if is_bundle(path)? {
-        let inspection = crate::bundle::inspect(path, keyring)?;
-        print!("{inspection}");
-        if keyring.is_some() && !inspection.signature.is_valid() {
-            anyhow::bail!("{}: the signature is not valid for keyring", path.display());
+    use crate::inspect::{self as i, Input};
+    let kind = i::identify(path)?;
+    let print = |value: serde_json::Value, text: String| -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        } else {
+            print!("{text}");
         }
-        return Ok(());
+        Ok(())
+    };
+    let not_an_image = |what: &str| {
+        anyhow::anyhow!(
+            "--cat {}: {} is {what}, not a disk image",
+            cat.unwrap_or(""),
+            path.display()
+        )
+    };
+    match kind {
+        Input::Bundle if cat.is_some() => return Err(not_an_image("an OS bundle")),
+        Input::Bmap if cat.is_some() => return Err(not_an_image("a block map")),
+        Input::BuildManifest if cat.is_some() => return Err(not_an_image("a build manifest")),
+        Input::Bundle => {
+            let inspection = crate::bundle::inspect(path, keyring)?;
+            print(i::bundle_json(&inspection), inspection.to_string())?;
+            if keyring.is_some() && !inspection.signature.is_valid() {
+                anyhow::bail!("{}: the signature is not valid for the keyring", path.display());
+            }
+            return Ok(());
+        }
+        Input::Bmap => {
+            let b = i::inspect_bmap(path)?;
+            let mut v = serde_json::to_value(&b)?;
+            v["kind"] = "bmap".into();
+            return print(v, i::render_bmap(&b));
+        }
+        Input::BuildManifest => {
+            let m = i::read_build_manifest(path)?;
+            let v = serde_json::json!({ "kind": "build-manifest", "path": path.display().to_string(), "manifest": m });
+            return print(v, i::render_build_manifest(path, &m));
+        }
+        Input::Image | Input::ZstImage | Input::Card => {}
     }
+    let temp = match kind {
+        Input::ZstImage => Some(i::decompress_to_temp(path, &Progress::detect())?),
+        _ => None,
+    };
+    let image = temp.as_ref().map_or(path, |t| t.path());
     if let Some(spec) = cat {
-        let bytes = crate::inspect::cat(path, spec)?;
+        let bytes = crate::inspect::cat(image, spec)?;
         std::io::stdout().write_all(&bytes).context("writing to stdout")?;
         return Ok(());
     }
-    let info = crate::inspect::inspect_image(path)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-    } else {
-        print!("{}", crate::inspect::render(&info));
+    let mut info = crate::inspect::inspect_image(image)?;
+    info.path = path.display().to_string();
+    let mut v = serde_json::to_value(&info)?;
+    v["kind"] = match kind {
+        Input::ZstImage => {
+            v["compressed_size"] = std::fs::metadata(path)?.len().into();
+            "zst-image"
+        }
+        Input::Card => "card",
+        _ => "image",
     }
-    Ok(())
+    .into();
+    print(v, crate::inspect::render(&info))
 }
 
 fn run_flash(
@@ -733,16 +782,6 @@ fn run_publish(
         eprintln!("note: channel {} is paused; `imager channel resume` to start", p.channel.name);
     }
     Ok(())
-}
-
-/// A bundle is a tar stream whose first entry is `manifest.toml`; an image starts with an MBR.
-fn is_bundle(path: &std::path::Path) -> Result<bool> {
-    use std::io::Read;
-    let mut head = [0u8; 13];
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let n = f.read(&mut head)?;
-    Ok(path.extension().is_some_and(|e| e == "mfb")
-        || &head[..n] == updater::bundle::MANIFEST_NAME.as_bytes())
 }
 
 #[cfg(test)]

@@ -56,7 +56,8 @@ fn region<'a>(file: &'a File, p: &Partition) -> Region<'a> {
 pub fn inspect_image(image: &Path) -> Result<ImageInfo> {
     let parts = read_partitions(image)?;
     let file = File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let size = file.metadata()?.len();
+    // The end, not the metadata: a card's metadata says 0 bytes.
+    let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
     let mut infos = Vec::new();
     for p in &parts {
         let kind = PartitionRole::by_label(&p.label).map(|r| r.fs);
@@ -119,7 +120,7 @@ pub fn inspect_image(image: &Path) -> Result<ImageInfo> {
 
 /// Human-readable report.
 pub fn render(info: &ImageInfo) -> String {
-    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let mib = updater::units::size;
     let mut s = String::new();
     let _ = writeln!(s, "image {} ({})", info.path, mib(info.size));
     let _ = writeln!(s, "\n  # label      start        size         fs label   partuuid                              type");
@@ -174,6 +175,232 @@ pub fn render(info: &ImageInfo) -> String {
         s += &crate::provision::render(p);
     }
     s
+}
+
+/// What `imager inspect` was given, told by its content (and a name where content cannot say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// A raw disk image file (starts with a protective MBR).
+    Image,
+    /// A zstd-compressed disk image (`.img.zst`).
+    ZstImage,
+    /// A card or other block device.
+    Card,
+    /// An OS bundle (`.mfb`).
+    Bundle,
+    /// A block map (`.bmap`).
+    Bmap,
+    /// The build manifest (`NAME-VERSION.manifest.json`).
+    BuildManifest,
+}
+
+/// What `inspect` reads, for the errors that refuse anything else.
+pub const EXPECTED: &str = "an image (.img, .img.zst), an OS bundle (.mfb), a block map (.bmap), a build manifest (.manifest.json) or a card";
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Tells what `path` is, refusing by name a folder, an empty file, a CSV and anything else.
+pub fn identify(path: &Path) -> Result<Input> {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path.display();
+    if meta.is_dir() {
+        bail!("{name} is a folder; inspect reads {EXPECTED}");
+    }
+    if meta.file_type().is_block_device() {
+        return Ok(Input::Card);
+    }
+    if meta.len() == 0 {
+        bail!("{name} is an empty file; inspect reads {EXPECTED}");
+    }
+    let mut head = vec![0u8; 4096];
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f.read(&mut head).with_context(|| format!("reading {}", path.display()))?;
+    head.truncate(n);
+    let text = std::str::from_utf8(&head).ok().map(str::trim_start);
+    let ext = |e: &str| path.to_string_lossy().ends_with(e);
+    if head.starts_with(&ZSTD_MAGIC) {
+        return Ok(Input::ZstImage);
+    }
+    if ext(".mfb") || head.starts_with(updater::bundle::MANIFEST_NAME.as_bytes()) {
+        return Ok(Input::Bundle);
+    }
+    if head.len() >= 512 && head[510..512] == [0x55, 0xaa] {
+        return Ok(Input::Image);
+    }
+    match text {
+        Some(t) if t.starts_with("<?xml") || t.starts_with("<bmap") => Ok(Input::Bmap),
+        Some(t) if t.starts_with('{') && t.contains("\"recipe_sha256\"") => {
+            Ok(Input::BuildManifest)
+        }
+        Some(t) if ext(".csv") || t.lines().next().is_some_and(|l| l.contains(',')) => bail!(
+            "{name} is a CSV file (a provisioning fleet file? `imager provision --batch` reads it); inspect reads {EXPECTED}"
+        ),
+        Some(t) if ext(".toml") || t.starts_with('[') || t.contains(" = ") => bail!(
+            "{name} is a TOML text file (a recipe or device file?); inspect reads {EXPECTED}"
+        ),
+        _ => bail!(
+            "{name} is none of the files inspect reads (no MBR, zstd, bundle, bmap or manifest header); inspect reads {EXPECTED}"
+        ),
+    }
+}
+
+/// Decompresses an `.img.zst` into a sparse temporary file (zero blocks stay holes), so it
+/// can be read like an image. A truncated or corrupt stream is blamed on zstd, by name.
+pub fn decompress_to_temp(
+    zst: &Path,
+    progress: &crate::progress::Progress,
+) -> Result<tempfile::NamedTempFile> {
+    use std::io::{Seek, SeekFrom, Write};
+    let input = File::open(zst).with_context(|| format!("opening {}", zst.display()))?;
+    let len = input.metadata()?.len();
+    let step = progress.bytes(len, "decompressing");
+    let counted = CountingReader { inner: input, step: &step };
+    let mut dec = zstd::stream::Decoder::new(counted)
+        .with_context(|| format!("{}: not a zstd stream", zst.display()))?;
+    let mut out = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = read_full(&mut dec, &mut buf).with_context(|| {
+            format!(
+                "{}: the zstd stream is truncated or corrupt (it stopped after {} of image)",
+                zst.display(),
+                updater::units::size(total)
+            )
+        })?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.as_file_mut().seek(SeekFrom::Current(n as i64))?;
+        } else {
+            out.as_file_mut().write_all(&buf[..n]).context("writing the temporary image")?;
+        }
+        total += n as u64;
+    }
+    out.as_file_mut().set_len(total)?;
+    step.finish();
+    Ok(out)
+}
+
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+struct CountingReader<'a> {
+    inner: File,
+    step: &'a crate::progress::Step,
+}
+
+impl std::io::Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.step.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// What `imager inspect FILE.bmap` reports.
+#[derive(Debug, Serialize)]
+pub struct BmapInfo {
+    pub path: String,
+    pub image_size: u64,
+    pub block_size: u64,
+    pub mapped_bytes: u64,
+    pub ranges: usize,
+}
+
+/// Reads a block map.
+pub fn inspect_bmap(path: &Path) -> Result<BmapInfo> {
+    let bmap = crate::flash::read_bmap(path)?;
+    Ok(BmapInfo {
+        path: path.display().to_string(),
+        image_size: bmap.image_size,
+        block_size: bmap.block_size,
+        mapped_bytes: bmap.ranges.iter().map(|r| r.end - r.start).sum(),
+        ranges: bmap.ranges.len(),
+    })
+}
+
+/// Human-readable report of a block map.
+pub fn render_bmap(b: &BmapInfo) -> String {
+    format!(
+        "block map {}\n  image size  {} ({} bytes)\n  block size  {}\n  mapped      {} in {} range(s)\n",
+        b.path,
+        updater::units::size(b.image_size),
+        b.image_size,
+        updater::units::size(b.block_size),
+        updater::units::size(b.mapped_bytes),
+        b.ranges
+    )
+}
+
+/// Reads a build manifest (JSON written by `imager build`), as its JSON value.
+pub fn read_build_manifest(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid build manifest", path.display()))
+}
+
+/// Human-readable report of a build manifest.
+pub fn render_build_manifest(path: &Path, m: &serde_json::Value) -> String {
+    let str_of = |k: &str| m[k].as_str().map_or_else(|| m[k].to_string(), str::to_string);
+    let mut s = format!(
+        "build manifest {}\n  name        {}\n  version     {}\n  compatible  {}\n  epoch       {}\n  packages    {}\n",
+        path.display(),
+        str_of("name"),
+        str_of("version"),
+        str_of("compatible"),
+        m["security_epoch"],
+        m["packages"].as_array().map_or(0, Vec::len),
+    );
+    for p in m["partitions"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "  partition   {} {:<10} {:>10}  sha256 {}",
+            p["number"],
+            p["label"].as_str().unwrap_or("?"),
+            updater::units::size(p["size"].as_u64().unwrap_or(0)),
+            p["sha256"].as_str().unwrap_or("?")
+        );
+    }
+    s
+}
+
+/// The JSON of `imager inspect BUNDLE --json` (shape: docs/cli-json.md).
+pub fn bundle_json(i: &crate::bundle::Inspection) -> serde_json::Value {
+    let sig = &i.signature;
+    use crate::bundle::SignatureStatus as S;
+    let (status, key_id, reason) = match sig {
+        S::Valid { key_id } => ("valid", Some(key_id.clone()), None),
+        S::NotChecked { key_id } => ("not-checked", Some(key_id.clone()), None),
+        S::Invalid { key_id, reason } => ("invalid", Some(key_id.clone()), Some(reason.clone())),
+        S::Missing { reason } => ("missing", None, Some(reason.clone())),
+    };
+    serde_json::json!({
+        "kind": "bundle",
+        "path": i.path.display().to_string(),
+        "size": i.size,
+        "manifest": i.manifest,
+        "signature": { "status": status, "key_id": key_id, "reason": reason },
+        "images": i.images.iter().map(|img| serde_json::json!({
+            "slot_class": img.entry.slot_class,
+            "size": img.entry.size,
+            "sha256": img.entry.sha256,
+            "chunks": img.chunks,
+            "payload_len": img.payload_len,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Reads `PART:/path` from an image: a file of a FAT or ext4 partition.

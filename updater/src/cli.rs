@@ -171,15 +171,19 @@ pub struct RunArgs {
 }
 
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
+/// Errors, clap's included, print as `updater: error: WHAT: WHY` (crate::cli_error).
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return crate::cli_error::clap_exit("updater", &e),
+    };
     let log = Log::command_line(cli.log_file.clone());
     match run(&cli, &mut std::io::stdout()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            log.event("error", &format!("{e:#}"));
-            eprintln!("updater: error: {e:#}");
+            log.event("error", &crate::cli_error::message(&e));
+            eprintln!("{}", crate::cli_error::render("updater", &e));
             ExitCode::from(1)
         }
     }

@@ -1,0 +1,250 @@
+//! End to end: the `imager` command line as a provisioning engineer and a fleet operator meet
+//! it (issue 18): one error style, `inspect` telling what it was given, `--help` naming only
+//! flags that exist, the rollback in one command, `--json` shapes (docs/cli-json.md).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn imager() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_imager"));
+    c.stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&std::ffi::OsStr]) -> Output {
+    imager().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `imager ARGS` expecting failure with exit code 1; returns stderr.
+fn fails(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
+    let out = imager().args(args.iter().map(|a| a.as_ref())).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // Progress lines may come first; the error is the last thing said.
+    let at = err.find("imager: error: ").unwrap_or_else(|| panic!("no error line in {err}"));
+    assert_eq!(err[at..].matches("imager: error: ").count(), 1, "{err}");
+    err[at..].to_string()
+}
+
+/// Runs `imager ARGS` expecting success; returns stdout.
+fn ok(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
+    let out = imager().args(args.iter().map(|a| a.as_ref())).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A small image laid out as `imager build` does (GPT, an empty provision FAT), with its bmap
+/// and `.img.zst`.
+fn golden(dir: &Path) -> PathBuf {
+    use imager::image::{write_gpt, Ids, Layout};
+    let layout = Layout::new(&imager::recipe::Partitions {
+        config: 4 << 20,
+        boot: 4 << 20,
+        root: 8 << 20,
+        provision: 16 << 20,
+        data: 4 << 20,
+    });
+    let img = dir.join("fleet-1.0.0.img");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
+    f.set_len(layout.disk_size).unwrap();
+    write_gpt(&f, &layout, &Ids::new("fleet", &"1.0.0".parse().unwrap())).unwrap();
+    let p = layout.get("provision");
+    let region = imager::fat::Region { file: &f, start: p.start, len: p.len };
+    imager::fat::format(region, "provision", 7).unwrap();
+    f.sync_all().unwrap();
+    imager::output::write_bmap(&img, &dir.join("fleet-1.0.0.bmap")).unwrap();
+    let quiet = imager::progress::Progress::quiet();
+    imager::output::compress_zstd(&img, &dir.join("fleet-1.0.0.img.zst"), 3, &quiet).unwrap();
+    img
+}
+
+#[test]
+fn errors_have_one_style_and_each_cause_once() {
+    // clap's own errors carry the program's prefix and exit 2.
+    let out = run(&["inspect".as_ref(), "--nope".as_ref()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("imager: error: unexpected argument '--nope'"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    let out = run(&["frobnicate".as_ref()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("imager: error: unrecognized subcommand"), "{}", stderr(&out));
+    // --help and --version still print and succeed.
+    assert!(run(&["--version".as_ref()]).status.success());
+    assert!(run(&["inspect".as_ref(), "--help".as_ref()]).status.success());
+
+    // An OS error is said once.
+    let err = fails(&[&"inspect", &"nonexist"]);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(err.contains("nonexist"), "{err}");
+}
+
+#[test]
+fn inspect_tells_what_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = golden(d);
+
+    // Refused by name: a folder, an empty file, a CSV, a TOML file, random bytes.
+    let err = fails(&[&"inspect", &d]);
+    assert!(err.contains("is a folder; inspect reads an image (.img, .img.zst)"), "{err}");
+    std::fs::write(d.join("empty.img"), b"").unwrap();
+    assert!(fails(&[&"inspect", &d.join("empty.img")]).contains("is an empty file"));
+    std::fs::write(d.join("fleet.csv"), "device_id,hostname\npi-1,cam-1\n").unwrap();
+    let err = fails(&[&"inspect", &d.join("fleet.csv")]);
+    assert!(err.contains("fleet.csv is a CSV file"), "{err}");
+    assert!(!err.contains("GPT"), "{err}");
+    std::fs::write(d.join("qemu.toml"), "name = \"x\"\n").unwrap();
+    assert!(fails(&[&"inspect", &d.join("qemu.toml")]).contains("is a TOML text file"));
+    std::fs::write(d.join("noise.bin"), [7u8; 600]).unwrap();
+    assert!(
+        fails(&[&"inspect", &d.join("noise.bin")]).contains("is none of the files inspect reads")
+    );
+
+    // The image, raw and compressed: the same partitions.
+    let raw: serde_json::Value = serde_json::from_str(&ok(&[&"inspect", &img, &"--json"])).unwrap();
+    assert_eq!(raw["kind"], "image");
+    let zst = d.join("fleet-1.0.0.img.zst");
+    let text = ok(&[&"inspect", &zst]);
+    assert!(text.contains("provision") && text.contains("MiB"), "{text}");
+    let z: serde_json::Value = serde_json::from_str(&ok(&[&"inspect", &zst, &"--json"])).unwrap();
+    assert_eq!(z["kind"], "zst-image");
+    assert_eq!(z["partitions"], raw["partitions"]);
+    assert_eq!(z["size"], raw["size"]);
+    assert!(z["compressed_size"].as_u64().unwrap() < raw["size"].as_u64().unwrap());
+
+    // A truncated .img.zst is blamed on the zstd stream.
+    let bytes = std::fs::read(&zst).unwrap();
+    let cut = d.join("cut.img.zst");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&[&"inspect", &cut]);
+    assert!(err.contains("cut.img.zst: the zstd stream is truncated or corrupt"), "{err}");
+    assert!(!err.contains("GPT"), "{err}");
+
+    // The block map.
+    let bmap = d.join("fleet-1.0.0.bmap");
+    assert!(ok(&[&"inspect", &bmap]).contains("block map"));
+    let b: serde_json::Value = serde_json::from_str(&ok(&[&"inspect", &bmap, &"--json"])).unwrap();
+    assert_eq!(b["kind"], "bmap");
+    assert_eq!(b["image_size"], raw["size"]);
+    assert!(b["mapped_bytes"].as_u64().unwrap() > 0);
+    let err = fails(&[&"inspect", &bmap, &"--cat", &"boot_a:/cmdline.txt"]);
+    assert!(err.contains("is a block map, not a disk image"), "{err}");
+
+    // A build manifest.
+    let manifest = d.join("fleet-1.0.0.manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"name":"fleet","version":"1.0.0","compatible":"fleet","security_epoch":0,
+            "source_date_epoch":0,"recipe_sha256":"00","packages":[],"root_files":1,
+            "root_content_bytes":1,"partitions":[{"number":1,"label":"config","start":1048576,
+            "size":4194304,"partuuid":"x","sha256":"ab"}]}"#,
+    )
+    .unwrap();
+    let text = ok(&[&"inspect", &manifest]);
+    assert!(text.contains("build manifest") && text.contains("4.0 MiB"), "{text}");
+    let m: serde_json::Value =
+        serde_json::from_str(&ok(&[&"inspect", &manifest, &"--json"])).unwrap();
+    assert_eq!(m["kind"], "build-manifest");
+    assert_eq!(m["manifest"]["version"], "1.0.0");
+}
+
+#[test]
+fn inspect_bundle_json() {
+    use updater::bundle::testkit::{make_bundle, test_image, TestMeta};
+    let dir = tempfile::tempdir().unwrap();
+    let pair = imager::keys::generate(&dir.path().join("keys"), "fleet").unwrap();
+    let key = imager::keys::load_signing_key(&pair.private).unwrap();
+    let meta = TestMeta {
+        compatible: "fleet".into(),
+        version: "1.2.0".parse().unwrap(),
+        security_epoch: 0,
+    };
+    let img = test_image(20_000, 5);
+    let b = make_bundle(&meta, &[(updater::bundle::SlotClass::Root, &img[..])], Some(&key));
+    let path = dir.path().join("fleet-1.2.0.mfb");
+    std::fs::File::create(&path).unwrap().write_all(&b).unwrap();
+    let out = ok(&[&"inspect", &path, &"--json", &"--keyring", &dir.path().join("keys")]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["kind"], "bundle");
+    assert_eq!(j["manifest"]["version"], "1.2.0");
+    assert_eq!(j["signature"]["status"], "valid");
+    assert_eq!(j["images"][0]["size"], 20_000);
+}
+
+/// Every subcommand's --help, recursively: each `--flag` it names exists (in that command,
+/// or, for a flag of another command it refers to, somewhere in the tool).
+#[test]
+fn every_flag_named_in_help_exists() {
+    fn help(path: &[String]) -> String {
+        let out = imager().args(path).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{path:?} --help");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn subcommands(text: &str) -> Vec<String> {
+        let Some(start) = text.find("Commands:\n") else { return Vec::new() };
+        text[start + 10..]
+            .lines()
+            .take_while(|l| l.starts_with("  "))
+            .filter(|l| !l.starts_with("   ")) // a wrapped description, not a command
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| *c != "help")
+            .map(str::to_string)
+            .collect()
+    }
+    let is_flag_char = |c: char| c.is_ascii_alphanumeric() || c == '-';
+    let named = |text: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices("--") {
+            let before = text[..i].chars().last();
+            if before.is_some_and(is_flag_char) {
+                continue;
+            }
+            let rest: String = text[i + 2..].chars().take_while(|&c| is_flag_char(c)).collect();
+            let rest = rest.trim_end_matches('-');
+            if !rest.is_empty() {
+                out.push(format!("--{rest}"));
+            }
+        }
+        out
+    };
+    let declared = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with('-'))
+            .flat_map(|l| l.split([',', ' ']).filter(|w| w.starts_with("--")).map(str::to_string))
+            .collect()
+    };
+    let mut queue = vec![Vec::<String>::new()];
+    let mut pages = Vec::new();
+    while let Some(path) = queue.pop() {
+        let text = help(&path);
+        for sub in subcommands(&text) {
+            let mut p = path.clone();
+            p.push(sub);
+            queue.push(p);
+        }
+        pages.push((path, text));
+    }
+    assert!(pages.len() >= 15, "found only {} commands", pages.len());
+    let everywhere: Vec<String> = pages.iter().flat_map(|(_, t)| declared(t)).collect();
+    let checked: usize = pages.iter().map(|(_, t)| named(t).len()).sum();
+    assert!(checked > 100, "only {checked} flags named: the scan is broken");
+    for (path, text) in &pages {
+        let own = declared(text);
+        for flag in named(text) {
+            assert!(
+                own.contains(&flag) || everywhere.contains(&flag),
+                "`imager {} --help` names {flag}, which no command has",
+                path.join(" ")
+            );
+        }
+    }
+}
