@@ -104,9 +104,8 @@ fn inspect_tells_what_it_was_given() {
     std::fs::write(d.join("qemu.toml"), "name = \"x\"\n").unwrap();
     assert!(fails(&[&"inspect", &d.join("qemu.toml")]).contains("is a TOML text file"));
     std::fs::write(d.join("noise.bin"), [7u8; 600]).unwrap();
-    assert!(
-        fails(&[&"inspect", &d.join("noise.bin")]).contains("is none of the files inspect reads")
-    );
+    assert!(fails(&[&"inspect", &d.join("noise.bin")])
+        .contains("is none of the files the imager reads"));
 
     // The image, raw and compressed: the same partitions.
     let raw: serde_json::Value = serde_json::from_str(&ok(&[&"inspect", &img, &"--json"])).unwrap();
@@ -247,4 +246,55 @@ fn every_flag_named_in_help_exists() {
             );
         }
     }
+}
+
+#[test]
+fn flash_nobmap_bundles_and_truncated_zst() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = golden(d);
+    let zst = d.join("fleet-1.0.0.img.zst");
+
+    // --nobmap: the whole image, read back; the same bytes as the image, from .img and .img.zst.
+    std::fs::remove_file(d.join("fleet-1.0.0.bmap")).unwrap();
+    let err = fails(&[&"flash", &img, &d.join("card.img"), &"-y"]);
+    assert!(err.contains("no block map found") && err.contains("--bmap FILE"), "{err}");
+    for (src, card) in [(&img, d.join("card1.img")), (&zst, d.join("card2.img"))] {
+        let out = ok(&[&"flash", src, &card, &"-y", &"--nobmap", &"--json"]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["image_size"], j["mapped_bytes"], "every byte is written");
+        assert!(j["verify_seconds"].is_number(), "read back: {j}");
+        assert_eq!(common::sha256(&card), common::sha256(&img));
+    }
+    let out = run(&["flash".as_ref(), "--nobmap".as_ref(), "--bmap".as_ref(), "x".as_ref()]);
+    assert_eq!(out.status.code(), Some(2), "--nobmap and --bmap conflict");
+
+    // A bundle, a block map, a CSV: said what they are, nothing written.
+    let mfb = d.join("os.mfb");
+    std::fs::write(&mfb, b"manifest.toml\0\0\0").unwrap();
+    let err = fails(&[&"flash", &mfb, &d.join("card3.img"), &"-y"]);
+    assert!(err.contains("os.mfb is an OS bundle (.mfb); flash writes a disk image"), "{err}");
+    assert!(err.contains("updater install"), "{err}");
+    std::fs::write(d.join("fleet.csv"), "device_id,hostname\n").unwrap();
+    let err = fails(&[&"flash", &d.join("fleet.csv"), &d.join("card3.img"), &"-y"]);
+    assert!(err.contains("is a CSV file"), "{err}");
+    assert!(!d.join("card3.img").exists(), "nothing written");
+
+    // A truncated .img.zst is blamed on the zstd stream, not on the block map.
+    let bytes = std::fs::read(&zst).unwrap();
+    let cut = d.join("cut.img.zst");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&[&"flash", &cut, &d.join("card4.img"), &"-y", &"--nobmap"]);
+    assert!(err.contains("the zstd stream is truncated or corrupt"), "{err}");
+    imager::output::write_bmap(&img, &d.join("fleet-1.0.0.bmap")).unwrap();
+    let err = fails(&[
+        &"flash",
+        &cut,
+        &d.join("card5.img"),
+        &"-y",
+        &"--bmap",
+        &d.join("fleet-1.0.0.bmap"),
+    ]);
+    assert!(err.contains("the zstd stream is truncated or corrupt"), "{err}");
+    assert!(!err.contains("does not match its block map"), "{err}");
 }

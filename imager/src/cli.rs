@@ -78,6 +78,10 @@ pub enum Command {
         /// The block map; default: NAME.bmap or NAME.img.bmap next to NAME.img[.zst].
         #[arg(long, value_name = "FILE")]
         bmap: Option<PathBuf>,
+        /// Without a block map: write every byte of the image (slower; a file target is not
+        /// sparse), still read back and checked against the image's own checksums.
+        #[arg(long, conflicts_with = "bmap")]
+        nobmap: bool,
         /// Do not ask before writing (without it, flash asks on a terminal and refuses
         /// without one).
         #[arg(long, short)]
@@ -160,6 +164,13 @@ pub struct ProvisionArgs {
     /// Write DIR/NAME-DEVICE_ID.img and .bmap per device instead of a TARGET.
     #[arg(long, short, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// With --output: replace per-device images that exist already (without it, they are
+    /// refused before anything is written).
+    #[arg(long, requires = "output")]
+    pub force: bool,
+    /// With --output: write NAME-DEVICE_ID.img.zst (at this zstd level) instead of .img.
+    #[arg(long, requires = "output", value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3", value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd: Option<i32>,
     /// The image's block map (for TARGET and --output); default: next to the image.
     #[arg(long, value_name = "FILE")]
     pub bmap: Option<PathBuf>,
@@ -172,6 +183,9 @@ pub struct ProvisionArgs {
     /// Only validate (every device, every file, the partition's room) and write nothing.
     #[arg(long)]
     pub check: bool,
+    /// Print the devices and what was written as JSON on stdout (docs/cli-json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten, next_help_heading = "Device (flags; with --batch, defaults for every row)")]
     pub device: crate::provision::DeviceArgs,
 }
@@ -475,8 +489,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { path, keyring, cat, json } => {
             run_inspect(&path, keyring.as_deref(), cat.as_deref(), json)
         }
-        Command::Flash { image, target, bmap, yes, no_verify, json, device } => {
-            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+        Command::Flash { image, target, bmap, nobmap, yes, no_verify, json, device } => {
+            let (verify, whole) = (!no_verify, nobmap);
+            let opts = crate::flash::FlashOptions { image, bmap, target, verify, whole };
             run_flash(&opts, &device, yes, json)
         }
         Command::Provision(args) => run_provision(args),
@@ -524,6 +539,9 @@ fn run_inspect(
 ) -> Result<()> {
     use crate::inspect::{self as i, Input};
     let kind = i::identify(path)?;
+    if matches!(kind, Input::Folder | Input::Empty | Input::Csv | Input::Toml | Input::Unknown) {
+        return Err(kind.refuse(path, i::EXPECTED));
+    }
     let print = |value: serde_json::Value, text: String| -> Result<()> {
         if json {
             println!("{}", serde_json::to_string_pretty(&value)?);
@@ -562,7 +580,7 @@ fn run_inspect(
             let v = serde_json::json!({ "kind": "build-manifest", "path": path.display().to_string(), "manifest": m });
             return print(v, i::render_build_manifest(path, &m));
         }
-        Input::Image | Input::ZstImage | Input::Card => {}
+        _ => {}
     }
     let temp = match kind {
         Input::ZstImage => Some(i::decompress_to_temp(path, &Progress::detect())?),
@@ -643,7 +661,20 @@ impl Destination {
 fn run_provision(args: ProvisionArgs) -> Result<()> {
     use crate::provision as p;
     let progress = Progress::detect();
-    let ProvisionArgs { image, target, batch, output, bmap, yes, no_verify, check, device } = args;
+    let ProvisionArgs {
+        image,
+        target,
+        batch,
+        output,
+        force,
+        zstd,
+        bmap,
+        yes,
+        no_verify,
+        check,
+        json,
+        device,
+    } = args;
     let destination = Destination::of(target, output, batch.is_some())?;
     let devices = match &batch {
         Some(csv) => p::batch(csv, &device)?,
@@ -657,17 +688,29 @@ fn run_provision(args: ProvisionArgs) -> Result<()> {
     for d in &devices {
         p::build_partition(&image, part.len, d)?;
     }
+    let listed: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|d| serde_json::json!({ "device_id": d.id, "hostname": d.hostname, "from": d.label }))
+        .collect();
     if check {
-        for d in &devices {
-            println!("{}	{}	{}", d.id, d.hostname, d.label);
+        if json {
+            let v = serde_json::json!({ "checked": true, "devices": listed, "written": [] });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("device_id\thostname\tfrom");
+            for d in &devices {
+                println!("{}\t{}\t{}", d.id, d.hostname, d.label);
+            }
         }
         eprintln!("{} device(s) valid; nothing written (--check)", devices.len());
         return Ok(());
     }
-    match destination {
+    let written: Vec<serde_json::Value> = match destination {
         Destination::Folder(out) => {
-            let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, &progress)?;
+            let opts = p::FolderOptions { force, zstd_level: zstd };
+            let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, opts, &progress)?;
             eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
+            written.iter().map(serde_json::to_value).collect::<Result<_, _>>()?
         }
         Destination::Cards(target) => {
             use std::io::IsTerminal;
@@ -678,10 +721,14 @@ fn run_provision(args: ProvisionArgs) -> Result<()> {
             let mut prompt = p::TerminalCards;
             let done = p::cards(&image, bmap, &devices, &target, verify, &mut prompt, &progress)?;
             eprintln!("wrote {} of {} card(s): {}", done.len(), devices.len(), done.join(", "));
+            let path = target.display().to_string();
+            done.iter().map(|id| serde_json::json!({ "device_id": id, "image": path })).collect()
         }
         Destination::Card(target) => {
             let overlay = p::overlay(&image, &devices[0])?;
-            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+            let path = target.display().to_string();
+            let (verify, whole) = (!no_verify, false);
+            let opts = crate::flash::FlashOptions { image, bmap, target, verify, whole };
             let report = crate::flash::flash(
                 &opts,
                 Some(&overlay),
@@ -689,13 +736,20 @@ fn run_provision(args: ProvisionArgs) -> Result<()> {
                 &progress,
             )?;
             eprintln!("{}", report.summary());
+            vec![serde_json::json!({ "device_id": devices[0].id, "image": path })]
         }
         Destination::InPlace if batch.is_some() => anyhow::bail!(
             "a batch writes per-device images (--output DIR) or cards (TARGET); give one of them"
         ),
         Destination::InPlace => {
             p::in_place(&image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
+            let path = image.display().to_string();
+            vec![serde_json::json!({ "device_id": devices[0].id, "image": path })]
         }
+    };
+    if json {
+        let v = serde_json::json!({ "checked": false, "devices": listed, "written": written });
+        println!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(())
 }

@@ -177,7 +177,7 @@ pub fn render(info: &ImageInfo) -> String {
     s
 }
 
-/// What `imager inspect` was given, told by its content (and a name where content cannot say).
+/// What a command was given, told by its content (and a name where content cannot say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Input {
     /// A raw disk image file (starts with a protective MBR).
@@ -192,27 +192,65 @@ pub enum Input {
     Bmap,
     /// The build manifest (`NAME-VERSION.manifest.json`).
     BuildManifest,
+    // What no command of the imager reads as an image:
+    Folder,
+    Empty,
+    Csv,
+    Toml,
+    Unknown,
+}
+
+impl Input {
+    /// What it is, for messages: `X is {what}`.
+    pub fn what(self) -> &'static str {
+        match self {
+            Input::Image => "a disk image",
+            Input::ZstImage => "a compressed disk image (.img.zst)",
+            Input::Card => "a block device",
+            Input::Bundle => "an OS bundle (.mfb)",
+            Input::Bmap => "a block map (.bmap)",
+            Input::BuildManifest => "a build manifest",
+            Input::Folder => "a folder",
+            Input::Empty => "an empty file",
+            Input::Csv => {
+                "a CSV file (a provisioning fleet file? `imager provision --batch` reads it)"
+            }
+            Input::Toml => "a TOML text file (a recipe or device file?)",
+            Input::Unknown => {
+                "none of the files the imager reads (no MBR, zstd, bundle, bmap or manifest header)"
+            }
+        }
+    }
+
+    /// A disk image, raw, compressed or on a card.
+    pub fn is_image(self) -> bool {
+        matches!(self, Input::Image | Input::ZstImage | Input::Card)
+    }
+
+    /// `PATH is WHAT; EXPECTED`: the error of a command given the wrong kind of file.
+    pub fn refuse(self, path: &Path, expected: &str) -> anyhow::Error {
+        anyhow::anyhow!("{} is {}; {expected}", path.display(), self.what())
+    }
 }
 
 /// What `inspect` reads, for the errors that refuse anything else.
-pub const EXPECTED: &str = "an image (.img, .img.zst), an OS bundle (.mfb), a block map (.bmap), a build manifest (.manifest.json) or a card";
+pub const EXPECTED: &str = "inspect reads an image (.img, .img.zst), an OS bundle (.mfb), a block map (.bmap), a build manifest (.manifest.json) or a card";
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// Tells what `path` is, refusing by name a folder, an empty file, a CSV and anything else.
+/// Tells what `path` is from its first bytes (errors only when it cannot be read).
 pub fn identify(path: &Path) -> Result<Input> {
     use std::io::Read;
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    let name = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("opening {}", path.display()))?;
     if meta.is_dir() {
-        bail!("{name} is a folder; inspect reads {EXPECTED}");
+        return Ok(Input::Folder);
     }
     if meta.file_type().is_block_device() {
         return Ok(Input::Card);
     }
     if meta.len() == 0 {
-        bail!("{name} is an empty file; inspect reads {EXPECTED}");
+        return Ok(Input::Empty);
     }
     let mut head = vec![0u8; 4096];
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -229,21 +267,13 @@ pub fn identify(path: &Path) -> Result<Input> {
     if head.len() >= 512 && head[510..512] == [0x55, 0xaa] {
         return Ok(Input::Image);
     }
-    match text {
-        Some(t) if t.starts_with("<?xml") || t.starts_with("<bmap") => Ok(Input::Bmap),
-        Some(t) if t.starts_with('{') && t.contains("\"recipe_sha256\"") => {
-            Ok(Input::BuildManifest)
-        }
-        Some(t) if ext(".csv") || t.lines().next().is_some_and(|l| l.contains(',')) => bail!(
-            "{name} is a CSV file (a provisioning fleet file? `imager provision --batch` reads it); inspect reads {EXPECTED}"
-        ),
-        Some(t) if ext(".toml") || t.starts_with('[') || t.contains(" = ") => bail!(
-            "{name} is a TOML text file (a recipe or device file?); inspect reads {EXPECTED}"
-        ),
-        _ => bail!(
-            "{name} is none of the files inspect reads (no MBR, zstd, bundle, bmap or manifest header); inspect reads {EXPECTED}"
-        ),
-    }
+    Ok(match text {
+        Some(t) if t.starts_with("<?xml") || t.starts_with("<bmap") => Input::Bmap,
+        Some(t) if t.starts_with('{') && t.contains("\"recipe_sha256\"") => Input::BuildManifest,
+        Some(t) if ext(".csv") || t.lines().next().is_some_and(|l| l.contains(',')) => Input::Csv,
+        Some(t) if ext(".toml") || t.starts_with('[') || t.contains(" = ") => Input::Toml,
+        _ => Input::Unknown,
+    })
 }
 
 /// Decompresses an `.img.zst` into a sparse temporary file (zero blocks stay holes), so it
