@@ -298,3 +298,164 @@ fn flash_nobmap_bundles_and_truncated_zst() {
     assert!(err.contains("the zstd stream is truncated or corrupt"), "{err}");
     assert!(!err.contains("does not match its block map"), "{err}");
 }
+
+/// A site folder: a device.toml template with every required field but the per-device ones.
+fn site(dir: &Path) -> PathBuf {
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(
+        site.join("device.toml"),
+        "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n",
+    )
+    .unwrap();
+    site
+}
+
+#[test]
+fn provision_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = golden(d);
+    let site = site(d);
+    let fleet = site.join("fleet.csv");
+
+    // Four missing fields, four lines, one run; each hint names the flag, the column, the file.
+    std::fs::write(site.join("empty.toml"), "").unwrap();
+    let err = fails(&[
+        &"provision",
+        &img,
+        &"--check",
+        &"--device",
+        &site.join("empty.toml"),
+        &"--device-id",
+        &"pi-1",
+        &"--hostname",
+        &"cam-1",
+    ]);
+    for field in ["role", "segment", "channel.name", "channel.url"] {
+        assert!(err.contains(&format!("{field}: missing; give it as --")), "{field} in {err}");
+    }
+    assert!(
+        err.contains(
+            "--channel-url (or a channel_url column with --batch) or channel.url in --device FILE"
+        ),
+        "{err}"
+    );
+
+    // An unknown key hides nothing: file, line, table, did-you-mean, and the missing url too.
+    std::fs::write(
+        site.join("typo.toml"),
+        "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nulr = \"https://x.example\"\n",
+    )
+    .unwrap();
+    let err = fails(&[
+        &"provision",
+        &img,
+        &"--check",
+        &"--device",
+        &site.join("typo.toml"),
+        &"--device-id",
+        &"pi-1",
+        &"--hostname",
+        &"cam-1",
+    ]);
+    assert!(
+        err.contains("typo.toml: line 5: [channel]: unknown key \"ulr\"; did you mean \"url\"?"),
+        "{err}"
+    );
+    assert!(err.contains("channel.url: missing"), "{err}");
+    assert_eq!(err.matches("typo.toml: line 5").count(), 1, "the cause once: {err}");
+
+    // Every misspelled column, with did-you-mean; duplicate host names, in --check.
+    std::fs::write(&fleet, "device_id,hostnme,segmnt\npi-1,cam-1,canary\n").unwrap();
+    let err = fails(&[
+        &"provision",
+        &img,
+        &"--check",
+        &"--batch",
+        &fleet,
+        &"--device",
+        &site.join("device.toml"),
+    ]);
+    assert!(err.contains("\"hostnme\" is not a known column; did you mean \"hostname\"?"), "{err}");
+    assert!(err.contains("\"segmnt\" is not a known column; did you mean \"segment\"?"), "{err}");
+    std::fs::write(&fleet, "device_id,hostname\npi-1,cam-1\npi-2,cam-2\npi-3,cam-1\n").unwrap();
+    let err = fails(&[
+        &"provision",
+        &img,
+        &"--check",
+        &"--batch",
+        &fleet,
+        &"--device",
+        &site.join("device.toml"),
+    ]);
+    assert!(
+        err.contains(
+            "row 3 (line 4), column hostname: \"cam-1\" is already the host name of row 1 (line 2)"
+        ),
+        "{err}"
+    );
+
+    // --check --json: the devices, nothing written.
+    std::fs::write(&fleet, "device_id,hostname\npi-1,cam-1\npi-2,cam-2\n").unwrap();
+    let tmpl = site.join("device.toml");
+    let out =
+        ok(&[&"provision", &img, &"--check", &"--json", &"--batch", &fleet, &"--device", &tmpl]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["checked"], true);
+    assert_eq!(j["devices"][1]["hostname"], "cam-2");
+    assert_eq!(j["written"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn provision_to_a_folder_counts_refuses_overwriting_and_compresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = golden(d);
+    let site = site(d);
+    let fleet = site.join("fleet.csv");
+    std::fs::write(&fleet, "device_id,hostname\npi-1,cam-1\npi-2,cam-2\n").unwrap();
+    let tmpl = site.join("device.toml");
+    let out_dir = d.join("out");
+    let args = |extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut c = imager();
+        c.arg("provision").arg(&img).arg("--batch").arg(&fleet).arg("--device").arg(&tmpl);
+        c.arg("-o").arg(&out_dir);
+        c.args(extra.iter().map(|a| a.as_ref()));
+        c.output().unwrap()
+    };
+    let out = args(&[&"--json"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1 of 2: wrote") && err.contains("2 of 2: wrote"), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["written"][0]["device_id"], "pi-1");
+    let first = out_dir.join("fleet-1.0.0-pi-1.img");
+    assert_eq!(j["written"][0]["image"], first.display().to_string());
+    let before = common::sha256(&first);
+
+    // Again: refused, both named, nothing touched; --force replaces.
+    std::fs::write(&fleet, "device_id,hostname\npi-1,cam-9\npi-2,cam-2\n").unwrap();
+    let out = args(&[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "2 of the per-device images exist already, nothing written (--force replaces them)"
+        ),
+        "{err}"
+    );
+    assert_eq!(common::sha256(&first), before);
+    let out = args(&[&"--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(common::sha256(&first), before);
+
+    // --zstd: .img.zst (and its bmap), which inspect reads.
+    let out = args(&[&"--zstd"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let zst = out_dir.join("fleet-1.0.0-pi-2.img.zst");
+    let j: serde_json::Value = serde_json::from_str(&ok(&[&"inspect", &zst, &"--json"])).unwrap();
+    assert_eq!(j["kind"], "zst-image");
+    assert_eq!(j["provision"]["hostname"], "cam-2");
+    assert!(out_dir.join("fleet-1.0.0-pi-2.bmap").exists());
+}

@@ -65,6 +65,9 @@ pub enum Command {
         /// File name stem, e.g. metrica-dev or fleet-2026.
         #[arg(long)]
         name: String,
+        /// Print the key id and files as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Write an image to an SD card (block device) or a file through its block map, then read
     /// it back against the map's checksums. Refuses a mounted target, the disk this machine
@@ -118,6 +121,9 @@ pub enum Command {
         /// `created` time of the manifest (seconds since 1970).
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
+        /// Print what was written as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Publish an OS bundle to a channel: verify it, copy it to FOLDER/bundles/, and write the
     /// signed FOLDER/channels/CHANNEL.toml (and .sig) offering it, with the next sequence.
@@ -146,6 +152,22 @@ pub enum Command {
     Channel {
         #[command(subcommand)]
         command: ChannelCommand,
+    },
+    /// Print the age recipient (age1...) for `--recipient`: of a board's OTP key, of an age
+    /// identity file, or the one a device reports in `updater status --json`.
+    Recipient {
+        /// The board's OTP private key: 32 bytes (`rpi-otp-private-key -b`) or 64 hex digits.
+        #[arg(long, value_name = "FILE", group = "source")]
+        otp_key: Option<PathBuf>,
+        /// An age identity file (AGE-SECRET-KEY-1...), e.g. a device's age.key.
+        #[arg(long, value_name = "FILE", group = "source")]
+        identity: Option<PathBuf>,
+        /// A device's `updater status --json` output.
+        #[arg(long, value_name = "FILE", group = "source")]
+        status: Option<PathBuf>,
+        /// Print {"recipient", "from"} as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -206,6 +228,9 @@ pub struct ChannelArgs {
     /// re-sign (`imager channel set` with no option) before.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub expires_in: std::time::Duration,
+    /// Print the signed channel and the files written as JSON on stdout (docs/cli-json.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Rollout options of `publish` and `channel set`.
@@ -275,14 +300,18 @@ pub enum ChannelCommand {
         #[command(flatten)]
         target: ChannelArgs,
     },
-    /// Force every device of the channel to VERSION (also down, within the security epoch);
-    /// its bundle must be in FOLDER/bundles/.
+    /// Force every device of the channel to one version (also down, within the security
+    /// epoch): the rollback. Its bundle is found among the published ones by --version, or
+    /// given with --bundle (verified and copied into FOLDER/bundles/).
     Pin {
         #[command(flatten)]
         target: ChannelArgs,
-        /// The version, e.g. 1.4.2.
-        #[arg(long)]
-        version: semver::Version,
+        /// The version, e.g. 1.4.2: its bundle FOLDER/bundles/*-VERSION.mfb.
+        #[arg(long, required_unless_present = "bundle")]
+        version: Option<semver::Version>,
+        /// The bundle to pin (e.g. an older release never published to this folder).
+        #[arg(long, value_name = "FILE")]
+        bundle: Option<PathBuf>,
         /// Why (shown in device logs and status).
         #[arg(long)]
         reason: String,
@@ -334,6 +363,9 @@ pub enum ChannelCommand {
         /// Check the signature against this keyring folder.
         #[arg(long, value_name = "DIR")]
         keyring: Option<PathBuf>,
+        /// Print the channel and the signature check as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -353,7 +385,18 @@ fn keyring_or_key(
     }
 }
 
-fn report(p: &crate::publish::Published) {
+/// What `publish` and `channel` edits say: lines on stderr, and with --json the signed
+/// channel and files on stdout (shape: docs/cli-json.md).
+fn report(p: &crate::publish::Published, json: bool) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "channel": p.channel,
+            "document": p.document.display().to_string(),
+            "signature": p.signature.display().to_string(),
+            "bundle": p.bundle.as_ref().map(|b| b.display().to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
     eprintln!(
         "signed {} (sequence {}, expires {})\n  {}\n  {}",
         p.channel.name,
@@ -365,6 +408,7 @@ fn report(p: &crate::publish::Published) {
     if let Some(b) = &p.bundle {
         eprintln!("  {}", b.display());
     }
+    Ok(())
 }
 
 fn run_channel(command: ChannelCommand) -> Result<()> {
@@ -372,8 +416,8 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
     let progress = Progress::detect();
     let now = unix_now()?;
     let (target, change, keyring) = match command {
-        ChannelCommand::Show { folder, channel, keyring } => {
-            return show_channel(&folder, &channel, keyring.as_deref(), now);
+        ChannelCommand::Show { folder, channel, keyring, json } => {
+            return show_channel(&folder, &channel, keyring.as_deref(), now, json);
         }
         ChannelCommand::Set { target, rollout } => {
             let change = rollout.change(now)?;
@@ -399,20 +443,19 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
             });
             (target, Edit::Device { id, entry }, None)
         }
-        ChannelCommand::Pin { target, version, reason, expires, keyring } => {
+        ChannelCommand::Pin { target, version, bundle, reason, expires, keyring } => {
             let expires = expires
                 .map(|e| crate::publish::parse_when(&e, now))
                 .transpose()
                 .context("--expires")?;
-            (target, Edit::Pin { version, reason, expires }, keyring)
+            (target, Edit::Pin { version, bundle, reason, expires }, keyring)
         }
     };
     let key = crate::keys::load_signing_key(&target.key)?;
     let ring = keyring_or_key(keyring.as_deref(), &key)?;
     let signer = Signer { key: &key, expires_in: target.expires_in, now };
     let p = edit(&target.folder, &target.channel, &change, &ring, &signer, &progress)?;
-    report(&p);
-    Ok(())
+    report(&p, target.json)
 }
 
 /// `imager channel show`: with a keyring, checked as a device does: signature first, then the
@@ -422,6 +465,7 @@ fn show_channel(
     channel: &str,
     keyring: Option<&std::path::Path>,
     now: u64,
+    json: bool,
 ) -> Result<()> {
     let path = folder.join(updater::channel::document_path(channel));
     let doc = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -447,6 +491,17 @@ fn show_channel(
             None,
         ),
     };
+    if json {
+        let v = serde_json::json!({
+            "channel": ch,
+            "signature": match &signer {
+                Some(id) => serde_json::json!({ "checked": true, "valid": true, "key_id": id }),
+                None => serde_json::json!({ "checked": false, "valid": null, "key_id": null }),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     print!("{}", crate::publish::describe(&ch, now));
     match signer {
         Some(id) => println!("signature valid, by key {id}; fresh"),
@@ -495,15 +550,51 @@ fn run(cli: Cli) -> Result<()> {
             run_flash(&opts, &device, yes, json)
         }
         Command::Provision(args) => run_provision(args),
-        Command::Keygen { dir, name } => run_keygen(&dir, &name),
-        Command::Bundle { image, key, output, security_epoch, source_date_epoch } => {
-            run_bundle(&image, &key, &output, security_epoch, source_date_epoch)
+        Command::Keygen { dir, name, json } => run_keygen(&dir, &name, json),
+        Command::Bundle { image, key, output, security_epoch, source_date_epoch, json } => {
+            let summary = run_bundle(&image, &key, &output, security_epoch, source_date_epoch)?;
+            if json {
+                let v = serde_json::json!({
+                    "path": summary.path.display().to_string(),
+                    "size": summary.size,
+                    "key_id": summary.key_id,
+                    "manifest": summary.manifest,
+                    "chunks": summary.chunks,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Ok(())
         }
         Command::Publish { bundle, target, keyring, name, rollout, sequence } => {
             run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout, sequence)
         }
         Command::Channel { command } => run_channel(command),
+        Command::Recipient { otp_key, identity, status, json } => {
+            run_recipient(otp_key.as_deref(), identity.as_deref(), status.as_deref(), json)
+        }
     }
+}
+
+fn run_recipient(
+    otp_key: Option<&std::path::Path>,
+    identity: Option<&std::path::Path>,
+    status: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    use crate::recipient::{self as r, From};
+    let (recipient, from) = match (otp_key, identity, status) {
+        (Some(p), _, _) => (r::from_otp_file(p)?, From::OtpKey),
+        (_, Some(p), _) => (r::from_identity_file(p)?, From::Identity),
+        (_, _, Some(p)) => (r::from_status_file(p)?, From::Status),
+        _ => anyhow::bail!("give one of --otp-key FILE, --identity FILE or --status FILE"),
+    };
+    if json {
+        let v = serde_json::json!({ "recipient": recipient, "from": from });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{recipient}");
+    }
+    Ok(())
 }
 
 fn run_build(opts: &BuildOptions, json: bool) -> Result<()> {
@@ -511,7 +602,7 @@ fn run_build(opts: &BuildOptions, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
-    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let mib = updater::units::size;
     if let Some(b) = &report.bundle {
         eprintln!("  bundle   {}", b.display());
     }
@@ -754,8 +845,17 @@ fn run_provision(args: ProvisionArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_keygen(dir: &std::path::Path, name: &str) -> Result<()> {
+fn run_keygen(dir: &std::path::Path, name: &str, json: bool) -> Result<()> {
     let pair = crate::keys::generate(dir, name)?;
+    if json {
+        let v = serde_json::json!({
+            "key_id": pair.key_id,
+            "private": pair.private.display().to_string(),
+            "public": pair.public.display().to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     println!("key id {}", pair.key_id);
     println!("private {} (keep it secret; never commit it)", pair.private.display());
     println!("public  {} (copy it into the keyring of the images)", pair.public.display());
@@ -768,7 +868,7 @@ fn run_bundle(
     output: &std::path::Path,
     security_epoch: Option<u64>,
     source_date_epoch: Option<u64>,
-) -> Result<()> {
+) -> Result<crate::bundle::BundleSummary> {
     use updater::bundle::SlotClass;
     let progress = Progress::detect();
     let release = crate::inspect::inspect_image(image)?
@@ -793,12 +893,12 @@ fn run_bundle(
     let signing = crate::keys::load_signing_key(key)?;
     let summary = crate::bundle::write_bundle(output, &meta, &images, &signing, &progress)?;
     eprintln!(
-        "wrote {} ({} bytes, signed by {})",
+        "wrote {} ({}, signed by {})",
         summary.path.display(),
-        summary.size,
+        updater::units::size(summary.size),
         summary.key_id
     );
-    Ok(())
+    Ok(summary)
 }
 
 fn run_publish(
@@ -831,7 +931,7 @@ fn run_publish(
         sequence,
     };
     let p = publish(&req, &Signer { key: &key, expires_in: target.expires_in, now }, &progress)?;
-    report(&p);
+    report(&p, target.json)?;
     if p.channel.paused {
         eprintln!("note: channel {} is paused; `imager channel resume` to start", p.channel.name);
     }

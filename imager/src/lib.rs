@@ -22,5 +22,6 @@ pub mod progress;
 pub mod provision;
 pub mod publish;
 pub mod recipe;
+pub mod recipient;
 pub mod rootfs;
 pub mod target;

@@ -490,15 +490,21 @@ fn remove_key(table: &mut toml::Table, key: &str, expected: &[String]) -> Option
     None
 }
 
-/// The closest of `candidates` to a misspelled `word`, if one is close enough.
+/// The closest of `candidates` to a misspelled `word`, if one is close enough (any command may
+/// use it for a "did you mean").
 pub fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(word, c), c))
-        .filter(|(score, _)| *score > 0.8)
+        .map(|c| {
+            // Jaro-Winkler for shared prefixes (hostnme), Damerau for swaps in short words (ulr).
+            let score =
+                strsim::jaro_winkler(word, c).max(strsim::normalized_damerau_levenshtein(word, c));
+            (score, c)
+        })
+        .filter(|(score, _)| *score > 0.65)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
 }
