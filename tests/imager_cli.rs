@@ -459,3 +459,143 @@ fn provision_to_a_folder_counts_refuses_overwriting_and_compresses() {
     assert_eq!(j["provision"]["hostname"], "cam-2");
     assert!(out_dir.join("fleet-1.0.0-pi-2.bmap").exists());
 }
+
+/// A signed test bundle of `version` at DIR/NAME.
+fn bundle(dir: &Path, name: &str, version: &str) -> PathBuf {
+    use updater::bundle::testkit::{make_bundle, test_image, TestMeta};
+    let key = imager::keys::load_signing_key(&dir.join("keys/fleet.key")).unwrap();
+    let meta = TestMeta {
+        compatible: "fleet".into(),
+        version: version.parse().unwrap(),
+        security_epoch: 0,
+    };
+    let img = test_image(20_000, 5);
+    let b = make_bundle(&meta, &[(updater::bundle::SlotClass::Root, &img[..])], Some(&key));
+    let path = dir.join(name);
+    std::fs::write(&path, b).unwrap();
+    path
+}
+
+/// The 3 a.m. procedure of docs/channels.md, from a folder that never held the old version:
+/// pause, pin the old bundle in one command, check; and every step's --json.
+#[test]
+fn rollback_in_one_command_and_publish_json() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = d.join("keys");
+    let k: serde_json::Value =
+        serde_json::from_str(&ok(&[&"keygen", &"--dir", &keys, &"--name", &"fleet", &"--json"]))
+            .unwrap();
+    assert_eq!(k["private"], keys.join("fleet.key").display().to_string());
+    assert_eq!(k["key_id"].as_str().unwrap().len(), 16);
+    let old = bundle(d, "fleet-1.0.0.mfb", "1.0.0");
+    let new = bundle(d, "fleet-1.1.0.mfb", "1.1.0");
+    let www = d.join("www");
+    let key = keys.join("fleet.key");
+    let target: [&dyn AsRef<std::ffi::OsStr>; 6] =
+        [&"--folder", &www, &"--channel", &"stable", &"--key", &key];
+    let with = |cmd: &[&dyn AsRef<std::ffi::OsStr>], extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let all = cmd.iter().chain(&target).chain(extra);
+        all.map(|a| a.as_ref().to_os_string()).collect::<Vec<_>>()
+    };
+    let ok = |v: Vec<std::ffi::OsString>| ok(&v.iter().map(|a| a as _).collect::<Vec<_>>());
+    let fails = |v: Vec<std::ffi::OsString>| fails(&v.iter().map(|a| a as _).collect::<Vec<_>>());
+
+    // Publish 1.1.0 (the folder never saw 1.0.0): the bundle is world-readable like the channel.
+    let out = ok(with(&[&"publish", &new], &[&"--percent", &"100", &"--json"]));
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(p["channel"]["sequence"], 1);
+    assert_eq!(p["channel"]["os"]["version"], "1.1.0");
+    let published = PathBuf::from(p["bundle"].as_str().unwrap());
+    let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&published), 0o644);
+    assert_eq!(mode(Path::new(p["document"].as_str().unwrap())), 0o644);
+
+    // Publishing the older one says the one command that works.
+    let err = fails(with(&[&"publish", &old], &[&"--percent", &"100"]));
+    assert!(err.contains("imager channel pin --folder") && err.contains("--bundle"), "{err}");
+    // --version alone: not among the published bundles; the error says what to give.
+    let err = fails(with(&[&"channel", &"pin"], &[&"--version", &"1.0.0", &"--reason", &"x"]));
+    assert!(err.contains("no bundle of version 1.0.0") && err.contains("--bundle FILE"), "{err}");
+
+    // The procedure: pause, pin the old bundle (archived into bundles/), show.
+    let out = ok(with(&[&"channel", &"pause"], &[&"--json"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["channel"]["paused"], true);
+    let out = ok(with(
+        &[&"channel", &"pin"],
+        &[&"--bundle", &old, &"--reason", &"regression", &"--json"],
+    ));
+    let pin: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pin["channel"]["pin"]["version"], "1.0.0");
+    assert_eq!(pin["channel"]["pin"]["urls"][0], "../bundles/fleet-1.0.0.mfb");
+    let archived = www.join("bundles/fleet-1.0.0.mfb");
+    assert_eq!(common::sha256(&archived), common::sha256(&old));
+    assert_eq!(mode(&archived), 0o644);
+    // Once archived, --version finds it among the published versions.
+    ok(with(&[&"channel", &"unpin"], &[]));
+    ok(with(&[&"channel", &"pin"], &[&"--version", &"1.0.0", &"--reason", &"again"]));
+    let err = fails(with(
+        &[&"channel", &"pin"],
+        &[&"--bundle", &new, &"--version", &"1.0.0", &"--reason", &"x"],
+    ));
+    assert!(err.contains("holds version 1.1.0, not 1.0.0"), "{err}");
+
+    let show = ok(vec![
+        "channel".into(),
+        "show".into(),
+        "--folder".into(),
+        www.clone().into_os_string(),
+        "--channel".into(),
+        "stable".into(),
+        "--keyring".into(),
+        keys.into_os_string(),
+        "--json".into(),
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(s["signature"]["valid"], true);
+    assert_eq!(s["channel"]["pin"]["version"], "1.0.0");
+    assert_eq!(s["channel"]["paused"], true);
+}
+
+#[test]
+fn recipient_from_otp_key_identity_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let otp = [9u8; 32];
+    let want = updater::provision::identity::recipient_from_otp_key(&otp);
+    std::fs::write(d.join("otp.bin"), otp).unwrap();
+    assert_eq!(ok(&[&"recipient", &"--otp-key", &d.join("otp.bin")]).trim(), want);
+    let id = updater::provision::identity::from_otp_key(&otp);
+    let text = updater::provision::identity::identity_file_text(
+        &id,
+        updater::provision::identity::Source::Otp,
+    );
+    std::fs::write(d.join("age.key"), text).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&[&"recipient", &"--identity", &d.join("age.key"), &"--json"]))
+            .unwrap();
+    assert_eq!(
+        (j["recipient"].as_str(), j["from"].as_str()),
+        (Some(want.as_str()), Some("identity"))
+    );
+    std::fs::write(
+        d.join("status.json"),
+        format!("{{\"provisioning\":{{\"recipient\":\"{want}\"}}}}"),
+    )
+    .unwrap();
+    assert_eq!(ok(&[&"recipient", &"--status", &d.join("status.json")]).trim(), want);
+    // Wrong kinds of file say what they got and what was expected; two sources are refused.
+    std::fs::write(d.join("fleet.csv"), "device_id,hostname\n").unwrap();
+    let err = fails(&[&"recipient", &"--otp-key", &d.join("fleet.csv")]);
+    assert!(err.contains("expected an OTP private key"), "{err}");
+    assert!(fails(&[&"recipient", &"--status", &d.join("fleet.csv")]).contains("not JSON"));
+    let out = run(&[
+        "recipient".as_ref(),
+        "--otp-key".as_ref(),
+        "a".as_ref(),
+        "--identity".as_ref(),
+        "b".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
