@@ -176,6 +176,17 @@ fn inspect_bundle_json() {
     assert_eq!(j["manifest"]["version"], "1.2.0");
     assert_eq!(j["signature"]["status"], "valid");
     assert_eq!(j["images"][0]["size"], 20_000);
+    // --keyring takes one key file too: the public key, or a private key's public half.
+    for file in [&pair.public, &pair.private] {
+        let out = ok(&[&"inspect", &path, &"--json", &"--keyring", file]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["signature"]["status"], "valid", "{}", file.display());
+    }
+    let other = imager::keys::generate(&dir.path().join("other"), "x").unwrap();
+    let err = fails(&[&"inspect", &path, &"--keyring", &other.public]);
+    assert!(err.contains("the signature is not valid for the keyring"), "{err}");
+    let err = fails(&[&"inspect", &path, &"--keyring", &path]);
+    assert!(err.contains("expected a keyring folder (of *.pub.pem files), a public key"), "{err}");
 }
 
 /// Every subcommand's --help, recursively: each `--flag` it names exists (in that command,

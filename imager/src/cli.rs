@@ -47,8 +47,9 @@ pub enum Command {
     Inspect {
         /// A disk image made by `imager build`, or an OS bundle (.mfb).
         path: PathBuf,
-        /// Check a bundle's signature against this keyring folder (of *.pub.pem files).
-        #[arg(long, value_name = "DIR")]
+        /// Check a bundle's signature against this keyring: a folder of *.pub.pem files, or one
+        /// key file (public, or a private key's public half).
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
         /// Print one file, as PARTITION:/path (e.g. root_a:/etc/os-release or boot_a:/cmdline.txt).
         #[arg(long, value_name = "PARTITION:/PATH")]
@@ -133,9 +134,9 @@ pub enum Command {
         bundle: PathBuf,
         #[command(flatten)]
         target: ChannelArgs,
-        /// The bundle must verify against this keyring folder (the devices' *.pub.pem keys);
-        /// default: the public half of --key.
-        #[arg(long, value_name = "DIR")]
+        /// The bundle must verify against this keyring (a folder of the devices' *.pub.pem
+        /// keys, or one key file); default: the public half of --key.
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
         /// Name of the bundle file in FOLDER/bundles/ (NAME-VERSION.mfb); default: the
         /// bundle's file name without its version, or its `compatible`.
@@ -318,8 +319,9 @@ pub enum ChannelCommand {
         /// The pin ends at this time (RFC 3339 or +DURATION); default: until unpinned.
         #[arg(long, value_name = "WHEN")]
         expires: Option<String>,
-        /// The pinned bundle must verify against this keyring folder; default: --key's public half.
-        #[arg(long, value_name = "DIR")]
+        /// The pinned bundle must verify against this keyring (folder or key file); default:
+        /// --key's public half.
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
     },
     /// Remove the pin: the rollout applies again.
@@ -360,8 +362,8 @@ pub enum ChannelCommand {
         /// The channel's name.
         #[arg(long)]
         channel: String,
-        /// Check the signature against this keyring folder.
-        #[arg(long, value_name = "DIR")]
+        /// Check the signature against this keyring (folder of *.pub.pem, or one key file).
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
         /// Print the channel and the signature check as JSON on stdout (docs/cli-json.md).
         #[arg(long)]
@@ -373,14 +375,44 @@ fn unix_now() -> Result<u64> {
     Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())
 }
 
+/// A `--keyring` argument as a folder [`Keyring::load`] reads: the folder itself (of
+/// `*.pub.pem` files, as on a device), or for one key file (a public key, or a private key's
+/// public half, as rauc and mender-artifact take) a temporary folder holding it.
+#[derive(Debug)]
+struct KeyringDir {
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn keyring_dir(path: &std::path::Path) -> Result<KeyringDir> {
+    if path.is_dir() {
+        return Ok(KeyringDir { dir: path.to_path_buf(), _temp: None });
+    }
+    let key = crate::keys::load_public_key(path)
+        .or_else(|_| crate::keys::load_signing_key(path).map(|k| k.verifying_key()))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--keyring {}: expected a keyring folder (of *.pub.pem files), a public key (.pub.pem) or a private key file",
+                path.display()
+            )
+        })?;
+    let temp = tempfile::tempdir().context("creating a temporary keyring folder")?;
+    let file = temp.path().join(format!("key{}", updater::sign::PUBLIC_KEY_SUFFIX));
+    std::fs::write(&file, updater::sign::public_key_to_pem(&key))?;
+    Ok(KeyringDir { dir: temp.path().to_path_buf(), _temp: Some(temp) })
+}
+
+fn load_keyring(path: &std::path::Path) -> Result<Keyring> {
+    let k = keyring_dir(path)?;
+    Keyring::load(&k.dir).with_context(|| format!("loading the keyring {}", path.display()))
+}
+
 fn keyring_or_key(
     keyring: Option<&std::path::Path>,
     key: &ed25519_dalek::SigningKey,
 ) -> Result<Keyring> {
     match keyring {
-        Some(dir) => {
-            Keyring::load(dir).with_context(|| format!("loading the keyring {}", dir.display()))
-        }
+        Some(path) => load_keyring(path),
         None => Ok(Keyring::from_keys([key.verifying_key()])),
     }
 }
@@ -471,8 +503,7 @@ fn show_channel(
     let doc = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let (ch, signer) = match keyring {
         Some(dir) => {
-            let ring = Keyring::load(dir)
-                .with_context(|| format!("loading the keyring {}", dir.display()))?;
+            let ring = load_keyring(dir)?;
             let sig_path = folder.join(updater::channel::signature_path(channel));
             let sig = std::fs::read(&sig_path).ok();
             let expect = updater::channel::Expect {
@@ -653,7 +684,8 @@ fn run_inspect(
         Input::Bmap if cat.is_some() => return Err(not_an_image("a block map")),
         Input::BuildManifest if cat.is_some() => return Err(not_an_image("a build manifest")),
         Input::Bundle => {
-            let inspection = crate::bundle::inspect(path, keyring)?;
+            let ring = keyring.map(keyring_dir).transpose()?;
+            let inspection = crate::bundle::inspect(path, ring.as_ref().map(|k| k.dir.as_path()))?;
             print(i::bundle_json(&inspection), inspection.to_string())?;
             if keyring.is_some() && !inspection.signature.is_valid() {
                 anyhow::bail!("{}: the signature is not valid for the keyring", path.display());
