@@ -610,3 +610,29 @@ fn recipient_from_otp_key_identity_and_status() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Each command given the wrong kind of file says what it got and what it expected, and
+/// writes nothing.
+#[test]
+fn wrong_kinds_of_file_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("fleet.csv"), "device_id,hostname\npi-1,cam-1\n").unwrap();
+    std::fs::write(d.join("empty.img"), b"").unwrap();
+    std::fs::write(d.join("os.mfb"), b"manifest.toml\0").unwrap();
+    let out = d.join("out");
+    let cases: [(&[&dyn AsRef<std::ffi::OsStr>], &str); 7] = [
+        (&[&"build", &d.join("fleet.csv"), &"-o", &out], "is a CSV file (a provisioning fleet file? `imager provision --batch` reads it); build reads a recipe (.toml)"),
+        (&[&"build", &d, &"-o", &out], "is a folder; build reads a recipe"),
+        (&[&"build", &d.join("os.mfb"), &"-o", &out], "os.mfb is an OS bundle (.mfb); build reads a recipe"),
+        (&[&"bundle", &d.join("fleet.csv"), &"--key", &"k", &"-o", &out], "is a CSV file (a provisioning fleet file? `imager provision --batch` reads it); bundle reads a disk image"),
+        (&[&"provision", &d.join("os.mfb"), &"--device-id", &"a", &"--check"], "os.mfb is an OS bundle (.mfb); provision reads a disk image"),
+        (&[&"publish", &d.join("empty.img"), &"--folder", &out, &"--channel", &"s", &"--key", &"k", &"--percent", &"1"], "empty.img is an empty file; publish reads an OS bundle (.mfb)"),
+        (&[&"channel", &"pin", &"--bundle", &d.join("fleet.csv"), &"--folder", &out, &"--channel", &"s", &"--key", &"k", &"--reason", &"r"], "is a CSV file (a provisioning fleet file? `imager provision --batch` reads it); --bundle takes an OS bundle"),
+    ];
+    for (args, want) in cases {
+        let err = fails(args);
+        assert!(err.contains(want), "want {want:?} in {err}");
+    }
+    assert!(!out.exists(), "nothing written");
+}

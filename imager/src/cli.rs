@@ -476,6 +476,9 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
             (target, Edit::Device { id, entry }, None)
         }
         ChannelCommand::Pin { target, version, bundle, reason, expires, keyring } => {
+            if let Some(b) = &bundle {
+                crate::inspect::expect_bundle(b, "--bundle takes an OS bundle (.mfb)")?;
+            }
             let expires = expires
                 .map(|e| crate::publish::parse_when(&e, now))
                 .transpose()
@@ -629,6 +632,12 @@ fn run_recipient(
 }
 
 fn run_build(opts: &BuildOptions, json: bool) -> Result<()> {
+    let toml = |k| k == crate::inspect::Input::Toml;
+    crate::inspect::expect(
+        &opts.recipe,
+        toml,
+        "build reads a recipe (.toml), e.g. recipes/qemu.toml",
+    )?;
     let report = build(opts, &Progress::detect())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -799,6 +808,9 @@ fn run_provision(args: ProvisionArgs) -> Result<()> {
         device,
     } = args;
     let destination = Destination::of(target, output, batch.is_some())?;
+    let expected =
+        "provision reads a disk image (.img or .img.zst) built by `imager build`, or a card";
+    crate::inspect::expect_image(&image, expected)?;
     let devices = match &batch {
         Some(csv) => p::batch(csv, &device)?,
         None if device.any() => vec![p::single(&device)?],
@@ -902,6 +914,10 @@ fn run_bundle(
     source_date_epoch: Option<u64>,
 ) -> Result<crate::bundle::BundleSummary> {
     use updater::bundle::SlotClass;
+    crate::inspect::expect_image(
+        image,
+        "bundle reads a disk image (.img) built by `imager build`",
+    )?;
     let progress = Progress::detect();
     let release = crate::inspect::inspect_image(image)?
         .slots
@@ -942,6 +958,10 @@ fn run_publish(
     sequence: Option<u64>,
 ) -> Result<()> {
     use crate::publish::{publish, PublishRequest, Signer};
+    crate::inspect::expect_bundle(
+        bundle,
+        "publish reads an OS bundle (.mfb) made by `imager build` or `imager bundle`",
+    )?;
     let progress = Progress::detect();
     let now = unix_now()?;
     let change = rollout.change(now)?;

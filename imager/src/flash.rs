@@ -1109,17 +1109,13 @@ pub fn flash(
     confirm: &mut dyn Confirm,
     progress: &Progress,
 ) -> Result<FlashReport> {
-    let kind = crate::inspect::identify(&opts.image)?;
-    // Unknown bytes may still be a disk image (not every image has a GPT): only what is
-    // known to be something else is refused.
-    if !kind.is_image() && kind != crate::inspect::Input::Unknown {
-        let hint = match kind {
-            crate::inspect::Input::Bundle => "flash writes a disk image (.img or .img.zst); a bundle is installed on a running device (`updater install`) or published (`imager publish`)",
-            crate::inspect::Input::Bmap => "flash writes a disk image (.img or .img.zst) and finds its block map next to it (or --bmap FILE)",
-            _ => "flash writes a disk image (.img or .img.zst) made by `imager build`",
-        };
-        return Err(kind.refuse(&opts.image, hint));
-    }
+    use crate::inspect::{expect_image, identify, Input};
+    let hint = match identify(&opts.image)? {
+        Input::Bundle => "flash writes a disk image (.img or .img.zst); a bundle is installed on a running device (`updater install`) or published (`imager publish`)",
+        Input::Bmap => "flash writes a disk image (.img or .img.zst) and finds its block map next to it (or --bmap FILE)",
+        _ => "flash writes a disk image (.img or .img.zst) made by `imager build`",
+    };
+    expect_image(&opts.image, hint)?;
     let mut image = if opts.whole {
         Image::open_whole(&opts.image, progress)?
     } else {

@@ -233,6 +233,28 @@ impl Input {
     }
 }
 
+/// For a command that reads one kind of file: refuses what `path` is known to be instead
+/// (`X is a CSV file (...); EXPECTED`), before anything is read or written. Unknown bytes
+/// pass: the command's own reader says what is wrong with them.
+pub fn expect(path: &Path, ok: impl Fn(Input) -> bool, expected: &str) -> Result<Input> {
+    let kind = identify(path)?;
+    if ok(kind) || kind == Input::Unknown {
+        Ok(kind)
+    } else {
+        Err(kind.refuse(path, expected))
+    }
+}
+
+/// [`expect`] a disk image (raw, compressed, or a card).
+pub fn expect_image(path: &Path, expected: &str) -> Result<Input> {
+    expect(path, Input::is_image, expected)
+}
+
+/// [`expect`] an OS bundle.
+pub fn expect_bundle(path: &Path, expected: &str) -> Result<Input> {
+    expect(path, |k| k == Input::Bundle, expected)
+}
+
 /// What `inspect` reads, for the errors that refuse anything else.
 pub const EXPECTED: &str = "inspect reads an image (.img, .img.zst), an OS bundle (.mfb), a block map (.bmap), a build manifest (.manifest.json) or a card";
 
@@ -270,10 +292,16 @@ pub fn identify(path: &Path) -> Result<Input> {
     Ok(match text {
         Some(t) if t.starts_with("<?xml") || t.starts_with("<bmap") => Input::Bmap,
         Some(t) if t.starts_with('{') && t.contains("\"recipe_sha256\"") => Input::BuildManifest,
-        Some(t) if ext(".csv") || t.lines().next().is_some_and(|l| l.contains(',')) => Input::Csv,
-        Some(t) if ext(".toml") || t.starts_with('[') || t.contains(" = ") => Input::Toml,
+        Some(_) if ext(".toml") => Input::Toml,
+        Some(t) if ext(".csv") || t.lines().next().is_some_and(csv_header) => Input::Csv,
+        Some(t) if t.starts_with('[') || t.contains(" = ") => Input::Toml,
         _ => Input::Unknown,
     })
+}
+
+/// A line that looks like a CSV header (`device_id,hostname`), not TOML (`a = ["x", "y"]`).
+fn csv_header(line: &str) -> bool {
+    line.contains(',') && !line.contains('=') && !line.starts_with(['[', '#'])
 }
 
 /// Decompresses an `.img.zst` into a sparse temporary file (zero blocks stay holes), so it
@@ -452,5 +480,38 @@ pub fn cat(image: &Path, spec: &str) -> Result<Vec<u8>> {
             fat::read_file(region(&file, part), path).with_context(|| format!("reading {spec}"))
         }
         _ => open_ext4(image, part)?.read(path).with_context(|| format!("reading {spec}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identify_tells_csv_from_toml_and_refuses_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |name: &str, text: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            identify(&p).unwrap()
+        };
+        assert_eq!(f("fleet", b"device_id,hostname\n"), Input::Csv);
+        assert_eq!(f("recipe", b"layers = [\"a\", \"b\"]\nname = \"x\"\n"), Input::Toml);
+        assert_eq!(f("r.toml", b"a,b\n"), Input::Toml, "the name wins for .toml");
+        assert_eq!(f("x.bmap", b"<?xml version=\"1.0\" ?>\n<bmap>"), Input::Bmap);
+        assert_eq!(
+            f("m.json", b"{ \"name\": \"x\", \"recipe_sha256\": \"00\" }"),
+            Input::BuildManifest
+        );
+        assert_eq!(f("b.bin", b"manifest.toml\0\0"), Input::Bundle);
+        assert_eq!(f("e", b""), Input::Empty);
+        assert_eq!(f("z", &[0x28, 0xb5, 0x2f, 0xfd, 0, 0]), Input::ZstImage);
+        let mut mbr = vec![0u8; 512];
+        mbr[510..].copy_from_slice(&[0x55, 0xaa]);
+        assert_eq!(f("i", &mbr), Input::Image);
+        assert_eq!(f("n", &[1u8; 600]), Input::Unknown);
+        assert_eq!(identify(dir.path()).unwrap(), Input::Folder);
+        let e = Input::Csv.refuse(Path::new("fleet.csv"), EXPECTED).to_string();
+        assert!(e.starts_with("fleet.csv is a CSV file") && e.contains("inspect reads"), "{e}");
     }
 }
