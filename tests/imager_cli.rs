@@ -176,6 +176,10 @@ fn inspect_bundle_json() {
     assert_eq!(j["manifest"]["version"], "1.2.0");
     assert_eq!(j["signature"]["status"], "valid");
     assert_eq!(j["images"][0]["size"], 20_000);
+    // The text report: IEC units for people.
+    let text = ok(&[&"inspect", &path]);
+    assert!(text.contains("image       root 19.5 KiB sha256"), "{text}");
+    assert!(text.contains("version     1.2.0"), "{text}");
     // --keyring takes one key file too: the public key, or a private key's public half.
     for file in [&pair.public, &pair.private] {
         let out = ok(&[&"inspect", &path, &"--json", &"--keyring", file]);

@@ -695,7 +695,7 @@ fn run_inspect(
         Input::Bundle => {
             let ring = keyring.map(keyring_dir).transpose()?;
             let inspection = crate::bundle::inspect(path, ring.as_ref().map(|k| k.dir.as_path()))?;
-            print(i::bundle_json(&inspection), inspection.to_string())?;
+            print(i::bundle_json(&inspection), i::render_bundle(&inspection))?;
             if keyring.is_some() && !inspection.signature.is_valid() {
                 anyhow::bail!("{}: the signature is not valid for the keyring", path.display());
             }

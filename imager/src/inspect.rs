@@ -435,6 +435,32 @@ pub fn render_build_manifest(path: &Path, m: &serde_json::Value) -> String {
     s
 }
 
+/// Human-readable report of a bundle (IEC units; the exact bytes are in `--json`).
+pub fn render_bundle(i: &crate::bundle::Inspection) -> String {
+    use updater::units::size;
+    let m = &i.manifest;
+    let mut s = format!(
+        "bundle      {} ({})\nformat      {}\ncompatible  {}\nversion     {}\nepoch       {}\ncreated     {}\nsignature   {}\n",
+        i.path.display(),
+        size(i.size),
+        m.format,
+        m.compatible,
+        m.version,
+        m.security_epoch,
+        m.created,
+        i.signature
+    );
+    for img in &i.images {
+        let e = &img.entry;
+        let _ = write!(s, "image       {:<4} {} sha256 {}", e.slot_class, size(e.size), e.sha256);
+        let _ = match (img.chunks, img.payload_len) {
+            (Some(c), Some(p)) => writeln!(s, ", {c} chunks, {} compressed", size(p)),
+            _ => writeln!(s, ", index unreadable"),
+        };
+    }
+    s
+}
+
 /// The JSON of `imager inspect BUNDLE --json` (shape: docs/cli-json.md).
 pub fn bundle_json(i: &crate::bundle::Inspection) -> serde_json::Value {
     let sig = &i.signature;

@@ -928,10 +928,11 @@ pub fn build_partition(image: &Path, len: u64, device: &Device) -> Result<Vec<u8
     let names = device.files().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
     let full = || {
         anyhow::anyhow!(
-            "{}: the provision partition ({:.1} MiB) is full: the files of {} ({names}: {needed} bytes) do not fit; nothing written",
+            "{}: the provision partition ({}) is full: the files of {} ({names}: {}) do not fit; nothing written",
             image.display(),
-            len as f64 / (1 << 20) as f64,
-            device.label
+            updater::units::size(len),
+            device.label,
+            updater::units::size(needed)
         )
     };
     if needed >= len {
