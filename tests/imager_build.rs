@@ -102,8 +102,24 @@ fn inspect_shows_layout_slots_and_files_and_bmaptool_accepts_the_bmap() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = mini_recipe(dir.path());
     let out = dir.path().join("out");
-    build(&recipe, &out, &["--version", "2.1.0"]);
+    // --json: the report with exact bytes (docs/cli-json.md).
+    let report: serde_json::Value =
+        serde_json::from_slice(&build(&recipe, &out, &["--version", "2.1.0", "--json"]).stdout)
+            .unwrap();
     let img = out.join("mini-2.1.0.img");
+    assert_eq!(report["image"], img.display().to_string());
+    assert_eq!(report["image_size"], std::fs::metadata(&img).unwrap().len());
+    assert!(report["mapped_bytes"].as_u64().unwrap() < report["image_size"].as_u64().unwrap());
+    // inspect tells each output for what it is.
+    for (file, kind) in [
+        ("mini-2.1.0.img.zst", "zst-image"),
+        ("mini-2.1.0.bmap", "bmap"),
+        ("mini-2.1.0.manifest.json", "build-manifest"),
+    ] {
+        let out = run(imager().arg("inspect").arg(out.join(file)).arg("--json")).stdout;
+        let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(j["kind"], kind, "{file}");
+    }
     let text = String::from_utf8(run(imager().arg("inspect").arg(&img)).stdout).unwrap();
     for label in ["config", "boot_a", "boot_b", "root_a", "root_b", "provision", "data"] {
         assert!(text.contains(label), "{label} missing from:\n{text}");
