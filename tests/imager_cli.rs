@@ -193,74 +193,10 @@ fn inspect_bundle_json() {
     assert!(err.contains("expected a keyring folder (of *.pub.pem files), a public key"), "{err}");
 }
 
-/// Every subcommand's --help, recursively: each `--flag` it names exists (in that command,
-/// or, for a flag of another command it refers to, somewhere in the tool).
+/// Every subcommand's --help, recursively: each `--flag` it names exists.
 #[test]
 fn every_flag_named_in_help_exists() {
-    fn help(path: &[String]) -> String {
-        let out = imager().args(path).arg("--help").output().unwrap();
-        assert!(out.status.success(), "{path:?} --help");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    fn subcommands(text: &str) -> Vec<String> {
-        let Some(start) = text.find("Commands:\n") else { return Vec::new() };
-        text[start + 10..]
-            .lines()
-            .take_while(|l| l.starts_with("  "))
-            .filter(|l| !l.starts_with("   ")) // a wrapped description, not a command
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|c| *c != "help")
-            .map(str::to_string)
-            .collect()
-    }
-    let is_flag_char = |c: char| c.is_ascii_alphanumeric() || c == '-';
-    let named = |text: &str| -> Vec<String> {
-        let mut out = Vec::new();
-        for (i, _) in text.match_indices("--") {
-            let before = text[..i].chars().last();
-            if before.is_some_and(is_flag_char) {
-                continue;
-            }
-            let rest: String = text[i + 2..].chars().take_while(|&c| is_flag_char(c)).collect();
-            let rest = rest.trim_end_matches('-');
-            if !rest.is_empty() {
-                out.push(format!("--{rest}"));
-            }
-        }
-        out
-    };
-    let declared = |text: &str| -> Vec<String> {
-        text.lines()
-            .map(str::trim_start)
-            .filter(|l| l.starts_with('-'))
-            .flat_map(|l| l.split([',', ' ']).filter(|w| w.starts_with("--")).map(str::to_string))
-            .collect()
-    };
-    let mut queue = vec![Vec::<String>::new()];
-    let mut pages = Vec::new();
-    while let Some(path) = queue.pop() {
-        let text = help(&path);
-        for sub in subcommands(&text) {
-            let mut p = path.clone();
-            p.push(sub);
-            queue.push(p);
-        }
-        pages.push((path, text));
-    }
-    assert!(pages.len() >= 15, "found only {} commands", pages.len());
-    let everywhere: Vec<String> = pages.iter().flat_map(|(_, t)| declared(t)).collect();
-    let checked: usize = pages.iter().map(|(_, t)| named(t).len()).sum();
-    assert!(checked > 100, "only {checked} flags named: the scan is broken");
-    for (path, text) in &pages {
-        let own = declared(text);
-        for flag in named(text) {
-            assert!(
-                own.contains(&flag) || everywhere.contains(&flag),
-                "`imager {} --help` names {flag}, which no command has",
-                path.join(" ")
-            );
-        }
-    }
+    common::help::every_flag_named_in_help_exists(Path::new(env!("CARGO_BIN_EXE_imager")), 15, 100);
 }
 
 #[test]

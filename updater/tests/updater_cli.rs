@@ -1,6 +1,9 @@
 //! The `updater` command line as an operator meets it (issue 18): clap's errors and the
 //! commands' errors in one style, `--json` on every command (docs/cli-json.md).
 
+#[path = "../../tests/common/help.rs"]
+mod help;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -91,4 +94,10 @@ fn json_on_every_command() {
     assert_eq!(j["ok"], true, "{j} {}", stderr(&out));
     assert!(j["messages"][0].as_str().unwrap().contains("slot a"), "{j}");
     assert!(j["error"].is_null());
+}
+
+/// Every subcommand's --help, recursively: each `--flag` it names exists.
+#[test]
+fn every_flag_named_in_help_exists() {
+    help::every_flag_named_in_help_exists(Path::new(env!("CARGO_BIN_EXE_updater")), 10, 60);
 }
