@@ -483,9 +483,9 @@ fn firstboot(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
     let summary = match (o.result, &o.reason) {
         (FirstbootResult::AlreadyProvisioned, _) => format!("metrica: provisioned ({who})"),
         (FirstbootResult::Ok, _) => format!(
-            "metrica: first boot done: {who}, host {}, data {} MiB",
+            "metrica: first boot done: {who}, host {}, data {}",
             o.hostname.as_deref().unwrap_or("?"),
-            o.data_bytes >> 20
+            crate::units::size(o.data_bytes)
         ),
         (_, reason) => format!(
             "metrica: first boot degraded: {}",
@@ -778,7 +778,7 @@ pub fn render_provisioning(o: Option<&Result<crate::firstboot::Outcome, String>>
                 };
                 let _ = writeln!(s, "identity:    {r}{src}");
             }
-            let _ = writeln!(s, "data:        {} MiB", o.data_bytes >> 20);
+            let _ = writeln!(s, "data:        {}", crate::units::size(o.data_bytes));
         }
     }
     s
@@ -793,7 +793,7 @@ pub fn render_status(st: &Status) -> String {
     render_state_lines(st, &mut o);
     render_daemon_lines(st, &mut o);
     if let Some(free) = st.disk_free_bytes {
-        let _ = writeln!(o, "data free:   {} MiB", free >> 20);
+        let _ = writeln!(o, "data free:   {}", crate::units::size(free));
     }
     for d in &st.drift {
         let _ = writeln!(o, "drift:       {d}");
