@@ -76,6 +76,11 @@ fn errors_have_one_style_and_each_cause_once() {
     let out = run(&["frobnicate".as_ref()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).starts_with("imager: error: unrecognized subcommand"), "{}", stderr(&out));
+    // No subcommand: the help, not an error line; exit 2.
+    let out = run(&["channel".as_ref()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("Usage: imager channel <COMMAND>"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("error:"), "{}", stderr(&out));
     // --help and --version still print and succeed.
     assert!(run(&["--version".as_ref()]).status.success());
     assert!(run(&["inspect".as_ref(), "--help".as_ref()]).status.success());

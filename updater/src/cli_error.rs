@@ -40,13 +40,19 @@ pub fn render(program: &str, err: &anyhow::Error) -> String {
 }
 
 /// Prints a clap parse error in the same style and returns its exit code: 0 for `--help` and
-/// `--version` (printed as clap prints them), 2 for a usage error.
+/// `--version` (printed as clap prints them), 2 for a usage error and for a missing
+/// subcommand (its help printed as is).
 pub fn clap_exit(program: &str, err: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match err.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = err.print();
             ExitCode::SUCCESS
+        }
+        // No subcommand given: the help, as clap prints it (not an error line), exit 2.
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            ExitCode::from(2)
         }
         _ => {
             eprint!("{}", clap_text(program, err));
