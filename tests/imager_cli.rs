@@ -414,6 +414,27 @@ fn provision_to_a_folder_counts_refuses_overwriting_and_compresses() {
     assert_eq!(j["kind"], "zst-image");
     assert_eq!(j["provision"]["hostname"], "cam-2");
     assert!(out_dir.join("fleet-1.0.0-pi-2.bmap").exists());
+
+    // A truncated .img.zst: blamed on zstd, no per-device image left behind.
+    let bytes = std::fs::read(d.join("fleet-1.0.0.img.zst")).unwrap();
+    let cut = d.join("cut.img.zst");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let cut_out = d.join("cut-out");
+    let err = fails(&[
+        &"provision",
+        &cut,
+        &"--bmap",
+        &d.join("fleet-1.0.0.bmap"),
+        &"--batch",
+        &fleet,
+        &"--device",
+        &tmpl,
+        &"-o",
+        &cut_out,
+    ]);
+    assert!(err.contains("cut.img.zst: the zstd stream is truncated or corrupt"), "{err}");
+    let left = std::fs::read_dir(&cut_out).map_or(0, |r| r.count());
+    assert_eq!(left, 0, "nothing written");
 }
 
 /// A signed test bundle of `version` at DIR/NAME.
