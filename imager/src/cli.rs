@@ -583,7 +583,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = crate::flash::FlashOptions { image, bmap, target, verify, whole };
             run_flash(&opts, &device, yes, json)
         }
-        Command::Provision(args) => run_provision(args),
+        Command::Provision(args) => run_provision(&args),
         Command::Keygen { dir, name, json } => run_keygen(&dir, &name, json),
         Command::Bundle { image, key, output, security_epoch, source_date_epoch, json } => {
             let summary = run_bundle(&image, &key, &output, security_epoch, source_date_epoch)?;
@@ -790,60 +790,64 @@ impl Destination {
     }
 }
 
-fn run_provision(args: ProvisionArgs) -> Result<()> {
+fn run_provision(args: &ProvisionArgs) -> Result<()> {
     use crate::provision as p;
-    let progress = Progress::detect();
-    let ProvisionArgs {
-        image,
-        target,
-        batch,
-        output,
-        force,
-        zstd,
-        bmap,
-        yes,
-        no_verify,
-        check,
-        json,
-        device,
-    } = args;
-    let destination = Destination::of(target, output, batch.is_some())?;
+    let destination =
+        Destination::of(args.target.clone(), args.output.clone(), args.batch.is_some())?;
     let expected =
         "provision reads a disk image (.img or .img.zst) built by `imager build`, or a card";
-    crate::inspect::expect_image(&image, expected)?;
-    let devices = match &batch {
-        Some(csv) => p::batch(csv, &device)?,
-        None if device.any() => vec![p::single(&device)?],
+    crate::inspect::expect_image(&args.image, expected)?;
+    let devices = match &args.batch {
+        Some(csv) => p::batch(csv, &args.device)?,
+        None if args.device.any() => vec![p::single(&args.device)?],
         None => anyhow::bail!(
             "nothing to provision: give --device FILE and/or device flags, or --batch FLEET.CSV"
         ),
     };
     // The partition's room, for every device, before anything is written.
-    let part = p::find_partition(&image)?;
+    let part = p::find_partition(&args.image)?;
     for d in &devices {
-        p::build_partition(&image, part.len, d)?;
+        p::build_partition(&args.image, part.len, d)?;
     }
     let listed: Vec<serde_json::Value> = devices
         .iter()
         .map(|d| serde_json::json!({ "device_id": d.id, "hostname": d.hostname, "from": d.label }))
         .collect();
-    if check {
-        if json {
-            let v = serde_json::json!({ "checked": true, "devices": listed, "written": [] });
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        } else {
+    let written = if args.check {
+        if !args.json {
             println!("device_id\thostname\tfrom");
             for d in &devices {
                 println!("{}\t{}\t{}", d.id, d.hostname, d.label);
             }
         }
         eprintln!("{} device(s) valid; nothing written (--check)", devices.len());
-        return Ok(());
+        Vec::new()
+    } else {
+        write_provisioned(args, destination, &devices)?
+    };
+    if args.json {
+        let v = serde_json::json!({ "checked": args.check, "devices": listed, "written": written });
+        println!("{}", serde_json::to_string_pretty(&v)?);
     }
-    let written: Vec<serde_json::Value> = match destination {
+    Ok(())
+}
+
+/// Writes the validated devices where `destination` says; returns `--json`'s `written`.
+fn write_provisioned(
+    args: &ProvisionArgs,
+    destination: Destination,
+    devices: &[crate::provision::Device],
+) -> Result<Vec<serde_json::Value>> {
+    use crate::provision as p;
+    let progress = Progress::detect();
+    let (image, bmap, yes) = (&args.image, args.bmap.as_deref(), args.yes);
+    let one = |path: &std::path::Path| {
+        vec![serde_json::json!({ "device_id": devices[0].id, "image": path.display().to_string() })]
+    };
+    Ok(match destination {
         Destination::Folder(out) => {
-            let opts = p::FolderOptions { force, zstd_level: zstd };
-            let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, opts, &progress)?;
+            let opts = p::FolderOptions { force: args.force, zstd_level: args.zstd };
+            let written = p::to_folder(image, bmap, devices, &out, opts, &progress)?;
             eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
             written.iter().map(serde_json::to_value).collect::<Result<_, _>>()?
         }
@@ -852,41 +856,36 @@ fn run_provision(args: ProvisionArgs) -> Result<()> {
             if !std::io::stdin().is_terminal() {
                 anyhow::bail!("writing card after card needs a terminal to ask for the next card; standard input is not one (use --output DIR for per-device images instead)");
             }
-            let (bmap, verify) = (bmap.as_deref(), !no_verify);
+            let verify = !args.no_verify;
             let mut prompt = p::TerminalCards;
-            let done = p::cards(&image, bmap, &devices, &target, verify, &mut prompt, &progress)?;
+            let done = p::cards(image, bmap, devices, &target, verify, &mut prompt, &progress)?;
             eprintln!("wrote {} of {} card(s): {}", done.len(), devices.len(), done.join(", "));
             let path = target.display().to_string();
             done.iter().map(|id| serde_json::json!({ "device_id": id, "image": path })).collect()
         }
         Destination::Card(target) => {
-            let overlay = p::overlay(&image, &devices[0])?;
-            let path = target.display().to_string();
-            let (verify, whole) = (!no_verify, false);
-            let opts = crate::flash::FlashOptions { image, bmap, target, verify, whole };
-            let report = crate::flash::flash(
-                &opts,
-                Some(&overlay),
-                &mut *crate::flash::confirmation(yes),
-                &progress,
-            )?;
+            let overlay = p::overlay(image, &devices[0])?;
+            let written = one(&target);
+            let opts = crate::flash::FlashOptions {
+                image: image.clone(),
+                bmap: args.bmap.clone(),
+                target,
+                verify: !args.no_verify,
+                whole: false,
+            };
+            let mut confirm = crate::flash::confirmation(yes);
+            let report = crate::flash::flash(&opts, Some(&overlay), &mut *confirm, &progress)?;
             eprintln!("{}", report.summary());
-            vec![serde_json::json!({ "device_id": devices[0].id, "image": path })]
+            written
         }
-        Destination::InPlace if batch.is_some() => anyhow::bail!(
+        Destination::InPlace if args.batch.is_some() => anyhow::bail!(
             "a batch writes per-device images (--output DIR) or cards (TARGET); give one of them"
         ),
         Destination::InPlace => {
-            p::in_place(&image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
-            let path = image.display().to_string();
-            vec![serde_json::json!({ "device_id": devices[0].id, "image": path })]
+            p::in_place(image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
+            one(image)
         }
-    };
-    if json {
-        let v = serde_json::json!({ "checked": false, "devices": listed, "written": written });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    }
-    Ok(())
+    })
 }
 
 fn run_keygen(dir: &std::path::Path, name: &str, json: bool) -> Result<()> {
