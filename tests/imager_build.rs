@@ -141,6 +141,26 @@ fn inspect_shows_layout_slots_and_files_and_bmaptool_accepts_the_bmap() {
     let os_release =
         run(imager().arg("inspect").arg(&img).arg("--cat").arg("root_b:/etc/os-release")).stdout;
     assert!(String::from_utf8_lossy(&os_release).contains("VERSION_ID=2.1.0"));
+    // --cat reads a .img.zst too (decompressed to a temporary file).
+    let zst = out.join("mini-2.1.0.img.zst");
+    let from_zst =
+        run(imager().arg("inspect").arg(&zst).arg("--cat").arg("root_b:/etc/os-release")).stdout;
+    assert_eq!(from_zst, os_release);
+    // `imager bundle --json` (docs/cli-json.md).
+    run(imager().args(["keygen", "--name", "k", "--dir"]).arg(dir.path().join("keys")));
+    let bundle = run(imager()
+        .arg("bundle")
+        .arg(&img)
+        .arg("--key")
+        .arg(dir.path().join("keys/k.key"))
+        .arg("-o")
+        .arg(dir.path().join("os.mfb"))
+        .arg("--json"))
+    .stdout;
+    let b: serde_json::Value = serde_json::from_slice(&bundle).unwrap();
+    assert_eq!(b["manifest"]["version"], "2.1.0");
+    assert_eq!(b["size"], std::fs::metadata(dir.path().join("os.mfb")).unwrap().len());
+    assert_eq!(b["key_id"].as_str().map(str::len), Some(16));
     let initramfs =
         run(imager().arg("inspect").arg(&img).arg("--cat").arg("boot_a:/initramfs8")).stdout;
     assert_eq!(&initramfs[..2], &[0x1f, 0x8b], "gzip initramfs");
