@@ -118,6 +118,7 @@ fn inspect_tells_what_it_was_given() {
     let zst = d.join("fleet-1.0.0.img.zst");
     let text = ok(&[&"inspect", &zst]);
     assert!(text.contains("provision") && text.contains("MiB"), "{text}");
+    assert!(text.starts_with(&format!("{}: a compressed disk image", zst.display())), "{text}");
     let z: serde_json::Value = serde_json::from_str(&ok(&[&"inspect", &zst, &"--json"])).unwrap();
     assert_eq!(z["kind"], "zst-image");
     assert_eq!(z["partitions"], raw["partitions"]);

@@ -714,29 +714,49 @@ fn run_inspect(
         }
         _ => {}
     }
+    inspect_disk(path, kind, cat, json)
+}
+
+/// `imager inspect` of a disk image (raw, `.img.zst` through a temporary file, or a card).
+fn inspect_disk(
+    path: &std::path::Path,
+    kind: crate::inspect::Input,
+    cat: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    use crate::inspect::{self as i, Input};
     let temp = match kind {
         Input::ZstImage => Some(i::decompress_to_temp(path, &Progress::detect())?),
         _ => None,
     };
     let image = temp.as_ref().map_or(path, |t| t.path());
     if let Some(spec) = cat {
-        let bytes = crate::inspect::cat(image, spec)?;
+        let bytes = i::cat(image, spec)?;
         std::io::stdout().write_all(&bytes).context("writing to stdout")?;
         return Ok(());
     }
-    let mut info = crate::inspect::inspect_image(image)?;
+    let mut info = i::inspect_image(image)?;
     info.path = path.display().to_string();
-    let mut v = serde_json::to_value(&info)?;
-    v["kind"] = match kind {
-        Input::ZstImage => {
-            v["compressed_size"] = std::fs::metadata(path)?.len().into();
-            "zst-image"
+    if json {
+        let mut v = serde_json::to_value(&info)?;
+        v["kind"] = match kind {
+            Input::ZstImage => {
+                v["compressed_size"] = std::fs::metadata(path)?.len().into();
+                "zst-image"
+            }
+            Input::Card => "card",
+            _ => "image",
         }
-        Input::Card => "card",
-        _ => "image",
+        .into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
-    .into();
-    print(v, crate::inspect::render(&info))
+    // Say what was given when it is not a plain image file.
+    if matches!(kind, Input::ZstImage | Input::Card) {
+        println!("{}: {}", path.display(), kind.what());
+    }
+    print!("{}", i::render(&info));
+    Ok(())
 }
 
 fn run_flash(
