@@ -102,8 +102,24 @@ fn inspect_shows_layout_slots_and_files_and_bmaptool_accepts_the_bmap() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = mini_recipe(dir.path());
     let out = dir.path().join("out");
-    build(&recipe, &out, &["--version", "2.1.0"]);
+    // --json: the report with exact bytes (docs/cli-json.md).
+    let report: serde_json::Value =
+        serde_json::from_slice(&build(&recipe, &out, &["--version", "2.1.0", "--json"]).stdout)
+            .unwrap();
     let img = out.join("mini-2.1.0.img");
+    assert_eq!(report["image"], img.display().to_string());
+    assert_eq!(report["image_size"], std::fs::metadata(&img).unwrap().len());
+    assert!(report["mapped_bytes"].as_u64().unwrap() < report["image_size"].as_u64().unwrap());
+    // inspect tells each output for what it is.
+    for (file, kind) in [
+        ("mini-2.1.0.img.zst", "zst-image"),
+        ("mini-2.1.0.bmap", "bmap"),
+        ("mini-2.1.0.manifest.json", "build-manifest"),
+    ] {
+        let out = run(imager().arg("inspect").arg(out.join(file)).arg("--json")).stdout;
+        let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(j["kind"], kind, "{file}");
+    }
     let text = String::from_utf8(run(imager().arg("inspect").arg(&img)).stdout).unwrap();
     for label in ["config", "boot_a", "boot_b", "root_a", "root_b", "provision", "data"] {
         assert!(text.contains(label), "{label} missing from:\n{text}");
@@ -125,6 +141,26 @@ fn inspect_shows_layout_slots_and_files_and_bmaptool_accepts_the_bmap() {
     let os_release =
         run(imager().arg("inspect").arg(&img).arg("--cat").arg("root_b:/etc/os-release")).stdout;
     assert!(String::from_utf8_lossy(&os_release).contains("VERSION_ID=2.1.0"));
+    // --cat reads a .img.zst too (decompressed to a temporary file).
+    let zst = out.join("mini-2.1.0.img.zst");
+    let from_zst =
+        run(imager().arg("inspect").arg(&zst).arg("--cat").arg("root_b:/etc/os-release")).stdout;
+    assert_eq!(from_zst, os_release);
+    // `imager bundle --json` (docs/cli-json.md).
+    run(imager().args(["keygen", "--name", "k", "--dir"]).arg(dir.path().join("keys")));
+    let bundle = run(imager()
+        .arg("bundle")
+        .arg(&img)
+        .arg("--key")
+        .arg(dir.path().join("keys/k.key"))
+        .arg("-o")
+        .arg(dir.path().join("os.mfb"))
+        .arg("--json"))
+    .stdout;
+    let b: serde_json::Value = serde_json::from_slice(&bundle).unwrap();
+    assert_eq!(b["manifest"]["version"], "2.1.0");
+    assert_eq!(b["size"], std::fs::metadata(dir.path().join("os.mfb")).unwrap().len());
+    assert_eq!(b["key_id"].as_str().map(str::len), Some(16));
     let initramfs =
         run(imager().arg("inspect").arg(&img).arg("--cat").arg("boot_a:/initramfs8")).stdout;
     assert_eq!(&initramfs[..2], &[0x1f, 0x8b], "gzip initramfs");

@@ -1,5 +1,5 @@
 //! End to end: `imager flash` as a user runs it: the confirmation rule (no terminal and no
-//! `--yes`: refused, nothing written), the summary with MB/s, `--json`, and a `.img.zst`.
+//! `--yes`: refused, nothing written), the summary with MiB/s, `--json`, and a `.img.zst`.
 
 mod common;
 
@@ -50,7 +50,7 @@ fn refuses_without_terminal_or_yes_and_writes_with_yes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("written") && stderr.contains("MB/s") && stderr.contains("verified"),
+        stderr.contains("written") && stderr.contains("MiB/s") && stderr.contains("verified"),
         "{stderr}"
     );
     assert_eq!(sha256(&target), sha256(&img));
@@ -200,7 +200,9 @@ fn provision_batches_validate_every_row_before_writing() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().next(), Some("device_id\thostname\tfrom"), "a header line");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
 
     // A bad row anywhere: nothing written, every problem named.
     std::fs::write(&fleet, "device_id,hostname,authorized_keys\ncam-1,cam-1,ops.pub\ncam-2,cam_2,missing.pub\ncam-1,cam-3,\n").unwrap();

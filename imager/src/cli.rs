@@ -47,8 +47,9 @@ pub enum Command {
     Inspect {
         /// A disk image made by `imager build`, an OS bundle (.mfb) or a role bundle (.mfr).
         path: PathBuf,
-        /// Check a bundle's signature against this keyring folder (of *.pub.pem files).
-        #[arg(long, value_name = "DIR")]
+        /// Check a bundle's signature against this keyring: a folder of *.pub.pem files, or one
+        /// key file (public, or a private key's public half).
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
         /// Print one file, as PARTITION:/path (e.g. root_a:/etc/os-release or boot_a:/cmdline.txt).
         #[arg(long, value_name = "PARTITION:/PATH")]
@@ -65,6 +66,9 @@ pub enum Command {
         /// File name stem, e.g. metrica-dev or fleet-2026.
         #[arg(long)]
         name: String,
+        /// Print the key id and files as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Write an image to an SD card (block device) or a file through its block map, then read
     /// it back against the map's checksums. Refuses a mounted target, the disk this machine
@@ -78,6 +82,10 @@ pub enum Command {
         /// The block map; default: NAME.bmap or NAME.img.bmap next to NAME.img[.zst].
         #[arg(long, value_name = "FILE")]
         bmap: Option<PathBuf>,
+        /// Without a block map: write every byte of the image (slower; a file target is not
+        /// sparse), still read back and checked against the image's own checksums.
+        #[arg(long, conflicts_with = "bmap")]
+        nobmap: bool,
         /// Do not ask before writing (without it, flash asks on a terminal and refuses
         /// without one).
         #[arg(long, short)]
@@ -114,6 +122,9 @@ pub enum Command {
         /// `created` time of the manifest (seconds since 1970).
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
+        /// Print what was written as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Publish an OS bundle to a channel: verify it, copy it to FOLDER/bundles/, and write the
     /// signed FOLDER/channels/CHANNEL.toml (and .sig) offering it, with the next sequence.
@@ -125,9 +136,9 @@ pub enum Command {
         bundle: PathBuf,
         #[command(flatten)]
         target: ChannelArgs,
-        /// The bundle must verify against this keyring folder (the devices' *.pub.pem keys);
-        /// default: the public half of --key.
-        #[arg(long, value_name = "DIR")]
+        /// The bundle must verify against this keyring (a folder of the devices' *.pub.pem
+        /// keys, or one key file); default: the public half of --key.
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
         /// Name of the bundle file in FOLDER/bundles/ (NAME-VERSION.mfb); default: the
         /// bundle's file name without its version, or its `compatible`.
@@ -144,6 +155,22 @@ pub enum Command {
     Channel {
         #[command(subcommand)]
         command: ChannelCommand,
+    },
+    /// Print the age recipient (age1...) for `--recipient`: of a board's OTP key, of an age
+    /// identity file, or the one a device reports in `updater status --json`.
+    Recipient {
+        /// The board's OTP private key: 32 bytes (`rpi-otp-private-key -b`) or 64 hex digits.
+        #[arg(long, value_name = "FILE", group = "source")]
+        otp_key: Option<PathBuf>,
+        /// An age identity file (AGE-SECRET-KEY-1...), e.g. a device's age.key.
+        #[arg(long, value_name = "FILE", group = "source")]
+        identity: Option<PathBuf>,
+        /// A device's `updater status --json` output.
+        #[arg(long, value_name = "FILE", group = "source")]
+        status: Option<PathBuf>,
+        /// Print {"recipient", "from"} as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Role bundles (.mfr): build a signed release of a role (docs/roles.md).
     Role {
@@ -192,6 +219,13 @@ pub struct ProvisionArgs {
     /// Write DIR/NAME-DEVICE_ID.img and .bmap per device instead of a TARGET.
     #[arg(long, short, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// With --output: replace per-device images that exist already (without it, they are
+    /// refused before anything is written).
+    #[arg(long, requires = "output")]
+    pub force: bool,
+    /// With --output: write NAME-DEVICE_ID.img.zst (at this zstd level) instead of .img.
+    #[arg(long, requires = "output", value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3", value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd: Option<i32>,
     /// The image's block map (for TARGET and --output); default: next to the image.
     #[arg(long, value_name = "FILE")]
     pub bmap: Option<PathBuf>,
@@ -204,6 +238,9 @@ pub struct ProvisionArgs {
     /// Only validate (every device, every file, the partition's room) and write nothing.
     #[arg(long)]
     pub check: bool,
+    /// Print the devices and what was written as JSON on stdout (docs/cli-json.md).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten, next_help_heading = "Device (flags; with --batch, defaults for every row)")]
     pub device: crate::provision::DeviceArgs,
 }
@@ -224,6 +261,9 @@ pub struct ChannelArgs {
     /// re-sign (`imager channel set` with no option) before.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub expires_in: std::time::Duration,
+    /// Print the signed channel and the files written as JSON on stdout (docs/cli-json.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Rollout options of `publish` and `channel set`.
@@ -309,24 +349,30 @@ pub enum ChannelCommand {
         #[command(flatten)]
         role: RoleArg,
     },
-    /// Force every device of the channel to VERSION (also down, within the security epoch);
-    /// its bundle must be in FOLDER/bundles/ (with --role: FOLDER/roles/NAME/VERSION.mfr).
+    /// Force every device of the channel to one version (also down, within the security
+    /// epoch): the rollback. Its bundle is found among the published ones by --version, or
+    /// given with --bundle (verified and copied into FOLDER/bundles/). With --role: the
+    /// role's bundle FOLDER/roles/NAME/VERSION.mfr.
     Pin {
         #[command(flatten)]
         target: ChannelArgs,
         #[command(flatten)]
         role: RoleArg,
-        /// The version, e.g. 1.4.2.
-        #[arg(long)]
-        version: semver::Version,
+        /// The version, e.g. 1.4.2: its bundle FOLDER/bundles/*-VERSION.mfb.
+        #[arg(long, required_unless_present = "bundle")]
+        version: Option<semver::Version>,
+        /// The OS bundle to pin (e.g. an older release never published to this folder).
+        #[arg(long, value_name = "FILE", conflicts_with = "role")]
+        bundle: Option<PathBuf>,
         /// Why (shown in device logs and status).
         #[arg(long)]
         reason: String,
         /// The pin ends at this time (RFC 3339 or +DURATION); default: until unpinned.
         #[arg(long, value_name = "WHEN")]
         expires: Option<String>,
-        /// The pinned bundle must verify against this keyring folder; default: --key's public half.
-        #[arg(long, value_name = "DIR")]
+        /// The pinned bundle must verify against this keyring (folder or key file); default:
+        /// --key's public half.
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
     },
     /// Remove the pin: the rollout applies again.
@@ -371,9 +417,12 @@ pub enum ChannelCommand {
         /// The channel's name.
         #[arg(long)]
         channel: String,
-        /// Check the signature against this keyring folder.
-        #[arg(long, value_name = "DIR")]
+        /// Check the signature against this keyring (folder of *.pub.pem, or one key file).
+        #[arg(long, value_name = "DIR|FILE")]
         keyring: Option<PathBuf>,
+        /// Print the channel and the signature check as JSON on stdout (docs/cli-json.md).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -381,19 +430,60 @@ fn unix_now() -> Result<u64> {
     Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())
 }
 
+/// A `--keyring` argument as a folder [`Keyring::load`] reads: the folder itself (of
+/// `*.pub.pem` files, as on a device), or for one key file (a public key, or a private key's
+/// public half, as rauc and mender-artifact take) a temporary folder holding it.
+#[derive(Debug)]
+struct KeyringDir {
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn keyring_dir(path: &std::path::Path) -> Result<KeyringDir> {
+    if path.is_dir() {
+        return Ok(KeyringDir { dir: path.to_path_buf(), _temp: None });
+    }
+    let key = crate::keys::load_public_key(path)
+        .or_else(|_| crate::keys::load_signing_key(path).map(|k| k.verifying_key()))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--keyring {}: expected a keyring folder (of *.pub.pem files), a public key (.pub.pem) or a private key file",
+                path.display()
+            )
+        })?;
+    let temp = tempfile::tempdir().context("creating a temporary keyring folder")?;
+    let file = temp.path().join(format!("key{}", updater::sign::PUBLIC_KEY_SUFFIX));
+    std::fs::write(&file, updater::sign::public_key_to_pem(&key))?;
+    Ok(KeyringDir { dir: temp.path().to_path_buf(), _temp: Some(temp) })
+}
+
+fn load_keyring(path: &std::path::Path) -> Result<Keyring> {
+    let k = keyring_dir(path)?;
+    Keyring::load(&k.dir).with_context(|| format!("loading the keyring {}", path.display()))
+}
+
 fn keyring_or_key(
     keyring: Option<&std::path::Path>,
     key: &ed25519_dalek::SigningKey,
 ) -> Result<Keyring> {
     match keyring {
-        Some(dir) => {
-            Keyring::load(dir).with_context(|| format!("loading the keyring {}", dir.display()))
-        }
+        Some(path) => load_keyring(path),
         None => Ok(Keyring::from_keys([key.verifying_key()])),
     }
 }
 
-fn report(p: &crate::publish::Published) {
+/// What `publish` and `channel` edits say: lines on stderr, and with --json the signed
+/// channel and files on stdout (shape: docs/cli-json.md).
+fn report(p: &crate::publish::Published, json: bool) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "channel": p.channel,
+            "document": p.document.display().to_string(),
+            "signature": p.signature.display().to_string(),
+            "bundle": p.bundle.as_ref().map(|b| b.display().to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
     eprintln!(
         "signed {} (sequence {}, expires {})\n  {}\n  {}",
         p.channel.name,
@@ -405,6 +495,7 @@ fn report(p: &crate::publish::Published) {
     if let Some(b) = &p.bundle {
         eprintln!("  {}", b.display());
     }
+    Ok(())
 }
 
 fn run_channel(command: ChannelCommand) -> Result<()> {
@@ -419,12 +510,11 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
         let p = crate::publish::roles::edit_role(
             folder, channel, role, &change, &ring, &signer, &progress,
         )?;
-        report(&p);
-        return Ok(());
+        return report(&p, target.json);
     }
     let (target, change, keyring) = match command {
-        ChannelCommand::Show { folder, channel, keyring } => {
-            return show_channel(&folder, &channel, keyring.as_deref(), now);
+        ChannelCommand::Show { folder, channel, keyring, json } => {
+            return show_channel(&folder, &channel, keyring.as_deref(), now, json);
         }
         ChannelCommand::Set { target, rollout, .. } => {
             let change = rollout.change(now)?;
@@ -452,20 +542,22 @@ fn run_channel(command: ChannelCommand) -> Result<()> {
             });
             (target, Edit::Device { id, entry }, None)
         }
-        ChannelCommand::Pin { target, version, reason, expires, keyring, .. } => {
+        ChannelCommand::Pin { target, version, bundle, reason, expires, keyring, .. } => {
+            if let Some(b) = &bundle {
+                crate::inspect::expect_bundle(b, "--bundle takes an OS bundle (.mfb)")?;
+            }
             let expires = expires
                 .map(|e| crate::publish::parse_when(&e, now))
                 .transpose()
                 .context("--expires")?;
-            (target, Edit::Pin { version, reason, expires }, keyring)
+            (target, Edit::Pin { version, bundle, reason, expires }, keyring)
         }
     };
     let key = crate::keys::load_signing_key(&target.key)?;
     let ring = keyring_or_key(keyring.as_deref(), &key)?;
     let signer = Signer { key: &key, expires_in: target.expires_in, now };
     let p = edit(&target.folder, &target.channel, &change, &ring, &signer, &progress)?;
-    report(&p);
-    Ok(())
+    report(&p, target.json)
 }
 
 /// The role edit of a channel command given `--role NAME`: (target, role, edit, keyring).
@@ -481,7 +573,20 @@ fn role_edit(command: &ChannelCommand, now: u64) -> Result<Option<RoleEditArgs<'
         ChannelCommand::Pause { target, role } => (target, role, RoleEdit::Pause, None),
         ChannelCommand::Resume { target, role } => (target, role, RoleEdit::Resume, None),
         ChannelCommand::Unpin { target, role } => (target, role, RoleEdit::Unpin, None),
-        ChannelCommand::Pin { target, role, version, reason, expires, keyring } => {
+        ChannelCommand::Pin { target, role, version, bundle, reason, expires, keyring } => {
+            if role.role.is_none() {
+                return Ok(None);
+            }
+            if bundle.is_some() {
+                anyhow::bail!(
+                    "--bundle pins an OS bundle; a role pin takes --role NAME --version V"
+                );
+            }
+            let Some(version) = version else {
+                anyhow::bail!(
+                    "a role pin needs --version VERSION (its bundle roles/NAME/VERSION.mfr)"
+                );
+            };
             let expires = expires
                 .as_deref()
                 .map(|e| crate::publish::parse_when(e, now))
@@ -524,13 +629,13 @@ fn show_channel(
     channel: &str,
     keyring: Option<&std::path::Path>,
     now: u64,
+    json: bool,
 ) -> Result<()> {
     let path = folder.join(updater::channel::document_path(channel));
     let doc = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let (ch, signer) = match keyring {
         Some(dir) => {
-            let ring = Keyring::load(dir)
-                .with_context(|| format!("loading the keyring {}", dir.display()))?;
+            let ring = load_keyring(dir)?;
             let sig_path = folder.join(updater::channel::signature_path(channel));
             let sig = std::fs::read(&sig_path).ok();
             let expect = updater::channel::Expect {
@@ -549,6 +654,17 @@ fn show_channel(
             None,
         ),
     };
+    if json {
+        let v = serde_json::json!({
+            "channel": ch,
+            "signature": match &signer {
+                Some(id) => serde_json::json!({ "checked": true, "valid": true, "key_id": id }),
+                None => serde_json::json!({ "checked": false, "valid": null, "key_id": null }),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     print!("{}", crate::publish::describe(&ch, now));
     match signer {
         Some(id) => println!("signature valid, by key {id}; fresh"),
@@ -558,13 +674,17 @@ fn show_channel(
 }
 
 /// Runs the command line; exit code 0 done, 1 failed, 2 usage (from clap).
+/// Errors, clap's included, print as `imager: error: WHAT: WHY` (updater::cli_error).
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return updater::cli_error::clap_exit("imager", &e),
+    };
     crate::logger::install();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("imager: error: {e:#}");
+            eprintln!("{}", updater::cli_error::render("imager", &e));
             ExitCode::from(1)
         }
     }
@@ -587,14 +707,26 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { path, keyring, cat, json } => {
             run_inspect(&path, keyring.as_deref(), cat.as_deref(), json)
         }
-        Command::Flash { image, target, bmap, yes, no_verify, json, device } => {
-            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
+        Command::Flash { image, target, bmap, nobmap, yes, no_verify, json, device } => {
+            let (verify, whole) = (!no_verify, nobmap);
+            let opts = crate::flash::FlashOptions { image, bmap, target, verify, whole };
             run_flash(&opts, &device, yes, json)
         }
-        Command::Provision(args) => run_provision(args),
-        Command::Keygen { dir, name } => run_keygen(&dir, &name),
-        Command::Bundle { image, key, output, security_epoch, source_date_epoch } => {
-            run_bundle(&image, &key, &output, security_epoch, source_date_epoch)
+        Command::Provision(args) => run_provision(&args),
+        Command::Keygen { dir, name, json } => run_keygen(&dir, &name, json),
+        Command::Bundle { image, key, output, security_epoch, source_date_epoch, json } => {
+            let summary = run_bundle(&image, &key, &output, security_epoch, source_date_epoch)?;
+            if json {
+                let v = serde_json::json!({
+                    "path": summary.path.display().to_string(),
+                    "size": summary.size,
+                    "key_id": summary.key_id,
+                    "manifest": summary.manifest,
+                    "chunks": summary.chunks,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Ok(())
         }
         Command::Publish { bundle, target, keyring, name, rollout, sequence } => {
             run_publish(&bundle, &target, keyring.as_deref(), name.as_deref(), &rollout, sequence)
@@ -611,26 +743,57 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&built)?);
             }
             eprintln!(
-                "built role bundle {} ({} {}, {} files, {} images, {} bytes, key {})",
+                "built role bundle {} ({} {}, {} files, {} images, {}, key {})",
                 built.path.display(),
                 built.name,
                 built.version,
                 built.files,
                 built.images,
-                built.size,
+                updater::units::size(built.size),
                 built.key_id
             );
             Ok(())
         }
+        Command::Recipient { otp_key, identity, status, json } => {
+            run_recipient(otp_key.as_deref(), identity.as_deref(), status.as_deref(), json)
+        }
     }
 }
 
+fn run_recipient(
+    otp_key: Option<&std::path::Path>,
+    identity: Option<&std::path::Path>,
+    status: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    use crate::recipient::{self as r, From};
+    let (recipient, from) = match (otp_key, identity, status) {
+        (Some(p), _, _) => (r::from_otp_file(p)?, From::OtpKey),
+        (_, Some(p), _) => (r::from_identity_file(p)?, From::Identity),
+        (_, _, Some(p)) => (r::from_status_file(p)?, From::Status),
+        _ => anyhow::bail!("give one of --otp-key FILE, --identity FILE or --status FILE"),
+    };
+    if json {
+        let v = serde_json::json!({ "recipient": recipient, "from": from });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{recipient}");
+    }
+    Ok(())
+}
+
 fn run_build(opts: &BuildOptions, json: bool) -> Result<()> {
+    let toml = |k| k == crate::inspect::Input::Toml;
+    crate::inspect::expect(
+        &opts.recipe,
+        toml,
+        "build reads a recipe (.toml), e.g. recipes/qemu.toml",
+    )?;
     let report = build(opts, &Progress::detect())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
-    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let mib = updater::units::size;
     if let Some(b) = &report.bundle {
         eprintln!("  bundle   {}", b.display());
     }
@@ -656,41 +819,111 @@ fn run_inspect(
     cat: Option<&str>,
     json: bool,
 ) -> Result<()> {
-    if crate::role::is_role_bundle(path) {
-        let ring = keyring.map(Keyring::load).transpose().context("loading the keyring")?;
-        let inspection = crate::role::inspect(path, ring.as_ref(), &Progress::detect())?;
+    use crate::inspect::{self as i, Input};
+    let kind = i::identify(path)?;
+    if matches!(kind, Input::Folder | Input::Empty | Input::Csv | Input::Toml | Input::Unknown) {
+        return Err(kind.refuse(path, i::EXPECTED));
+    }
+    let print = |value: serde_json::Value, text: String| -> Result<()> {
         if json {
-            println!("{}", serde_json::to_string_pretty(&inspection)?);
+            println!("{}", serde_json::to_string_pretty(&value)?);
         } else {
-            print!("{inspection}");
+            print!("{text}");
         }
-        if matches!(inspection.signature, crate::role::SignatureStatus::Invalid { .. }) {
-            anyhow::bail!(
-                "{}: the role bundle does not verify against the keyring",
-                path.display()
-            );
+        Ok(())
+    };
+    let not_an_image = |what: &str| {
+        anyhow::anyhow!(
+            "--cat {}: {} is {what}, not a disk image",
+            cat.unwrap_or(""),
+            path.display()
+        )
+    };
+    match kind {
+        Input::Bundle if cat.is_some() => return Err(not_an_image("an OS bundle")),
+        Input::RoleBundle if cat.is_some() => return Err(not_an_image("a role bundle")),
+        Input::Bmap if cat.is_some() => return Err(not_an_image("a block map")),
+        Input::BuildManifest if cat.is_some() => return Err(not_an_image("a build manifest")),
+        Input::Bundle => {
+            let ring = keyring.map(keyring_dir).transpose()?;
+            let inspection = crate::bundle::inspect(path, ring.as_ref().map(|k| k.dir.as_path()))?;
+            print(i::bundle_json(&inspection), i::render_bundle(&inspection))?;
+            if keyring.is_some() && !inspection.signature.is_valid() {
+                anyhow::bail!("{}: the signature is not valid for the keyring", path.display());
+            }
+            return Ok(());
         }
-        return Ok(());
+        Input::RoleBundle => {
+            let ring = keyring.map(keyring_dir).transpose()?;
+            let ring =
+                ring.map(|k| Keyring::load(&k.dir)).transpose().context("loading the keyring")?;
+            let inspection = crate::role::inspect(path, ring.as_ref(), &Progress::detect())?;
+            let mut v = serde_json::to_value(&inspection)?;
+            v["kind"] = "role-bundle".into();
+            print(v, inspection.to_string())?;
+            if matches!(inspection.signature, crate::role::SignatureStatus::Invalid { .. }) {
+                anyhow::bail!(
+                    "{}: the role bundle does not verify against the keyring",
+                    path.display()
+                );
+            }
+            return Ok(());
+        }
+        Input::Bmap => {
+            let b = i::inspect_bmap(path)?;
+            let mut v = serde_json::to_value(&b)?;
+            v["kind"] = "bmap".into();
+            return print(v, i::render_bmap(&b));
+        }
+        Input::BuildManifest => {
+            let m = i::read_build_manifest(path)?;
+            let v = serde_json::json!({ "kind": "build-manifest", "path": path.display().to_string(), "manifest": m });
+            return print(v, i::render_build_manifest(path, &m));
+        }
+        _ => {}
     }
-    if is_bundle(path)? {
-        let inspection = crate::bundle::inspect(path, keyring)?;
-        print!("{inspection}");
-        if keyring.is_some() && !inspection.signature.is_valid() {
-            anyhow::bail!("{}: the signature is not valid for keyring", path.display());
-        }
-        return Ok(());
-    }
+    inspect_disk(path, kind, cat, json)
+}
+
+/// `imager inspect` of a disk image (raw, `.img.zst` through a temporary file, or a card).
+fn inspect_disk(
+    path: &std::path::Path,
+    kind: crate::inspect::Input,
+    cat: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    use crate::inspect::{self as i, Input};
+    let temp = match kind {
+        Input::ZstImage => Some(i::decompress_to_temp(path, &Progress::detect())?),
+        _ => None,
+    };
+    let image = temp.as_ref().map_or(path, |t| t.path());
     if let Some(spec) = cat {
-        let bytes = crate::inspect::cat(path, spec)?;
+        let bytes = i::cat(image, spec)?;
         std::io::stdout().write_all(&bytes).context("writing to stdout")?;
         return Ok(());
     }
-    let info = crate::inspect::inspect_image(path)?;
+    let mut info = i::inspect_image(image)?;
+    info.path = path.display().to_string();
     if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-    } else {
-        print!("{}", crate::inspect::render(&info));
+        let mut v = serde_json::to_value(&info)?;
+        v["kind"] = match kind {
+            Input::ZstImage => {
+                v["compressed_size"] = std::fs::metadata(path)?.len().into();
+                "zst-image"
+            }
+            Input::Card => "card",
+            _ => "image",
+        }
+        .into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
+    // Say what was given when it is not a plain image file.
+    if matches!(kind, Input::ZstImage | Input::Card) {
+        println!("{}: {}", path.display(), kind.what());
+    }
+    print!("{}", i::render(&info));
     Ok(())
 }
 
@@ -745,68 +978,115 @@ impl Destination {
     }
 }
 
-fn run_provision(args: ProvisionArgs) -> Result<()> {
+fn run_provision(args: &ProvisionArgs) -> Result<()> {
     use crate::provision as p;
-    let progress = Progress::detect();
-    let ProvisionArgs { image, target, batch, output, bmap, yes, no_verify, check, device } = args;
-    let destination = Destination::of(target, output, batch.is_some())?;
-    let devices = match &batch {
-        Some(csv) => p::batch(csv, &device)?,
-        None if device.any() => vec![p::single(&device)?],
+    let destination =
+        Destination::of(args.target.clone(), args.output.clone(), args.batch.is_some())?;
+    let expected =
+        "provision reads a disk image (.img or .img.zst) built by `imager build`, or a card";
+    crate::inspect::expect_image(&args.image, expected)?;
+    let devices = match &args.batch {
+        Some(csv) => p::batch(csv, &args.device)?,
+        None if args.device.any() => vec![p::single(&args.device)?],
         None => anyhow::bail!(
             "nothing to provision: give --device FILE and/or device flags, or --batch FLEET.CSV"
         ),
     };
     // The partition's room, for every device, before anything is written.
-    let part = p::find_partition(&image)?;
+    let part = p::find_partition(&args.image)?;
     for d in &devices {
-        p::build_partition(&image, part.len, d)?;
+        p::build_partition(&args.image, part.len, d)?;
     }
-    if check {
-        for d in &devices {
-            println!("{}	{}	{}", d.id, d.hostname, d.label);
+    let listed: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|d| serde_json::json!({ "device_id": d.id, "hostname": d.hostname, "from": d.label }))
+        .collect();
+    let written = if args.check {
+        if !args.json {
+            println!("device_id\thostname\tfrom");
+            for d in &devices {
+                println!("{}\t{}\t{}", d.id, d.hostname, d.label);
+            }
         }
         eprintln!("{} device(s) valid; nothing written (--check)", devices.len());
-        return Ok(());
+        Vec::new()
+    } else {
+        write_provisioned(args, destination, &devices)?
+    };
+    if args.json {
+        let v = serde_json::json!({ "checked": args.check, "devices": listed, "written": written });
+        println!("{}", serde_json::to_string_pretty(&v)?);
     }
-    match destination {
+    Ok(())
+}
+
+/// Writes the validated devices where `destination` says; returns `--json`'s `written`.
+fn write_provisioned(
+    args: &ProvisionArgs,
+    destination: Destination,
+    devices: &[crate::provision::Device],
+) -> Result<Vec<serde_json::Value>> {
+    use crate::provision as p;
+    let progress = Progress::detect();
+    let (image, bmap, yes) = (&args.image, args.bmap.as_deref(), args.yes);
+    let one = |path: &std::path::Path| {
+        vec![serde_json::json!({ "device_id": devices[0].id, "image": path.display().to_string() })]
+    };
+    Ok(match destination {
         Destination::Folder(out) => {
-            let written = p::to_folder(&image, bmap.as_deref(), &devices, &out, &progress)?;
+            let opts = p::FolderOptions { force: args.force, zstd_level: args.zstd };
+            let written = p::to_folder(image, bmap, devices, &out, opts, &progress)?;
             eprintln!("wrote {} provisioned image(s) into {}", written.len(), out.display());
+            written.iter().map(serde_json::to_value).collect::<Result<_, _>>()?
         }
         Destination::Cards(target) => {
             use std::io::IsTerminal;
             if !std::io::stdin().is_terminal() {
                 anyhow::bail!("writing card after card needs a terminal to ask for the next card; standard input is not one (use --output DIR for per-device images instead)");
             }
-            let (bmap, verify) = (bmap.as_deref(), !no_verify);
+            let verify = !args.no_verify;
             let mut prompt = p::TerminalCards;
-            let done = p::cards(&image, bmap, &devices, &target, verify, &mut prompt, &progress)?;
+            let done = p::cards(image, bmap, devices, &target, verify, &mut prompt, &progress)?;
             eprintln!("wrote {} of {} card(s): {}", done.len(), devices.len(), done.join(", "));
+            let path = target.display().to_string();
+            done.iter().map(|id| serde_json::json!({ "device_id": id, "image": path })).collect()
         }
         Destination::Card(target) => {
-            let overlay = p::overlay(&image, &devices[0])?;
-            let opts = crate::flash::FlashOptions { image, bmap, target, verify: !no_verify };
-            let report = crate::flash::flash(
-                &opts,
-                Some(&overlay),
-                &mut *crate::flash::confirmation(yes),
-                &progress,
-            )?;
+            let overlay = p::overlay(image, &devices[0])?;
+            let written = one(&target);
+            let opts = crate::flash::FlashOptions {
+                image: image.clone(),
+                bmap: args.bmap.clone(),
+                target,
+                verify: !args.no_verify,
+                whole: false,
+            };
+            let mut confirm = crate::flash::confirmation(yes);
+            let report = crate::flash::flash(&opts, Some(&overlay), &mut *confirm, &progress)?;
             eprintln!("{}", report.summary());
+            written
         }
-        Destination::InPlace if batch.is_some() => anyhow::bail!(
+        Destination::InPlace if args.batch.is_some() => anyhow::bail!(
             "a batch writes per-device images (--output DIR) or cards (TARGET); give one of them"
         ),
         Destination::InPlace => {
-            p::in_place(&image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
+            p::in_place(image, &devices[0], &mut *crate::flash::confirmation(yes), &progress)?;
+            one(image)
         }
-    }
-    Ok(())
+    })
 }
 
-fn run_keygen(dir: &std::path::Path, name: &str) -> Result<()> {
+fn run_keygen(dir: &std::path::Path, name: &str, json: bool) -> Result<()> {
     let pair = crate::keys::generate(dir, name)?;
+    if json {
+        let v = serde_json::json!({
+            "key_id": pair.key_id,
+            "private": pair.private.display().to_string(),
+            "public": pair.public.display().to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     println!("key id {}", pair.key_id);
     println!("private {} (keep it secret; never commit it)", pair.private.display());
     println!("public  {} (copy it into the keyring of the images)", pair.public.display());
@@ -819,8 +1099,12 @@ fn run_bundle(
     output: &std::path::Path,
     security_epoch: Option<u64>,
     source_date_epoch: Option<u64>,
-) -> Result<()> {
+) -> Result<crate::bundle::BundleSummary> {
     use updater::bundle::SlotClass;
+    crate::inspect::expect_image(
+        image,
+        "bundle reads a disk image (.img) built by `imager build`",
+    )?;
     let progress = Progress::detect();
     let release = crate::inspect::inspect_image(image)?
         .slots
@@ -844,12 +1128,12 @@ fn run_bundle(
     let signing = crate::keys::load_signing_key(key)?;
     let summary = crate::bundle::write_bundle(output, &meta, &images, &signing, &progress)?;
     eprintln!(
-        "wrote {} ({} bytes, signed by {})",
+        "wrote {} ({}, signed by {})",
         summary.path.display(),
-        summary.size,
+        updater::units::size(summary.size),
         summary.key_id
     );
-    Ok(())
+    Ok(summary)
 }
 
 fn run_publish(
@@ -861,6 +1145,11 @@ fn run_publish(
     sequence: Option<u64>,
 ) -> Result<()> {
     use crate::publish::{publish, PublishRequest, Signer};
+    crate::inspect::expect(
+        bundle,
+        |k| matches!(k, crate::inspect::Input::Bundle | crate::inspect::Input::RoleBundle),
+        "publish reads an OS bundle (.mfb) made by `imager build` or `imager bundle`, or a role bundle (.mfr) made by `imager role build`",
+    )?;
     let progress = Progress::detect();
     let now = unix_now()?;
     let change = rollout.change(now)?;
@@ -884,8 +1173,10 @@ fn run_publish(
             rollout: r,
         };
         let signer = Signer { key: &key, expires_in: target.expires_in, now };
-        report(&crate::publish::roles::publish_role(&req, &signer, &progress)?);
-        return Ok(());
+        return report(
+            &crate::publish::roles::publish_role(&req, &signer, &progress)?,
+            target.json,
+        );
     }
     let req = PublishRequest {
         folder: &target.folder,
@@ -897,21 +1188,11 @@ fn run_publish(
         sequence,
     };
     let p = publish(&req, &Signer { key: &key, expires_in: target.expires_in, now }, &progress)?;
-    report(&p);
+    report(&p, target.json)?;
     if p.channel.paused {
         eprintln!("note: channel {} is paused; `imager channel resume` to start", p.channel.name);
     }
     Ok(())
-}
-
-/// A bundle is a tar stream whose first entry is `manifest.toml`; an image starts with an MBR.
-fn is_bundle(path: &std::path::Path) -> Result<bool> {
-    use std::io::Read;
-    let mut head = [0u8; 13];
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let n = f.read(&mut head)?;
-    Ok(path.extension().is_some_and(|e| e == "mfb")
-        || &head[..n] == updater::bundle::MANIFEST_NAME.as_bytes())
 }
 
 #[cfg(test)]

@@ -33,6 +33,20 @@ const WINDOW: u64 = 64 << 20;
 /// read back, so that the progress bar shows the device's pace rather than the page cache's.
 const LEAD: usize = 4;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// Block size of the map made for `--nobmap`.
+const BLOCK: u64 = 4096;
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
 
 /// What to flash where.
 #[derive(Debug, Clone)]
@@ -43,6 +57,9 @@ pub struct FlashOptions {
     pub target: PathBuf,
     /// Read the written ranges back and check them (default on).
     pub verify: bool,
+    /// No block map (`--nobmap`): write every byte, checked against the image's own checksums
+    /// taken in a first pass (see [`Image::open_whole`]).
+    pub whole: bool,
 }
 
 /// Bytes written over the flashed image at `offset` (a provision partition), after the image
@@ -86,11 +103,17 @@ impl Confirm for AskTerminal {
         if !std::io::stdin().is_terminal() {
             bail!("{question}\nrefusing to write without confirmation: standard input is not a terminal; pass --yes to write anyway");
         }
-        eprint!("{question}\nType 'yes' to go on: ");
+        eprint!("{question}\nType yes to write (anything else cancels): ");
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).context("reading the answer")?;
-        Ok(matches!(line.trim(), "yes" | "y" | "YES" | "Yes"))
+        Ok(accepts(&line))
     }
+}
+
+/// The answer that confirms: exactly `yes` (not `y`, not `YES`), as bmaptool's users expect a
+/// destructive prompt to be strict.
+pub fn accepts(answer: &str) -> bool {
+    answer.trim_end_matches(['\n', '\r']) == "yes"
 }
 
 /// The confirmation for `--yes` or its absence.
@@ -122,32 +145,32 @@ pub struct FlashReport {
 }
 
 impl FlashReport {
-    /// Write speed in MB/s (10^6 bytes), fsync (and with verification, the read-back done
-    /// alongside) included.
-    pub fn write_mbps(&self) -> f64 {
-        mbps(self.mapped_bytes, self.write_seconds)
+    /// Write speed in MiB/s, fsync (and with verification, the read-back done alongside)
+    /// included.
+    pub fn write_mib_per_sec(&self) -> f64 {
+        updater::units::mib_per_sec(self.mapped_bytes, self.write_seconds)
     }
 
-    /// A few lines for the terminal.
+    /// A few lines for the terminal (IEC units, updater::units).
     pub fn summary(&self) -> String {
-        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        use updater::units::{size, speed};
         let mut s = format!(
-            "flashed {} to {}\n  image    {} ({} mapped, {:.0}%)\n  checked  image against its bmap in {:.1} s\n  written  {} in {:.1} s: {:.1} MB/s (fsync included)",
+            "flashed {} to {}\n  image    {} ({} mapped, {:.0}%)\n  checked  image against its bmap in {:.1} s\n  written  {} in {:.1} s: {} (fsync included)",
             self.image.display(),
             self.target.display(),
-            mb(self.image_size),
-            mb(self.mapped_bytes),
+            size(self.image_size),
+            size(self.mapped_bytes),
             100.0 * self.mapped_bytes as f64 / self.image_size.max(1) as f64,
             self.check_seconds,
-            mb(self.mapped_bytes),
+            size(self.mapped_bytes),
             self.write_seconds,
-            self.write_mbps()
+            speed(self.mapped_bytes, self.write_seconds)
         );
         match self.verify_seconds {
             Some(v) => {
                 s += &format!(
                     "\n  verified {} read back while writing, done {:.1} s after the fsync",
-                    mb(self.mapped_bytes),
+                    size(self.mapped_bytes),
                     v
                 );
             }
@@ -156,15 +179,11 @@ impl FlashReport {
         if self.overlay_bytes > 0 {
             s += &format!(
                 "\n  provision partition written and verified ({})",
-                mb(self.overlay_bytes)
+                size(self.overlay_bytes)
             );
         }
         s
     }
-}
-
-fn mbps(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / 1e6 / secs.max(1e-9)
 }
 
 /// The bmap of `image`: `X.bmap` or `X.img.bmap` next to `X.img` / `X.img.zst`.
@@ -283,7 +302,14 @@ fn stream_zstd(
     let mut at = 0u64;
     let read = |dec: &mut dyn Read, buf: &mut [u8], at: u64| -> Result<()> {
         dec.read_exact(buf).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // zstd's own errors carry an inner error; read_exact's end of data does not.
+                if e.get_ref().is_some() {
+                    anyhow::anyhow!(
+                        "{}: the zstd stream is truncated or corrupt (it stopped before byte {} of the image): {e}",
+                        image.display(),
+                        at + buf.len() as u64
+                    )
+                } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     anyhow::anyhow!(
                         "{} does not match its block map {}: the image ends before byte {}, the bmap says it is {} bytes (ImageSize)",
                         image.display(),
@@ -476,6 +502,59 @@ impl Image {
         })
     }
 
+    /// The whole image as its own map (`--nobmap`): every byte is written, in ranges of
+    /// [`CHUNK`] whose checksums are taken from the image in a first pass, so the read-back
+    /// still verifies what reached the target. A `.img.zst` is decompressed twice.
+    pub fn open_whole(path: &Path, progress: &Progress) -> Result<Image> {
+        let t0 = Instant::now();
+        let (source, size, inode) = Source::open(path)?;
+        let (file, zstd) = match &source {
+            Source::Raw(f) => (f.try_clone()?, false),
+            Source::Zstd(f) => (f.try_clone()?, true),
+        };
+        let mut file = file;
+        file.seek(SeekFrom::Start(0))?;
+        let mut reader: Box<dyn Read> =
+            if zstd { Box::new(zstd::stream::read::Decoder::new(file)?) } else { Box::new(file) };
+        let step = progress.bytes(size.unwrap_or(0), "hashing the whole image (--nobmap)");
+        let mut buf = vec![0u8; CHUNK];
+        let (mut ranges, mut at) = (Vec::new(), 0u64);
+        loop {
+            let n = read_full(&mut reader, &mut buf).with_context(|| {
+                format!(
+                    "{}: the zstd stream is truncated or corrupt (it stopped after {} of the image)",
+                    path.display(),
+                    updater::units::size(at)
+                )
+            })?;
+            if n == 0 {
+                break;
+            }
+            let end = at + n as u64;
+            ranges.push(MappedRange {
+                first: at / BLOCK,
+                last: (end - 1) / BLOCK,
+                start: at,
+                end,
+                sha256: Sha256::digest(&buf[..n]).into(),
+            });
+            step.inc(n as u64);
+            at = end;
+        }
+        step.finish();
+        if at == 0 {
+            bail!("{}: the image is empty", path.display());
+        }
+        Ok(Image {
+            path: path.to_path_buf(),
+            bmap_path: PathBuf::from("(--nobmap: the image's own checksums)"),
+            bmap: Bmap { image_size: at, block_size: BLOCK, ranges },
+            source,
+            inode,
+            check_seconds: Some(t0.elapsed().as_secs_f64()),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -508,10 +587,10 @@ impl Image {
     /// The question asked before writing to `target`.
     pub fn question(&self, target: &Target) -> String {
         format!(
-            "This overwrites everything on {} with {} ({:.1} GB).",
+            "This overwrites everything on {} with {} ({}).",
             target.describe(),
             self.path.display(),
-            self.bmap.image_size as f64 / 1e9
+            updater::units::size(self.bmap.image_size)
         )
     }
 }
@@ -1030,7 +1109,18 @@ pub fn flash(
     confirm: &mut dyn Confirm,
     progress: &Progress,
 ) -> Result<FlashReport> {
-    let mut image = Image::open(&opts.image, opts.bmap.as_deref())?;
+    use crate::inspect::{expect_image, identify, Input};
+    let hint = match identify(&opts.image)? {
+        Input::Bundle | Input::RoleBundle => "flash writes a disk image (.img or .img.zst); a bundle is installed on a running device (`updater install`, `updater role apply`) or published (`imager publish`)",
+        Input::Bmap => "flash writes a disk image (.img or .img.zst) and finds its block map next to it (or --bmap FILE)",
+        _ => "flash writes a disk image (.img or .img.zst) made by `imager build`",
+    };
+    expect_image(&opts.image, hint)?;
+    let mut image = if opts.whole {
+        Image::open_whole(&opts.image, progress)?
+    } else {
+        Image::open(&opts.image, opts.bmap.as_deref())?
+    };
     let target = image.check_target(&opts.target)?;
     image.check(progress)?;
     write(&image, &target, opts.verify, overlay, confirm, progress)
@@ -1074,7 +1164,13 @@ mod tests {
     }
 
     fn opts(image: &Path, target: &Path) -> FlashOptions {
-        FlashOptions { image: image.into(), bmap: None, target: target.into(), verify: true }
+        FlashOptions {
+            image: image.into(),
+            bmap: None,
+            target: target.into(),
+            verify: true,
+            whole: false,
+        }
     }
 
     fn run(o: &FlashOptions) -> Result<FlashReport> {
@@ -1083,6 +1179,14 @@ mod tests {
 
     fn err(o: &FlashOptions) -> String {
         format!("{:#}", run(o).unwrap_err())
+    }
+
+    #[test]
+    fn only_exactly_yes_confirms() {
+        assert!(accepts("yes\n") && accepts("yes"));
+        for no in ["y\n", "YES\n", "Yes\n", " yes\n", "yes please\n", "\n", ""] {
+            assert!(!accepts(no), "{no:?}");
+        }
     }
 
     #[test]
@@ -1105,7 +1209,7 @@ mod tests {
             let written: u64 =
                 data_ranges(&File::open(&out).unwrap()).unwrap().iter().map(|(s, e)| e - s).sum();
             assert!(written <= r.mapped_bytes + (1 << 20), "{written} > {}", r.mapped_bytes);
-            assert!(r.summary().contains("MB/s"));
+            assert!(r.summary().contains("MiB/s"));
         }
     }
 

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod provision;
 pub mod publish;
 pub mod recipe;
+pub mod recipient;
 pub mod role;
 pub mod rootfs;
 pub mod target;

@@ -255,6 +255,7 @@ impl Origin {
 #[derive(Debug, Clone)]
 pub struct Template {
     path: PathBuf,
+    text: String,
     table: toml::Table,
 }
 
@@ -264,7 +265,7 @@ impl Template {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let table: toml::Table =
             toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
-        Ok(Template { path: path.to_path_buf(), table })
+        Ok(Template { path: path.to_path_buf(), text, table })
     }
 }
 
@@ -390,23 +391,11 @@ fn device_config(
             },
         }
     };
-    let raw = match toml::Value::Table(table).try_into::<DeviceToml>() {
+    let raw = match device_toml_all(table) {
         Ok(d) => d,
-        Err(e) => {
-            let msg = e.message().to_string();
-            let name = msg.split('`').nth(1).unwrap_or("").to_string();
-            if msg.starts_with("missing field") {
-                let path = missing_path(&name);
-                let how = match column_for(&path) {
-                    Some(c) if batch => format!("a {} column or {} in --device", c.name, path),
-                    Some(c) => format!("{} or {path} in --device FILE", c.flag),
-                    None => format!("{path} in --device FILE"),
-                };
-                errs.push(format!("{}: {path}: missing; give it as {how}", spec.label));
-            } else {
-                let at =
-                    template.map_or("device.toml".to_string(), |t| t.path.display().to_string());
-                errs.push(format!("{}: {at}: {msg}", spec.label));
+        Err(problems) => {
+            for p in problems {
+                errs.push(key_problem(spec, template, batch, p));
             }
             return None;
         }
@@ -420,6 +409,159 @@ fn device_config(
             }
             None
         }
+    }
+}
+
+/// A key of device.toml that is missing, unknown, or otherwise wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyProblem {
+    /// The dotted path of a required key.
+    Missing(String),
+    /// A key no table of device.toml has; `table` is dotted ("" at the top).
+    Unknown {
+        table: String,
+        key: String,
+        expected: Vec<String>,
+    },
+    Other(String),
+}
+
+/// Deserializes device.toml reporting every missing and unknown key in one pass: serde stops at
+/// the first, so each is noted and patched (a missing key gets a placeholder, an unknown one
+/// is removed) and deserializing tried again.
+fn device_toml_all(mut table: toml::Table) -> Result<DeviceToml, Vec<KeyProblem>> {
+    let mut problems = Vec::new();
+    for _ in 0..64 {
+        let err = match toml::Value::Table(table.clone()).try_into::<DeviceToml>() {
+            Ok(d) if problems.is_empty() => return Ok(d),
+            Ok(_) => return Err(problems),
+            Err(e) => e.message().to_string(),
+        };
+        let quoted: Vec<String> = err.split('`').skip(1).step_by(2).map(str::to_string).collect();
+        let name = quoted.first().cloned().unwrap_or_default();
+        if err.starts_with("missing field") {
+            let path = missing_path(&name);
+            if path == "channel" {
+                // Its own missing keys (name, url) are reported on the next try.
+                table.insert(path, toml::Value::Table(toml::Table::new()));
+            } else {
+                set_path(&mut table, &path, toml::Value::String(String::new()));
+                problems.push(KeyProblem::Missing(path));
+            }
+        } else if err.starts_with("unknown field") {
+            let Some(at) = remove_key(&mut table, &name, &quoted[1..]) else {
+                problems.push(KeyProblem::Other(err));
+                return Err(problems);
+            };
+            problems.push(KeyProblem::Unknown {
+                table: at,
+                key: name,
+                expected: quoted[1..].to_vec(),
+            });
+        } else {
+            problems.push(KeyProblem::Other(err));
+            return Err(problems);
+        }
+    }
+    Err(problems)
+}
+
+/// Removes the unknown `key` from the table (top level or a sub-table) whose other keys are
+/// among `expected`; returns that table's dotted name.
+fn remove_key(table: &mut toml::Table, key: &str, expected: &[String]) -> Option<String> {
+    let fits = |t: &toml::Table| {
+        t.contains_key(key) && t.keys().all(|k| k == key || expected.iter().any(|e| e == k))
+    };
+    if fits(table) {
+        table.remove(key);
+        return Some(String::new());
+    }
+    for (name, value) in table.iter_mut() {
+        if let Some(sub) = value.as_table_mut() {
+            if let Some(inner) = remove_key(sub, key, expected) {
+                return Some(if inner.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name}.{inner}")
+                });
+            }
+        }
+    }
+    None
+}
+
+/// The closest of `candidates` to a misspelled `word`, if one is close enough (any command may
+/// use it for a "did you mean").
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| {
+            // Jaro-Winkler for shared prefixes (hostnme), Damerau for swaps in short words (ulr).
+            let score =
+                strsim::jaro_winkler(word, c).max(strsim::normalized_damerau_levenshtein(word, c));
+            (score, c)
+        })
+        .filter(|(score, _)| *score > 0.65)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// The line of `key` inside `[table]` of a TOML text (1-based), if it is found.
+fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            current = h.trim().to_string();
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else { continue };
+        let k = k.trim().trim_matches('"');
+        let full = if current.is_empty() { k.to_string() } else { format!("{current}.{k}") };
+        let want = if table.is_empty() { key.to_string() } else { format!("{table}.{key}") };
+        if full == want {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// One problem of device.toml as a message naming where to fix it.
+fn key_problem(spec: &Spec, template: Option<&Template>, batch: bool, p: KeyProblem) -> String {
+    let file = template.map_or("device.toml".to_string(), |t| t.path.display().to_string());
+    match p {
+        KeyProblem::Missing(path) => {
+            let how = match column_for(&path) {
+                Some(c) if batch => {
+                    format!("a {} column, {} or {path} in --device FILE", c.name, c.flag)
+                }
+                Some(c) => format!(
+                    "{} (or a {} column with --batch) or {path} in --device FILE",
+                    c.flag, c.name
+                ),
+                None => format!("{path} in --device FILE"),
+            };
+            format!("{}: {path}: missing; give it as {how}", spec.label)
+        }
+        KeyProblem::Unknown { table, key, expected } => {
+            let line = template
+                .and_then(|t| key_line(&t.text, &table, &key))
+                .map_or(String::new(), |l| format!("line {l}: "));
+            let where_ =
+                if table.is_empty() { "top level".to_string() } else { format!("[{table}]") };
+            let hint = match did_you_mean(&key, expected.iter().map(String::as_str)) {
+                Some(m) => format!("did you mean {m:?}? "),
+                None => String::new(),
+            };
+            format!(
+                "{file}: {line}{where_}: unknown key {key:?}; {hint}expected one of: {}",
+                expected.join(", ")
+            )
+        }
+        KeyProblem::Other(msg) => format!("{}: {file}: {msg}", spec.label),
     }
 }
 
@@ -598,10 +740,10 @@ pub fn batch(csv_path: &Path, args: &DeviceArgs) -> Result<Vec<Device>> {
         .trim(csv::Trim::All)
         .comment(Some(b'#'))
         .from_reader(text.as_slice());
-    let cols = csv_columns(csv_path, &mut reader)?;
-    let mut errs: Vec<String> = Vec::new();
+    let (cols, mut errs) = csv_columns(csv_path, &mut reader)?;
     let mut devices: Vec<Device> = Vec::new();
     let mut seen: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut hosts: BTreeMap<String, (usize, u64)> = BTreeMap::new();
     for (i, record) in reader.records().enumerate() {
         let row = i + 1;
         let record = match record {
@@ -630,10 +772,22 @@ pub fn batch(csv_path: &Path, args: &DeviceArgs) -> Result<Vec<Device>> {
         }
         seen.insert(id.clone(), (row, line));
         match build(&spec, template.as_ref(), true) {
-            Ok(d) => devices.push(d),
+            Ok(d) => {
+                if let Some((r0, l0)) = hosts.get(&d.hostname) {
+                    errs.push(format!(
+                        "{}, column hostname: {:?} is already the host name of row {r0} (line {l0}); host names must be unique",
+                        spec.label, d.hostname
+                    ));
+                }
+                hosts.entry(d.hostname.clone()).or_insert((row, line));
+                devices.push(d);
+            }
             Err(e) => errs.extend(e),
         }
     }
+    // A template's problem is the same for every row: said once.
+    let mut said = std::collections::BTreeSet::new();
+    errs.retain(|e| said.insert(e.clone()));
     if !errs.is_empty() {
         bail!(
             "{}: {} problem{} found, nothing written:\n  {}",
@@ -660,31 +814,51 @@ fn line_at(text: &[u8], byte: u64) -> u64 {
     text[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
 }
 
-/// The columns of a batch CSV's header line: known, each once, device_id among them.
-fn csv_columns(csv_path: &Path, reader: &mut csv::Reader<&[u8]>) -> Result<Vec<&'static Column>> {
+/// The columns of a batch CSV's header line (None: an unknown column, its cells ignored), and
+/// every problem of the header: unknown columns (with "did you mean"), repeated ones. Fails
+/// only when no device_id column exists, as then no row can be read.
+fn csv_columns(
+    csv_path: &Path,
+    reader: &mut csv::Reader<&[u8]>,
+) -> Result<(Vec<Option<&'static Column>>, Vec<String>)> {
     let headers = reader
         .headers()
         .with_context(|| format!("{}: reading the header line", csv_path.display()))?
         .clone();
-    let mut cols: Vec<&'static Column> = Vec::new();
+    let mut cols: Vec<Option<&'static Column>> = Vec::new();
+    let mut problems = Vec::new();
     for (i, h) in headers.iter().enumerate() {
-        let Some(c) = column(h) else {
-            bail!(
-                "{}: line 1, column {} {h:?} is not a known column; expected some of: {}",
-                csv_path.display(),
-                i + 1,
-                COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
-            );
-        };
-        if cols.iter().any(|k| k.name == c.name) {
-            bail!("{}: line 1: column {h:?} appears twice", csv_path.display());
+        let at = format!("{}: line 1, column {}", csv_path.display(), i + 1);
+        match column(h) {
+            None => {
+                let hint = did_you_mean(h, COLUMNS.iter().map(|c| c.name))
+                    .map_or(String::new(), |m| format!("did you mean {m:?}? "));
+                problems.push(format!(
+                    "{at}: {h:?} is not a known column; {hint}expected some of: {}",
+                    COLUMNS.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+                ));
+                cols.push(None);
+            }
+            Some(c) if cols.iter().flatten().any(|k| k.name == c.name) => {
+                problems.push(format!("{at}: column {h:?} appears twice"));
+                cols.push(None);
+            }
+            Some(c) => cols.push(Some(c)),
         }
-        cols.push(c);
     }
-    if !cols.iter().any(|c| c.name == "device_id") {
-        bail!("{}: line 1: no device_id column; every row needs a device_id", csv_path.display());
+    if !cols.iter().flatten().any(|c| c.name == "device_id") {
+        problems.push(format!(
+            "{}: line 1: no device_id column; every row needs a device_id",
+            csv_path.display()
+        ));
+        bail!(
+            "{}: {} problem(s) in the header line, nothing written:\n  {}",
+            csv_path.display(),
+            problems.len(),
+            problems.join("\n  ")
+        );
     }
-    Ok(cols)
+    Ok((cols, problems))
 }
 
 /// One row's inputs: the flags, with the row's non-empty cells over them.
@@ -692,7 +866,7 @@ fn row_spec(
     csv_path: &Path,
     row: usize,
     line: u64,
-    cols: &[&'static Column],
+    cols: &[Option<&'static Column>],
     record: &csv::StringRecord,
     flags: &[(&'static str, String)],
 ) -> Spec {
@@ -703,6 +877,7 @@ fn row_spec(
         .map(|(k, v)| (*k, (v.clone(), Origin::Flag(column(k).expect("known").flag))))
         .collect();
     for (c, v) in cols.iter().zip(record.iter()) {
+        let Some(c) = c else { continue };
         if !v.is_empty() {
             values.insert(c.name, (v.to_string(), cell(c.name)));
         }
@@ -753,10 +928,11 @@ pub fn build_partition(image: &Path, len: u64, device: &Device) -> Result<Vec<u8
     let names = device.files().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
     let full = || {
         anyhow::anyhow!(
-            "{}: the provision partition ({:.1} MiB) is full: the files of {} ({names}: {needed} bytes) do not fit; nothing written",
+            "{}: the provision partition ({}) is full: the files of {} ({names}: {}) do not fit; nothing written",
             image.display(),
-            len as f64 / (1 << 20) as f64,
-            device.label
+            updater::units::size(len),
+            device.label,
+            updater::units::size(needed)
         )
     };
     if needed >= len {
@@ -883,37 +1059,78 @@ pub struct Written {
     pub bmap: PathBuf,
 }
 
-/// Writes `DIR/STEM-DEVICE_ID.img` and `.bmap` for every device: the image (raw or zstd)
-/// written sparse through its bmap, then the device's partition. All partitions are built
-/// before the first image is written.
+/// How per-device images are written.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FolderOptions {
+    /// Replace per-device images that already exist (without it they are refused, all named,
+    /// before anything is written).
+    pub force: bool,
+    /// Write `.img.zst` at this zstd level instead of `.img`.
+    pub zstd_level: Option<i32>,
+}
+
+/// Writes `DIR/STEM-DEVICE_ID.img` (or `.img.zst`) and `.bmap` for every device: the image
+/// (raw or zstd) written sparse through its bmap, then the device's partition. All partitions
+/// are built, and existing outputs refused, before the first image is written.
 pub fn to_folder(
     image: &Path,
     bmap: Option<&Path>,
     devices: &[Device],
     out: &Path,
+    opts: FolderOptions,
     progress: &Progress,
 ) -> Result<Vec<Written>> {
     let mut img = flash::Image::open(image, bmap)?;
     let overlays = devices.iter().map(|d| overlay(image, d)).collect::<Result<Vec<_>>>()?;
-    img.check(progress)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let name = image.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let stem = name.trim_end_matches(".zst").trim_end_matches(".img").to_string();
+    let ext = if opts.zstd_level.is_some() { "img.zst" } else { "img" };
+    let dst_of = |d: &Device| out.join(format!("{stem}-{}.{ext}", d.id));
+    let existing: Vec<String> = devices
+        .iter()
+        .map(dst_of)
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !existing.is_empty() && !opts.force {
+        bail!(
+            "{} of the per-device images exist already, nothing written (--force replaces them): {}",
+            existing.len(),
+            existing.join(", ")
+        );
+    }
+    img.check(progress)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut written = Vec::new();
-    for (d, o) in devices.iter().zip(&overlays) {
-        let dst = out.join(format!("{stem}-{}.img", d.id));
-        let tmp = out.join(format!(".{stem}-{}.img.tmp", d.id));
-        let _ = std::fs::remove_file(&tmp);
-        let t = img.check_target(&tmp)?;
+    for (i, (d, o)) in devices.iter().zip(&overlays).enumerate() {
+        let dst = dst_of(d);
+        let raw = out.join(format!(".{stem}-{}.img.tmp", d.id));
+        let _ = std::fs::remove_file(&raw);
+        let t = img.check_target(&raw)?;
         flash::write(&img, &t, false, None, &mut flash::AssumeYes, &Progress::quiet())
             .with_context(|| format!("writing the image of device {}", d.id))?;
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&tmp)?;
-        write_checked(&file, &tmp, o.offset, &o.bytes, true)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&raw)?;
+        write_checked(&file, &raw, o.offset, &o.bytes, true)?;
         drop(file);
-        std::fs::rename(&tmp, &dst).with_context(|| format!("renaming to {}", dst.display()))?;
         let bmap_path = out.join(format!("{stem}-{}.bmap", d.id));
-        crate::output::write_bmap(&dst, &bmap_path)?;
-        progress.line(&format!("wrote {} ({})", dst.display(), d.label));
+        crate::output::write_bmap(&raw, &bmap_path)?;
+        match opts.zstd_level {
+            Some(level) => {
+                let zst = out.join(format!(".{stem}-{}.img.zst.tmp", d.id));
+                crate::output::compress_zstd(&raw, &zst, level, &Progress::quiet())?;
+                std::fs::remove_file(&raw)?;
+                std::fs::rename(&zst, &dst)
+            }
+            None => std::fs::rename(&raw, &dst),
+        }
+        .with_context(|| format!("renaming to {}", dst.display()))?;
+        progress.line(&format!(
+            "{} of {}: wrote {} ({})",
+            i + 1,
+            devices.len(),
+            dst.display(),
+            d.label
+        ));
         written.push(Written { device_id: d.id.clone(), image: dst, bmap: bmap_path });
     }
     Ok(written)
@@ -1273,7 +1490,11 @@ mod tests {
             ),
             (
                 "device_id,hostnme\ncam-1,cam-1\n".to_string(),
-                vec!["line 1, column 2 \"hostnme\" is not a known column"],
+                vec![
+                    "line 1, column 2: \"hostnme\" is not a known column; did you mean \"hostname\"?",
+                    // The rows are still read: every problem in one pass.
+                    "row 1 (line 2): hostname: missing",
+                ],
             ),
             ("hostname\ncam-1\n".to_string(), vec!["line 1: no device_id column"]),
             (f("cam-1,cam-1\n"), vec!["row 1 (line 2): CSV error"]),
@@ -1294,12 +1515,16 @@ mod tests {
         // A value missing everywhere names the ways to give it.
         let fleet = csv(&site, "device_id,hostname\ncam-1,cam-1\n");
         let e = format!("{:#}", batch(&fleet, &DeviceArgs::default()).unwrap_err());
-        assert!(
-            e.contains(
-                "row 1 (line 2): role: missing; give it as a role column or role in --device"
-            ),
-            "{e}"
-        );
+        // Every missing field in one pass, each with the column, the flag and the file.
+        for want in [
+            "4 problems found",
+            "row 1 (line 2): role: missing; give it as a role column, --role or role in --device FILE",
+            "segment: missing; give it as a segment column, --segment or segment in --device",
+            "channel.name: missing; give it as a channel column, --channel or channel.name in",
+            "channel.url: missing; give it as a channel_url column, --channel-url or channel.url in",
+        ] {
+            assert!(e.contains(want), "want {want:?} in:\n{e}");
+        }
         // A flag's bad value names the flag; a template's names the file and field.
         let args = DeviceArgs {
             segment: Some("beta".into()),
@@ -1318,10 +1543,18 @@ mod tests {
         };
         let e = format!("{:#}", single(&args).unwrap_err());
         assert!(e.contains("t2.toml: role: "), "{e}");
-        std::fs::write(site.join("t3.toml"), "rolle = \"x\"\n").unwrap();
+        // An unknown key names file, line, table and the key it resembles, and hides nothing.
+        std::fs::write(site.join("t3.toml"), "rolle = \"x\"\n[channel]\nnmae = \"s\"\n").unwrap();
         let args = DeviceArgs { device: Some(site.join("t3.toml")), ..Default::default() };
         let e = format!("{:#}", single(&args).unwrap_err());
-        assert!(e.contains("t3.toml: unknown field `rolle`"), "{e}");
+        for want in [
+            "t3.toml: line 1: top level: unknown key \"rolle\"; did you mean \"role\"?",
+            "t3.toml: line 3: [channel]: unknown key \"nmae\"; did you mean \"name\"?",
+            "role: missing; give it as --role (or a role column with --batch) or role in --device",
+            "channel.url: missing",
+        ] {
+            assert!(e.contains(want), "want {want:?} in:\n{e}");
+        }
     }
 
     #[test]
@@ -1364,8 +1597,13 @@ mod tests {
         assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "no plain secret");
         // The bmap next to it was rewritten: flashing the provisioned image works.
         let out = dir.path().join("card.img");
-        let opts =
-            flash::FlashOptions { image: img, bmap: None, target: out.clone(), verify: true };
+        let opts = flash::FlashOptions {
+            image: img,
+            bmap: None,
+            target: out.clone(),
+            verify: true,
+            whole: false,
+        };
         flash::flash(&opts, None, &mut flash::AssumeYes, &Progress::quiet()).unwrap();
         assert_eq!(inspect(&out).unwrap().device_id.as_deref(), Some("pi-0042"));
     }
@@ -1444,7 +1682,9 @@ mod tests {
         let golden_sum = sha256_file(&img).unwrap();
         let out = dir.path().join("out");
         // From the compressed image: its GPT is read from the stream's head.
-        let written = to_folder(&zst, None, &two_devices(&site), &out, &Progress::quiet()).unwrap();
+        let opts = FolderOptions::default();
+        let written =
+            to_folder(&zst, None, &two_devices(&site), &out, opts, &Progress::quiet()).unwrap();
         assert_eq!(written.len(), 2);
         for (w, id) in written.iter().zip(["cam-1", "cam-2"]) {
             assert_eq!(w.image, out.join(format!("fleet-1.0.0-{id}.img")));

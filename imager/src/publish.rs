@@ -199,10 +199,13 @@ pub fn publish(
         }
         if facts.version.cmp_precedence(&old.os.version) == std::cmp::Ordering::Less {
             bail!(
-                "channel {} offers {}; {} is older (use `imager channel pin` to send devices back)",
+                "channel {} offers {}; {} is older: to send the devices back, pin it (it is copied into bundles/): imager channel pin --folder {} --channel {} --key KEY --bundle {} --reason WHY",
                 req.channel,
                 old.os.version,
-                facts.version
+                facts.version,
+                req.folder.display(),
+                req.channel,
+                req.bundle.display()
             );
         }
     }
@@ -291,6 +294,7 @@ fn copy_bundle(
     if hex::encode(h.finalize()) != sha256 {
         bail!("{} changed while it was being published", src.display());
     }
+    // Readable by a web server running as another user, like the channel files.
     use std::os::unix::fs::PermissionsExt;
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(0o644))
@@ -338,9 +342,12 @@ pub enum Edit {
     Set(RolloutChange),
     Pause,
     Resume,
-    /// Pins the fleet to `version`, whose bundle must be in the folder's `bundles/`.
+    /// Pins the fleet to a version: its bundle is found in the folder's `bundles/` by
+    /// `version`, or given as `bundle` (verified, then copied into `bundles/` as an archive
+    /// entry; `version`, if given too, must match it).
     Pin {
-        version: Version,
+        version: Option<Version>,
+        bundle: Option<PathBuf>,
         reason: String,
         expires: Option<Timestamp>,
     },
@@ -391,9 +398,13 @@ pub fn edit(
             let roles = ch.devices.get(id).map(|d| d.roles.clone()).unwrap_or_default();
             ch.devices.insert(id.clone(), format::DeviceOverride { roles, ..entry.clone() });
         }
-        Edit::Pin { version, reason, expires } => {
+        Edit::Pin { version, bundle, reason, expires } => {
             check_pin(reason, *expires, signer.now)?;
-            let (path, facts) = find_bundle(folder, version, keyring, progress)?;
+            let (path, facts) = match (bundle, version) {
+                (Some(b), v) => archive_bundle(folder, b, v.as_ref(), keyring, progress)?,
+                (None, Some(v)) => find_bundle(folder, v, keyring, progress)?,
+                (None, None) => bail!("a pin needs --version VERSION or --bundle FILE"),
+            };
             if facts.compatible != ch.os.compatible {
                 bail!(
                     "{} is for {:?}, channel {channel} is for {:?}",
@@ -430,6 +441,25 @@ fn check_pin(reason: &str, expires: Option<Timestamp>, now: u64) -> Result<()> {
     Ok(())
 }
 
+/// Verifies a bundle given for a pin and copies it into `<folder>/bundles/` (kept there like
+/// any published bundle) without offering it: the archive entry the pin points at.
+fn archive_bundle(
+    folder: &Path,
+    bundle: &Path,
+    version: Option<&Version>,
+    keyring: &Keyring,
+    progress: &Progress,
+) -> Result<(PathBuf, BundleFacts)> {
+    let facts = bundle_facts(bundle, keyring, progress)?;
+    if let Some(v) = version.filter(|v| **v != facts.version) {
+        bail!("{} holds version {}, not {v} (--version)", bundle.display(), facts.version);
+    }
+    let name = bundle_name(None, bundle, &facts)?;
+    let dest = folder.join(format::bundle_path(&name, &facts.version));
+    copy_bundle(bundle, &dest, facts.size, &facts.sha256, progress)?;
+    Ok((dest, facts))
+}
+
 /// The published bundle of `version` in `<folder>/bundles/` (`*-<version>.mfb`), verified.
 fn find_bundle(
     folder: &Path,
@@ -441,7 +471,12 @@ fn find_bundle(
     let suffix = format!("-{version}.mfb");
     let mut found = Vec::new();
     let mut others = Vec::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries.collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for e in entries {
         let p = e.with_context(|| format!("reading {}", dir.display()))?.path();
         let n = file_name(&p);
         if n.ends_with(&suffix) {
@@ -454,7 +489,7 @@ fn find_bundle(
     let Some(path) = found.first().cloned() else {
         others.sort();
         bail!(
-            "no bundle of version {version} in {} (it holds: {})",
+            "no bundle of version {version} in {} (it holds: {}); give the bundle itself with --bundle FILE (it is verified and copied there)",
             dir.display(),
             if others.is_empty() { "nothing".to_string() } else { others.join(", ") }
         );

@@ -2,6 +2,8 @@
 //! the crate whose binary it drives, so Cargo builds that binary fresh for it).
 #![allow(dead_code)]
 
+pub mod help;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

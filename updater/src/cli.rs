@@ -44,6 +44,10 @@ pub struct Cli {
     /// Never reboot; say what would be done. Implied when --disk is not a block device.
     #[arg(long, global = true)]
     pub no_reboot: bool,
+    /// Print the result as one JSON object on stdout (docs/cli-json.md): `status` its full
+    /// report, every other command {command, ok, messages, error}.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// Root under which /proc (boot facts), /sys, /dev and /etc are read.
     #[arg(long, global = true, value_name = "DIR", default_value = "/", hide = true)]
     pub sysroot: PathBuf,
@@ -124,8 +128,6 @@ pub enum Command {
     /// connectivity, last error and recent history (`--json`: the same JSON as the daemon's
     /// /status).
     Status {
-        #[arg(long)]
-        json: bool,
         /// How many history entries to show.
         #[arg(long, default_value_t = 10)]
         history: usize,
@@ -188,21 +190,51 @@ pub struct RunArgs {
 }
 
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
+/// Errors, clap's included, print as `updater: error: WHAT: WHY` (crate::cli_error). With
+/// `--json` a command's result is one JSON object on stdout ([`json_result`]); new
+/// subcommands get it without code: what they write to `out` becomes its `messages`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m.subcommand_name().map(str::to_string))));
+    let (cli, name) = match parsed {
+        Ok(p) => p,
+        Err(e) => return crate::cli_error::clap_exit("updater", &e),
+    };
     if let Some((options, which)) = role_command(&cli.command) {
         return crate::role_cli::main(&cli, options, which);
     }
     let log = Log::command_line(cli.log_file.clone());
-    match run(&cli, &mut std::io::stdout()) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            log.event("error", &format!("{e:#}"));
-            eprintln!("updater: error: {e:#}");
-            ExitCode::from(1)
-        }
+    let wrap = cli.json && !matches!(cli.command, Command::Status { .. });
+    let mut captured = Vec::new();
+    let result = if wrap { run(&cli, &mut captured) } else { run(&cli, &mut std::io::stdout()) };
+    if let Err(e) = &result {
+        log.event("error", &crate::cli_error::message(e));
+        eprintln!("{}", crate::cli_error::render("updater", e));
     }
+    if wrap {
+        let text = String::from_utf8_lossy(&captured);
+        let v = json_result(name.as_deref().unwrap_or(""), &result, &text);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) | Err(_) => ExitCode::from(1),
+    }
+}
+
+/// `--json` of every command but `status`: `{"command", "ok", "messages", "error"}`, the
+/// messages being the lines the command says (without the `metrica: ` prefix).
+pub fn json_result(command: &str, result: &Result<bool>, text: &str) -> serde_json::Value {
+    let messages: Vec<&str> =
+        text.lines().map(|l| l.strip_prefix("metrica: ").unwrap_or(l)).collect();
+    serde_json::json!({
+        "command": command,
+        "ok": matches!(result, Ok(true)),
+        "messages": messages,
+        "error": result.as_ref().err().map(crate::cli_error::message),
+    })
 }
 
 /// Runs one command, writing what it reports to `out`. `Ok(false)`: it ran but failed.
@@ -225,7 +257,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
         | Command::Role { .. }
         | Command::SafeMode { .. } => unreachable!("handled above"),
         Command::Run(args) => run_daemon(host, args),
-        Command::Status { json, history } => status(&host, *json, *history, out),
+        Command::Status { history } => status(&host, cli.json, *history, out),
         Command::Firstboot => firstboot(&host, out),
         Command::Boot { health_deadline, health_dir, check_timeout } => {
             let checks = HealthFlags {
@@ -503,9 +535,9 @@ fn firstboot(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
     let summary = match (o.result, &o.reason) {
         (FirstbootResult::AlreadyProvisioned, _) => format!("metrica: provisioned ({who})"),
         (FirstbootResult::Ok, _) => format!(
-            "metrica: first boot done: {who}, host {}, data {} MiB",
+            "metrica: first boot done: {who}, host {}, data {}",
             o.hostname.as_deref().unwrap_or("?"),
-            o.data_bytes >> 20
+            crate::units::size(o.data_bytes)
         ),
         (_, reason) => format!(
             "metrica: first boot degraded: {}",
@@ -798,7 +830,7 @@ pub fn render_provisioning(o: Option<&Result<crate::firstboot::Outcome, String>>
                 };
                 let _ = writeln!(s, "identity:    {r}{src}");
             }
-            let _ = writeln!(s, "data:        {} MiB", o.data_bytes >> 20);
+            let _ = writeln!(s, "data:        {}", crate::units::size(o.data_bytes));
         }
     }
     s
@@ -813,7 +845,7 @@ pub fn render_status(st: &Status) -> String {
     render_state_lines(st, &mut o);
     render_daemon_lines(st, &mut o);
     if let Some(free) = st.disk_free_bytes {
-        let _ = writeln!(o, "data free:   {} MiB", free >> 20);
+        let _ = writeln!(o, "data free:   {}", crate::units::size(free));
     }
     for d in &st.drift {
         let _ = writeln!(o, "drift:       {d}");

@@ -8,6 +8,7 @@ pub mod bootinfo;
 pub mod bundle;
 pub mod channel;
 pub mod cli;
+pub mod cli_error;
 pub mod cmdline;
 pub mod connectivity;
 pub mod daemon;
@@ -43,4 +44,5 @@ pub mod status;
 pub mod testserver;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod units;
 pub mod watchdog;

@@ -30,7 +30,7 @@ pub struct RoleOptions {
     #[arg(long, global = true, value_name = "DIR")]
     pub safe_mode_stack: Option<PathBuf>,
     /// The OS version a release's `os` range is checked against. Default: the running
-    /// release's (/etc/metrica/release.toml under --sysroot).
+    /// release's (/etc/metrica/release.toml).
     #[arg(long, global = true, value_name = "VERSION")]
     pub os_version: Option<semver::Version>,
     /// Keep at least this much free on the data partition after unpacking and loading (MiB).
@@ -52,16 +52,10 @@ pub enum RoleCommand {
         /// Apply a version that failed before.
         #[arg(long)]
         force: bool,
-        /// Print the result as one JSON object.
-        #[arg(long)]
-        json: bool,
     },
     /// Show every role: current and previous release, committed, pending and failed
     /// versions, containers and health; and safe mode.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Finish applies a power cut interrupted and bring up the stacks that should run
     /// (the safe-mode stack in safe mode). Run at every start.
     Recover,
@@ -70,20 +64,11 @@ pub enum RoleCommand {
 #[derive(Debug, clap::Subcommand)]
 pub enum SafeModeCommand {
     /// Stop every role's stack and start the safe-mode stack.
-    Enter {
-        #[arg(long)]
-        json: bool,
-    },
+    Enter,
     /// Stop the safe-mode stack and bring every role's current release up again.
-    Exit {
-        #[arg(long)]
-        json: bool,
-    },
+    Exit,
     /// Whether safe mode is on, why and since when.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
 }
 
 /// The exit codes of the role and safe-mode commands (documented in docs/roles.md).
@@ -134,20 +119,6 @@ pub enum Which<'a> {
     SafeMode(&'a SafeModeCommand),
 }
 
-impl Which<'_> {
-    fn json(self) -> bool {
-        match self {
-            Which::Role(RoleCommand::Apply { json, .. } | RoleCommand::Status { json }) => *json,
-            Which::Role(RoleCommand::Recover) => false,
-            Which::SafeMode(
-                SafeModeCommand::Enter { json }
-                | SafeModeCommand::Exit { json }
-                | SafeModeCommand::Status { json },
-            ) => *json,
-        }
-    }
-}
-
 /// Runs a role or safe-mode command as the process: its exit code.
 pub fn main(cli: &Cli, opts: &RoleOptions, which: Which) -> ExitCode {
     let log = Log::command_line(cli.log_file.clone());
@@ -157,11 +128,11 @@ pub fn main(cli: &Cli, opts: &RoleOptions, which: Which) -> ExitCode {
             die_at_power_cut(&e);
             let code = Exit::of_error(&e);
             log.event("error", &format!("{e:#}"));
-            if which.json() {
-                let doc = json!({ "result": code.words(), "error": format!("{e:#}") });
+            if cli.json {
+                let doc = json!({ "result": code.words(), "error": error_text(&e) });
                 println!("{doc}");
             }
-            eprintln!("updater: error: {e:#}");
+            eprintln!("updater: error: {}", error_text(&e));
             code
         }
     };
@@ -217,26 +188,43 @@ pub fn run(
         log: &log_event,
     };
     let code = match which {
-        Which::Role(RoleCommand::Apply { role, force, json, .. }) => {
+        Which::Role(RoleCommand::Apply { role, force, .. }) => {
             let source = source.expect("parsed above for apply");
             let applied = roles.apply_as(&source, role.as_deref(), *force);
             progress.finish();
-            report_applied(&applied?, *json, out)?
+            report_applied(&applied?, cli.json, out)?
         }
-        Which::Role(RoleCommand::Status { json }) => report_status(&roles.status()?, *json, out)?,
+        Which::Role(RoleCommand::Status) => report_status(&roles.status()?, cli.json, out)?,
         Which::Role(RoleCommand::Recover) => recover(&roles, out)?,
-        Which::SafeMode(SafeModeCommand::Enter { json }) => {
-            report_change(roles.command(SafeCommand::Enter)?.as_ref(), &roles, *json, out)?
+        Which::SafeMode(SafeModeCommand::Enter) => {
+            report_change(roles.command(SafeCommand::Enter)?.as_ref(), &roles, cli.json, out)?
         }
-        Which::SafeMode(SafeModeCommand::Exit { json }) => {
-            report_change(roles.command(SafeCommand::Exit)?.as_ref(), &roles, *json, out)?
+        Which::SafeMode(SafeModeCommand::Exit) => {
+            report_change(roles.command(SafeCommand::Exit)?.as_ref(), &roles, cli.json, out)?
         }
-        Which::SafeMode(SafeModeCommand::Status { json }) => {
-            report_change(None, &roles, *json, out)?
-        }
+        Which::SafeMode(SafeModeCommand::Status) => report_change(None, &roles, cli.json, out)?,
     };
     progress.finish();
     Ok(code)
+}
+
+/// An error's text in the one style of both binaries: each cause once (`cli_error`).
+fn error_text(e: &ServiceError) -> String {
+    match e {
+        ServiceError::Other(a) => crate::cli_error::message(a),
+        other => {
+            let mut text = other.to_string();
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let c_text = c.to_string();
+                if !text.contains(&c_text) {
+                    text = format!("{text}: {c_text}");
+                }
+                cause = c.source();
+            }
+            text
+        }
+    }
 }
 
 fn load_keyring(dir: &Path) -> Result<Keyring> {

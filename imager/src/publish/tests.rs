@@ -171,7 +171,8 @@ fn edits_re_sign_with_the_next_sequence() {
     assert!(s.verified(None, T0 + 86_400).unwrap().paused);
     assert!(!s.edit(&Edit::Resume, T0 + 86_400).unwrap().channel.paused);
     let pin = Edit::Pin {
-        version: "1.0.0".parse().unwrap(),
+        version: Some("1.0.0".parse().unwrap()),
+        bundle: None,
         reason: "camera regression in 2.0.0".into(),
         expires: Some(Timestamp(T0 + 2 * 86_400)),
     };
@@ -256,7 +257,8 @@ fn bad_publish_and_edit_inputs_are_refused() {
     assert!(err(publish(&req, &s.signer(T0), &Progress::quiet())).contains("not above"));
     // Pins: missing version (names what exists), no reason, past expiry.
     let pin = |v: &str, reason: &str, exp: Option<u64>| Edit::Pin {
-        version: v.parse().unwrap(),
+        version: Some(v.parse().unwrap()),
+        bundle: None,
         reason: reason.into(),
         expires: exp.map(Timestamp),
     };
@@ -358,8 +360,12 @@ fn devices_follow_the_published_folder_over_http() {
     s.edit(&Edit::Pause, now).unwrap();
     let ch = fetch_channel(Some(2), now).unwrap();
     assert!(devices.iter().all(|d| decide(&ch, d, &o, &h, now).code() == "paused"));
-    let pin =
-        Edit::Pin { version: "1.0.0".parse().unwrap(), reason: "rollback".into(), expires: None };
+    let pin = Edit::Pin {
+        version: Some("1.0.0".parse().unwrap()),
+        bundle: None,
+        reason: "rollback".into(),
+        expires: None,
+    };
     s.edit(&pin, now).unwrap();
     let ch = fetch_channel(Some(3), now).unwrap();
     assert_eq!(ch.sequence, 4);
