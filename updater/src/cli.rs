@@ -168,6 +168,11 @@ pub struct RunArgs {
     /// How many history entries /status shows.
     #[arg(long, default_value_t = 10)]
     pub history: usize,
+    /// Check HTTPS channel and bundle servers against the CA certificates of this PEM file
+    /// only (a private update server). Default: the provisioned `channel.ca_bundle` (its copy
+    /// under /data/metrica/provision), else the built-in roots.
+    #[arg(long, value_name = "PEM")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
@@ -377,10 +382,29 @@ fn daemon_settings(
     Ok((config, prov.map(rollout_overrides).unwrap_or_default()))
 }
 
+/// Whom the daemon's HTTPS requests trust: `--ca-bundle`, else the provisioned
+/// `channel.ca_bundle` (copied to /data at first boot), else the built-in roots. A CA bundle
+/// that is named but unusable stops the daemon: it never falls back to the public roots.
+fn daemon_trust(host: &HostFacts, args: &RunArgs) -> Result<crate::http::Trust> {
+    let (path, from) = match &args.ca_bundle {
+        Some(p) => (p.clone(), "--ca-bundle"),
+        None => match provisioned_device(&host.disk)
+            .ok()
+            .and_then(|d| d.channel.ca_bundle_path(&host.cli.data_dir))
+        {
+            Some(p) => (p, "device.toml channel.ca_bundle"),
+            None => return Ok(None),
+        },
+    };
+    let tls = crate::http::tls_config(&path).context(from)?;
+    Ok(Some(tls))
+}
+
 /// `updater run`: the daemon, until SIGTERM.
 fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
     let (config, overrides) = daemon_settings(&host, args)?;
     config.validate()?;
+    let trust = daemon_trust(&host, args)?;
     let cli = host.cli;
     let keyring = load_keyring(cli)?;
     let booted = host.booted().copied();
@@ -390,7 +414,8 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
             config.mirrors.clone(),
             &config.channel,
             config.request_deadline,
-        ),
+        )
+        .with_trust(trust.clone()),
         record: crate::daemon::Daemon::open_record(&host.device, &config, host.now),
         cache: crate::daemon::Cache::new(&cli.data_dir),
         log: Log::new(cli.log_file.clone(), &config.device_id),
@@ -400,6 +425,7 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
             running: running.clone(),
             booted,
             log_file: cli.log_file.clone(),
+            trust,
         }),
         rebooter: host.rebooter(),
         booted,
@@ -975,6 +1001,25 @@ mod tests {
             .write_all(crate::provision::tests::DEVICE.as_bytes())
             .unwrap();
         fs.unmount().unwrap();
+    }
+
+    /// A CA bundle that is named but cannot be used stops the daemon before it fetches
+    /// anything, naming the flag and the file (it never falls back to the built-in roots).
+    #[test]
+    fn run_refuses_an_unusable_ca_bundle() {
+        let h = host("metrica.boot_partition=2");
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (path, why) in [(&missing, "No such file"), (&not_pem, "no PEM certificate")] {
+            let ca = path.to_str().unwrap();
+            let mirror = "https://updates.example.com/fleet";
+            let args = ["run", "--mirror", mirror, "--device-id", "d1", "--ca-bundle", ca];
+            let e = format!("{:#}", cmd(&h, &args).0.unwrap_err());
+            assert!(e.starts_with(&format!("--ca-bundle: CA bundle {ca}: ")), "{e}");
+            assert!(e.contains(why), "{why}: {e}");
+        }
     }
 
     /// `updater run` with no flags takes its settings from the provision partition; with

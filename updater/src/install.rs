@@ -136,6 +136,9 @@ impl Source {
     }
 }
 
+/// Connect and read timeout of HTTP sources, unless a request says otherwise.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Everything an install needs besides the source and the progress sink.
 pub struct InstallRequest<'a> {
     /// The whole disk: block device or disk image file.
@@ -172,7 +175,7 @@ impl<'a> InstallRequest<'a> {
             resume_file: None,
             checkpoint_bytes: 64 << 20,
             retry: RetryPolicy::default(),
-            http_timeout: Duration::from_secs(30),
+            http_timeout: HTTP_TIMEOUT,
             ca_bundle: None,
         }
     }
@@ -464,7 +467,7 @@ fn clear_resume(path: &Path) -> Result<(), InstallError> {
 
 /// Reads and verifies a bundle's manifest only (no policy, nothing written).
 pub fn read_manifest(source: Source, keyring: &Keyring) -> Result<VerifiedManifest, InstallError> {
-    let mut fetch = source.into_fetch(Duration::from_secs(30), None).map_err(BundleError::from)?;
+    let mut fetch = source.into_fetch(HTTP_TIMEOUT, None).map_err(BundleError::from)?;
     let mut cur = BundleCursor::new(fetch.as_mut(), RetryPolicy::default());
     Ok(read_verified_manifest(&mut cur, keyring)?)
 }

@@ -835,6 +835,7 @@ mod real_install {
                 running: Some(release("1.0.0")),
                 booted: None,
                 log_file: Some(dir.join("log.jsonl")),
+                trust: None,
             }),
             rebooter: Box::new(TestReboot(reboots)),
             device,
