@@ -417,7 +417,8 @@ fn a_ca_bundle_named_by_device_toml_is_checked_and_kept() {
         Path::new("/data/metrica/provision/fleet-ca.pem")
     );
     // (files, file named, field named, kind, words of the message)
-    let cases: [(Vec<(String, Vec<u8>)>, &str, Option<&str>, ErrorKind, &str); 4] = [
+    type Case<'a> = (Vec<(String, Vec<u8>)>, &'a str, Option<&'a str>, ErrorKind, &'a str);
+    let cases: [Case; 4] = [
         (
             files(&[(DEVICE_TOML, device.as_bytes())]),
             DEVICE_TOML,
