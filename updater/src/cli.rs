@@ -94,6 +94,10 @@ pub enum Command {
         /// the built-in roots (a private update server).
         #[arg(long, value_name = "PEM")]
         ca_bundle: Option<PathBuf>,
+        /// How progress is shown on stderr; auto: a redrawn bar only on an interactive
+        /// terminal, plain lines on a pipe, a file, the system console or a serial console.
+        #[arg(long, value_enum, value_name = "STYLE", default_value = "auto")]
+        progress: crate::install::ProgressStyle,
     },
     /// Reboot into the installed inactive slot for one trial boot (tryboot).
     Trial,
@@ -213,8 +217,13 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             };
             boot(&host, &checks, out)
         }
-        Command::Install { source, reboot, allow_bad, ca_bundle } => {
-            let flags = InstallFlags { reboot: *reboot, allow_bad: *allow_bad, ca_bundle };
+        Command::Install { source, reboot, allow_bad, ca_bundle, progress } => {
+            let flags = InstallFlags {
+                reboot: *reboot,
+                allow_bad: *allow_bad,
+                ca_bundle,
+                progress: *progress,
+            };
             install(&host, source, &flags, out)
         }
         Command::Trial => trial(&host, out),
@@ -553,6 +562,7 @@ struct InstallFlags<'a> {
     reboot: bool,
     allow_bad: bool,
     ca_bundle: &'a Option<PathBuf>,
+    progress: crate::install::ProgressStyle,
 }
 
 /// `updater install`.
@@ -582,7 +592,7 @@ fn install(
     let mut req = crate::install::InstallRequest::new(&host.disk, target, &keyring, &policy);
     req.resume_file = Some(crate::install::progress_path(&cli.data_dir));
     req.ca_bundle = flags.ca_bundle.clone();
-    let images = install_with_progress(host, source, &req)
+    let images = install_with_progress(host, source, &req, flags.progress)
         .with_context(|| format!("installing {source} into slot {target}"))?;
     device.finish_install(target, &images.version, slot::unix_now())?;
     host.report(out, "info", &format!("installed {} into slot {target}", images.version))?;
@@ -599,20 +609,24 @@ fn install(
     Ok(true)
 }
 
-/// Installs `source` as `req` says, showing progress as a bar on a terminal, else as JSON
-/// lines in the log.
+/// Installs `source` as `req` says, showing progress in `style` (docs/daemon.md, "Console
+/// logs"): with `--log-file` and `auto`, JSON lines in the log.
 fn install_with_progress(
     host: &HostFacts,
     source: &str,
     req: &crate::install::InstallRequest<'_>,
+    style: crate::install::ProgressStyle,
 ) -> Result<crate::install::InstalledImages, crate::install::InstallError> {
+    use crate::install::{install_bundle, JsonLines, PlainLines, ProgressStyle, TerminalBar};
     let source = crate::install::Source::parse(source);
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) && host.cli.log_file.is_none() {
-        let mut bar = crate::install::TerminalBar::new(std::io::stderr());
-        crate::install::install_bundle(source, req, &mut bar)
-    } else {
-        let mut lines = crate::install::JsonLines::new(host.log.writer());
-        crate::install::install_bundle(source, req, &mut lines)
+    let style = match style {
+        ProgressStyle::Auto if host.cli.log_file.is_some() => ProgressStyle::Json,
+        other => other.for_stderr(),
+    };
+    match style {
+        ProgressStyle::Bar => install_bundle(source, req, &mut TerminalBar::new(std::io::stderr())),
+        ProgressStyle::Json => install_bundle(source, req, &mut JsonLines::new(host.log.writer())),
+        _ => install_bundle(source, req, &mut PlainLines::new(std::io::stderr())),
     }
 }
 
