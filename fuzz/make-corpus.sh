@@ -7,8 +7,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$here/..
 corpus=$here/corpus
-"$here/build.sh" make-corpus
-"$repo/target/fuzz/x86_64-unknown-linux-gnu/release/make-corpus" "$corpus"
+# Built without the fuzz flags (fuzz/build.sh), in its own target folder.
+cargo run --manifest-path "$here/Cargo.toml" --locked --target-dir "$repo/target/fuzz-seeds" \
+  --bin make-corpus -- "$corpus"
 mkdir -p "$corpus/role_spec" "$corpus/recipe" "$corpus/bmap"
 for f in "$repo"/roles/*/role.toml; do
   cp "$f" "$corpus/role_spec/$(basename "$(dirname "$f")").toml"
