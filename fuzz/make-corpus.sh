@@ -18,9 +18,9 @@ cp "$repo"/recipes/*.toml "$corpus/recipe/"
 # A half-mapped image: 1 MiB of data, a 2 MiB hole, 1 MiB of data.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-yes metrica-fuzz-seed | head -c 1048576 >"$tmp/img"
+{ yes metrica-fuzz-seed || true; } | head -c 1048576 >"$tmp/img"
 truncate -s 3M "$tmp/img"
-yes metrica-fuzz-seed | head -c 1048576 >>"$tmp/img"
+{ yes metrica-fuzz-seed || true; } | head -c 1048576 >>"$tmp/img"
 bmaptool create -o "$corpus/bmap/half-mapped.bmap" "$tmp/img"
 truncate -s 64K "$tmp/sparse" && bmaptool create -o "$corpus/bmap/empty.bmap" "$tmp/sparse"
 ls "$corpus"/*/ | wc -l
