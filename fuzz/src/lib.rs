@@ -241,4 +241,18 @@ mod tests {
         let back = unframe_files(&frame_files(files));
         assert_eq!(back, [("device.toml".into(), b"a = 1".to_vec()), ("wifi.toml".into(), vec![])]);
     }
+
+    #[test]
+    fn only_bare_header_names_in_the_head_are_skipped() {
+        let skipped = |t: &str| header_without_colon(t);
+        assert!(skipped("HTTP/1.1 200 OK\r\nContent-Length\r\n\r\n"));
+        assert!(skipped("HTTP/1.1 200 OK\nA: b\nETag\n\nbody"));
+        assert!(!skipped("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nETag"));
+        // Not a token: ureq refuses the line itself (no panic), so the fuzzer keeps it.
+        assert!(!skipped("HTTP/1.1 200 OK\r\nnot a header\r\n\r\n"));
+        for t in ["HTTP/1.1 200 OK\r\nnot a header\r\n\r\n", "HTTP/1.1 200 OK\r\nX:\r\n\r\n"] {
+            let r = std::panic::catch_unwind(|| t.parse::<ureq::Response>().map_err(|e| e.kind()));
+            assert!(r.is_ok(), "{t:?}");
+        }
+    }
 }

@@ -222,7 +222,10 @@ fn boot_configs() -> Seeds {
     let cmdline = b"console=serial0,115200 console=tty1 root=PARTUUID=5e5e5e5e-0000-4000-8000-000000000002 rootfstype=ext4 fsck.repair=yes rootwait quiet\n";
     vec![
         ("committed-a.bin", join2(&Autoboot::committed(Slot::A).render(), cmdline)),
-        ("committed-b.bin", join2(&Autoboot::committed(Slot::B).render(), b"console=ttyAMA0 quiet")),
+        (
+            "committed-b.bin",
+            join2(&Autoboot::committed(Slot::B).render(), b"console=ttyAMA0 quiet"),
+        ),
     ]
 }
 
