@@ -98,6 +98,10 @@ pub enum Command {
         /// the built-in roots (a private update server).
         #[arg(long, value_name = "PEM")]
         ca_bundle: Option<PathBuf>,
+        /// How progress is shown on stderr; auto: a redrawn bar only on an interactive
+        /// terminal, plain lines on a pipe, a file, the system console or a serial console.
+        #[arg(long, value_enum, value_name = "STYLE", default_value = "auto")]
+        progress: crate::install::ProgressStyle,
     },
     /// Reboot into the installed inactive slot for one trial boot (tryboot).
     Trial,
@@ -187,6 +191,11 @@ pub struct RunArgs {
     /// How many history entries /status shows.
     #[arg(long, default_value_t = 10)]
     pub history: usize,
+    /// Check HTTPS channel and bundle servers against the CA certificates of this PEM file
+    /// only (a private update server). Default: the provisioned `channel.ca_bundle` (its copy
+    /// under /data/metrica/provision), else the built-in roots.
+    #[arg(long, value_name = "PEM")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 /// Runs the command line; exit code 0 done, 1 refused or failed, 2 usage.
@@ -267,8 +276,13 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<bool> {
             };
             boot(&host, &checks, out)
         }
-        Command::Install { source, reboot, allow_bad, ca_bundle } => {
-            let flags = InstallFlags { reboot: *reboot, allow_bad: *allow_bad, ca_bundle };
+        Command::Install { source, reboot, allow_bad, ca_bundle, progress } => {
+            let flags = InstallFlags {
+                reboot: *reboot,
+                allow_bad: *allow_bad,
+                ca_bundle,
+                progress: *progress,
+            };
             install(&host, source, &flags, out)
         }
         Command::Trial => trial(&host, out),
@@ -451,10 +465,29 @@ fn daemon_settings(
     Ok((config, prov.map(rollout_overrides).unwrap_or_default()))
 }
 
+/// Whom the daemon's HTTPS requests trust: `--ca-bundle`, else the provisioned
+/// `channel.ca_bundle` (copied to /data at first boot), else the built-in roots. A CA bundle
+/// that is named but unusable stops the daemon: it never falls back to the public roots.
+fn daemon_trust(host: &HostFacts, args: &RunArgs) -> Result<crate::http::Trust> {
+    let (path, from) = match &args.ca_bundle {
+        Some(p) => (p.clone(), "--ca-bundle"),
+        None => match provisioned_device(&host.disk)
+            .ok()
+            .and_then(|d| d.channel.ca_bundle_path(&host.cli.data_dir))
+        {
+            Some(p) => (p, "device.toml channel.ca_bundle"),
+            None => return Ok(None),
+        },
+    };
+    let tls = crate::http::tls_config(&path).context(from)?;
+    Ok(Some(tls))
+}
+
 /// `updater run`: the daemon, until SIGTERM.
 fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
     let (config, overrides) = daemon_settings(&host, args)?;
     config.validate()?;
+    let trust = daemon_trust(&host, args)?;
     let cli = host.cli;
     let keyring = load_keyring(cli)?;
     let booted = host.booted().copied();
@@ -467,13 +500,15 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
         &overrides,
         running.as_ref().map(|r| r.version.clone()),
         keyring.clone(),
-    );
+    )
+    .map(|r| r.with_trust(trust.clone()));
     let daemon = crate::daemon::Daemon {
         fetcher: crate::daemon::fetch::ChannelFetcher::new(
             config.mirrors.clone(),
             &config.channel,
             config.request_deadline,
-        ),
+        )
+        .with_trust(trust.clone()),
         record: crate::daemon::Daemon::open_record(&host.device, &config, host.now),
         roles,
         cache: crate::daemon::Cache::new(&cli.data_dir),
@@ -484,6 +519,7 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
             running: running.clone(),
             booted,
             log_file: cli.log_file.clone(),
+            trust,
         }),
         rebooter: host.rebooter(),
         booted,
@@ -611,6 +647,7 @@ struct InstallFlags<'a> {
     reboot: bool,
     allow_bad: bool,
     ca_bundle: &'a Option<PathBuf>,
+    progress: crate::install::ProgressStyle,
 }
 
 /// `updater install`.
@@ -640,7 +677,7 @@ fn install(
     let mut req = crate::install::InstallRequest::new(&host.disk, target, &keyring, &policy);
     req.resume_file = Some(crate::install::progress_path(&cli.data_dir));
     req.ca_bundle = flags.ca_bundle.clone();
-    let images = install_with_progress(host, source, &req)
+    let images = install_with_progress(host, source, &req, flags.progress)
         .with_context(|| format!("installing {source} into slot {target}"))?;
     device.finish_install(target, &images.version, slot::unix_now())?;
     host.report(out, "info", &format!("installed {} into slot {target}", images.version))?;
@@ -657,20 +694,24 @@ fn install(
     Ok(true)
 }
 
-/// Installs `source` as `req` says, showing progress as a bar on a terminal, else as JSON
-/// lines in the log.
+/// Installs `source` as `req` says, showing progress in `style` (docs/daemon.md, "Console
+/// logs"): with `--log-file` and `auto`, JSON lines in the log.
 fn install_with_progress(
     host: &HostFacts,
     source: &str,
     req: &crate::install::InstallRequest<'_>,
+    style: crate::install::ProgressStyle,
 ) -> Result<crate::install::InstalledImages, crate::install::InstallError> {
+    use crate::install::{install_bundle, JsonLines, PlainLines, ProgressStyle, TerminalBar};
     let source = crate::install::Source::parse(source);
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) && host.cli.log_file.is_none() {
-        let mut bar = crate::install::TerminalBar::new(std::io::stderr());
-        crate::install::install_bundle(source, req, &mut bar)
-    } else {
-        let mut lines = crate::install::JsonLines::new(host.log.writer());
-        crate::install::install_bundle(source, req, &mut lines)
+    let style = match style {
+        ProgressStyle::Auto if host.cli.log_file.is_some() => ProgressStyle::Json,
+        other => other.for_stderr(),
+    };
+    match style {
+        ProgressStyle::Bar => install_bundle(source, req, &mut TerminalBar::new(std::io::stderr())),
+        ProgressStyle::Json => install_bundle(source, req, &mut JsonLines::new(host.log.writer())),
+        _ => install_bundle(source, req, &mut PlainLines::new(std::io::stderr())),
     }
 }
 
@@ -1059,6 +1100,25 @@ mod tests {
             .write_all(crate::provision::tests::DEVICE.as_bytes())
             .unwrap();
         fs.unmount().unwrap();
+    }
+
+    /// A CA bundle that is named but cannot be used stops the daemon before it fetches
+    /// anything, naming the flag and the file (it never falls back to the built-in roots).
+    #[test]
+    fn run_refuses_an_unusable_ca_bundle() {
+        let h = host("metrica.boot_partition=2");
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (path, why) in [(&missing, "No such file"), (&not_pem, "no PEM certificate")] {
+            let ca = path.to_str().unwrap();
+            let mirror = "https://updates.example.com/fleet";
+            let args = ["run", "--mirror", mirror, "--device-id", "d1", "--ca-bundle", ca];
+            let e = format!("{:#}", cmd(&h, &args).0.unwrap_err());
+            assert!(e.starts_with(&format!("--ca-bundle: CA bundle {ca}: ")), "{e}");
+            assert!(e.contains(why), "{why}: {e}");
+        }
     }
 
     /// `updater run` with no flags takes its settings from the provision partition; with

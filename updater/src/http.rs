@@ -14,6 +14,7 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use thiserror::Error;
 
 /// Fetches a bundle from an `http://` or `https://` URL.
 pub struct HttpFetch {
@@ -21,10 +22,14 @@ pub struct HttpFetch {
     agent: ureq::Agent,
 }
 
+/// Whom HTTPS servers are checked against: `None` for the Mozilla roots compiled into ureq,
+/// or the configuration made by [`tls_config`] from a CA bundle.
+pub type Trust = Option<Arc<rustls::ClientConfig>>;
+
 impl HttpFetch {
     /// `timeout` bounds connecting and each read of the body.
     pub fn new(url: &str, timeout: Duration) -> HttpFetch {
-        HttpFetch { url: url.to_string(), agent: agent_builder(timeout).build() }
+        HttpFetch::with_trust(url, timeout, None)
     }
 
     /// Like [`HttpFetch::new`], but HTTPS servers must present a certificate chain to one of
@@ -36,25 +41,33 @@ impl HttpFetch {
         timeout: Duration,
         ca_bundle: &Path,
     ) -> Result<HttpFetch, FetchError> {
-        let tls = tls_config(ca_bundle)?;
-        Ok(HttpFetch {
-            url: url.to_string(),
-            agent: agent_builder(timeout).tls_config(tls).build(),
-        })
+        Ok(HttpFetch::with_trust(url, timeout, Some(tls_config(ca_bundle)?)))
+    }
+
+    /// Like [`HttpFetch::new`], with the trust already made (the daemon makes it once).
+    pub fn with_trust(url: &str, timeout: Duration, trust: Trust) -> HttpFetch {
+        let agent = agent_builder(trust)
+            .timeout_connect(timeout)
+            .timeout_read(timeout)
+            .user_agent(concat!("metrica-updater/", env!("CARGO_PKG_VERSION")))
+            .build();
+        HttpFetch { url: url.to_string(), agent }
     }
 }
 
-fn agent_builder(timeout: Duration) -> ureq::AgentBuilder {
-    ureq::AgentBuilder::new()
-        .timeout_connect(timeout)
-        .timeout_read(timeout)
-        .user_agent(concat!("metrica-updater/", env!("CARGO_PKG_VERSION")))
+/// An agent builder that checks HTTPS servers against `trust`: the one place where the
+/// updater's HTTP clients (bundle downloads, the daemon's channel fetches) get their TLS.
+pub fn agent_builder(trust: Trust) -> ureq::AgentBuilder {
+    let builder = ureq::AgentBuilder::new();
+    match trust {
+        Some(tls) => builder.tls_config(tls),
+        None => builder,
+    }
 }
 
 /// A TLS client configuration that trusts exactly the certificates of a PEM file (ring, as
 /// ureq itself uses).
 pub fn tls_config(ca_bundle: &Path) -> Result<Arc<rustls::ClientConfig>, FetchError> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
     let what = format!("CA bundle {}", ca_bundle.display());
     let bad = |msg: String| FetchError::Io {
         what: what.clone(),
@@ -62,14 +75,7 @@ pub fn tls_config(ca_bundle: &Path) -> Result<Arc<rustls::ClientConfig>, FetchEr
     };
     let pem =
         std::fs::read(ca_bundle).map_err(|source| FetchError::Io { what: what.clone(), source })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
-        let cert = cert.map_err(|e| bad(format!("certificate {}: not PEM: {e}", i + 1)))?;
-        roots.add(cert).map_err(|e| bad(format!("certificate {}: {e}", i + 1)))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into()));
-    }
+    let roots = ca_certificates(&pem).map_err(bad)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -77,6 +83,137 @@ pub fn tls_config(ca_bundle: &Path) -> Result<Arc<rustls::ClientConfig>, FetchEr
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// The CA certificates of a PEM bundle; an error says which certificate is bad, or that
+/// there is none. Provisioning checks a `ca_bundle` with this before it reaches a device.
+pub fn ca_certificates(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in CertificateDer::pem_slice_iter(pem).enumerate() {
+        let cert = cert.map_err(|e| format!("certificate {}: not PEM: {e}", i + 1))?;
+        roots.add(cert).map_err(|e| format!("certificate {}: {e}", i + 1))?;
+    }
+    if roots.is_empty() {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+    }
+    Ok(roots)
+}
+
+/// Names why a TLS server was refused, when the cause of `e` (anywhere in its chain) is its
+/// certificate: not issued by a trusted CA, expired (or not yet valid), or not for the host
+/// name asked.
+pub fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::CertificateError as C;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(rustls::Error::InvalidCertificate(c)) = err.downcast_ref::<rustls::Error>() {
+            let what = match c {
+                C::UnknownIssuer | C::BadSignature => "not issued by a trusted CA",
+                C::Expired | C::ExpiredContext { .. } => "expired",
+                C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet",
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "not valid for the host name"
+                }
+                C::Revoked => "revoked",
+                _ => "refused",
+            };
+            return Some(format!("server certificate {what} ({c})"));
+        }
+        // An io::Error's source() skips the error it wraps: look at that one first.
+        let wrapped = err.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        cur = match wrapped {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// A transport failure as the error text to show: the certificate problem when there is one.
+pub fn transport_message(t: &ureq::Transport) -> String {
+    match certificate_problem(t) {
+        Some(problem) => format!("{problem}: {t}"),
+        None => t.to_string(),
+    }
+}
+
+/// How a server answered `Range: bytes=N-` (no `Range` header when N is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// `206` from exactly the asked offset.
+    FromOffset,
+    /// `200`: the whole file; the reader skips to the offset.
+    WholeFile,
+}
+
+/// A `Content-Range: bytes FIRST-LAST/LENGTH` header (RFC 9110 section 14.4); LENGTH may be `*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    pub first: u64,
+    pub last: u64,
+    pub length: Option<u64>,
+}
+
+/// Why a server's answer to a range request is not used.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RangeError {
+    /// Any status but 200 and 206 (416 is answered before this check).
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("206 without a Content-Range header")]
+    MissingContentRange,
+    #[error("Content-Range {value:?}: {problem}; expected \"bytes FIRST-LAST/LENGTH\"")]
+    BadContentRange { value: String, problem: &'static str },
+    #[error("asked for bytes from {asked}, got Content-Range {value:?}")]
+    WrongOffset { asked: u64, value: String },
+}
+
+impl std::str::FromStr for ContentRange {
+    type Err = &'static str;
+
+    fn from_str(value: &str) -> Result<ContentRange, &'static str> {
+        let rest = value.trim().strip_prefix("bytes ").ok_or("not a byte range")?;
+        let (range, length) = rest.split_once('/').ok_or("no \"/LENGTH\"")?;
+        let (first, last) = range.split_once('-').ok_or("no \"FIRST-LAST\"")?;
+        let number = |s: &str| -> Result<u64, &'static str> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("a position is not a decimal number");
+            }
+            s.parse().map_err(|_| "a position is too large")
+        };
+        let (first, last) = (number(first)?, number(last)?);
+        let length = if length == "*" { None } else { Some(number(length)?) };
+        if last < first {
+            return Err("LAST is before FIRST");
+        }
+        if length.is_some_and(|len| last >= len) {
+            return Err("LAST is not before LENGTH");
+        }
+        Ok(ContentRange { first, last, length })
+    }
+}
+
+/// Checks a server's answer to `Range: bytes=OFFSET-` (its status and `Content-Range`).
+pub fn range_answer(
+    status: u16,
+    content_range: Option<&str>,
+    offset: u64,
+) -> Result<RangeAnswer, RangeError> {
+    match status {
+        200 => Ok(RangeAnswer::WholeFile),
+        206 => {
+            let value = content_range.ok_or(RangeError::MissingContentRange)?;
+            let range: ContentRange = value
+                .parse()
+                .map_err(|problem| RangeError::BadContentRange { value: value.into(), problem })?;
+            if range.first != offset {
+                return Err(RangeError::WrongOffset { asked: offset, value: value.into() });
+            }
+            Ok(RangeAnswer::FromOffset)
+        }
+        other => Err(RangeError::Status(other)),
+    }
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -125,27 +262,16 @@ impl Fetch for HttpFetch {
                 return Err(if is_timeout(&t) {
                     FetchError::Timeout { url: self.url.clone() }
                 } else {
-                    FetchError::Transport { url: self.url.clone(), message: t.to_string() }
+                    FetchError::Transport { url: self.url.clone(), message: transport_message(&t) }
                 })
             }
         };
-        let status = resp.status();
         let content_range = resp.header("Content-Range").map(str::to_string);
+        let answer = range_answer(resp.status(), content_range.as_deref(), offset);
         let mut body: Box<dyn Read + Send> = Box::new(BodyReader { inner: resp.into_reader() });
-        match status {
-            206 => {
-                let want = format!("bytes {offset}-");
-                if !content_range.as_deref().is_some_and(|c| c.starts_with(&want)) {
-                    return Err(FetchError::Transport {
-                        url: self.url.clone(),
-                        message: format!(
-                            "asked for bytes from {offset}, got Content-Range {content_range:?}"
-                        ),
-                    });
-                }
-                Ok(Some(body))
-            }
-            200 => {
+        match answer {
+            Ok(RangeAnswer::FromOffset) => Ok(Some(body)),
+            Ok(RangeAnswer::WholeFile) => {
                 // The server ignored Range: skip to the offset.
                 let skipped = io::copy(&mut (&mut body).take(offset), &mut io::sink())
                     .map_err(|source| FetchError::Io { what: self.url.clone(), source })?;
@@ -154,7 +280,10 @@ impl Fetch for HttpFetch {
                 }
                 Ok(Some(body))
             }
-            other => Err(FetchError::Status { url: self.url.clone(), status: other }),
+            Err(RangeError::Status(status)) => {
+                Err(FetchError::Status { url: self.url.clone(), status })
+            }
+            Err(e) => Err(FetchError::Transport { url: self.url.clone(), message: e.to_string() }),
         }
     }
 
@@ -224,7 +353,21 @@ mod tests {
             let err = f.open_at(0).err().unwrap();
             assert!(matches!(err, FetchError::Transport { .. }), "{err}");
             // UnknownIssuer, or BadSignature for the other CA of the same name.
-            assert!(err.to_string().contains("invalid peer certificate"), "{err}");
+            assert!(err.to_string().contains("not issued by a trusted CA"), "{err}");
+        }
+        // An expired certificate and one for another host name are refused, each by name.
+        for (name, expired, why) in [
+            ("127.0.0.1", true, "server certificate expired"),
+            ("updates.example.com", false, "server certificate not valid for the host name"),
+        ] {
+            let (pem, tls) = crate::testutil::test_tls_for(name, expired);
+            let server = TestServer::start_tls(body.clone(), Mode::Normal, tls);
+            let ca = dir.path().join(format!("{name}.pem"));
+            std::fs::write(&ca, pem).unwrap();
+            let mut f = HttpFetch::with_ca_bundle(&server.url, timeout, &ca).unwrap();
+            let err = f.open_at(0).err().unwrap();
+            assert!(matches!(err, FetchError::Transport { .. }), "{err}");
+            assert!(err.to_string().contains(why), "{why}: {err}");
         }
         // CA bundles that are missing, empty or not PEM name the file.
         let garbage = dir.path().join("garbage.pem");
@@ -240,6 +383,49 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(&path.display().to_string()) && text.contains(want), "{text}");
         }
+    }
+
+    #[test]
+    fn range_answers_are_checked_against_the_offset_asked() {
+        assert_eq!(range_answer(200, None, 7), Ok(RangeAnswer::WholeFile));
+        assert_eq!(range_answer(206, Some("bytes 7-9/10"), 7), Ok(RangeAnswer::FromOffset));
+        assert_eq!(range_answer(206, Some("bytes 0-0/*"), 0), Ok(RangeAnswer::FromOffset));
+        assert_eq!(range_answer(503, None, 0), Err(RangeError::Status(503)));
+        assert_eq!(range_answer(206, None, 7), Err(RangeError::MissingContentRange));
+        let wrong = range_answer(206, Some("bytes 0-9/10"), 7).unwrap_err();
+        assert_eq!(wrong.to_string(), "asked for bytes from 7, got Content-Range \"bytes 0-9/10\"");
+        for (value, problem) in [
+            ("items 7-9/10", "not a byte range"),
+            ("bytes 7-9", "no \"/LENGTH\""),
+            ("bytes 7/10", "no \"FIRST-LAST\""),
+            ("bytes 7-/10", "a position is not a decimal number"),
+            ("bytes +7-9/10", "a position is not a decimal number"),
+            ("bytes 7-99999999999999999999/*", "a position is too large"),
+            ("bytes 9-7/10", "LAST is before FIRST"),
+            ("bytes 7-10/10", "LAST is not before LENGTH"),
+        ] {
+            let err = range_answer(206, Some(value), 7).unwrap_err();
+            assert_eq!(
+                err,
+                RangeError::BadContentRange { value: value.into(), problem },
+                "{value}"
+            );
+            assert!(err.to_string().contains("expected \"bytes FIRST-LAST/LENGTH\""), "{err}");
+        }
+    }
+
+    /// A known defect of ureq 2 (the newest 2.x, 2.12.1), not fixed here: a header line that
+    /// is a bare name without `:` panics the response parser when that name is looked up
+    /// (docs/fuzzing.md, "HTTP responses"). This test fails once the HTTP client no longer
+    /// panics, so that the note and the fuzz target's filter are removed with it.
+    #[test]
+    fn ureq_2_panics_on_a_bare_header_name() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Length\r\n\r\n";
+        // (The panic message it prints is expected.)
+        let parsed = std::panic::catch_unwind(|| {
+            head.parse::<ureq::Response>().map(|_| ()).map_err(|e| e.to_string())
+        });
+        assert!(parsed.is_err(), "ureq parsed {head:?} without panicking: {parsed:?}");
     }
 
     #[test]

@@ -136,6 +136,9 @@ impl Source {
     }
 }
 
+/// Connect and read timeout of HTTP sources, unless a request says otherwise.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Everything an install needs besides the source and the progress sink.
 pub struct InstallRequest<'a> {
     /// The whole disk: block device or disk image file.
@@ -172,7 +175,7 @@ impl<'a> InstallRequest<'a> {
             resume_file: None,
             checkpoint_bytes: 64 << 20,
             retry: RetryPolicy::default(),
-            http_timeout: Duration::from_secs(30),
+            http_timeout: HTTP_TIMEOUT,
             ca_bundle: None,
         }
     }
@@ -327,31 +330,158 @@ impl Progress for Vec<ProgressEvent> {
     }
 }
 
+/// How `updater install` shows its progress on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressStyle {
+    /// A redrawn bar on an interactive terminal; plain lines anywhere else (a pipe, a file,
+    /// the system console or a serial console, `TERM=dumb`); JSON lines with `--log-file`.
+    Auto,
+    /// The redrawn bar, wherever stderr is.
+    Bar,
+    /// Plain text lines, never redrawn: one per step and per tenth of each image.
+    Plain,
+    /// JSON lines (the progress events), never redrawn.
+    Json,
+}
+
+impl ProgressStyle {
+    /// What `Auto` means for a stderr attached to `tty` (the device it is a terminal of, or
+    /// `None`) under `$TERM` `term`.
+    pub fn resolve(self, tty: Option<&Path>, term: Option<&str>) -> ProgressStyle {
+        if self != ProgressStyle::Auto {
+            return self;
+        }
+        let watched = tty.is_some_and(|t| !is_console(t));
+        let dumb = term.is_none_or(|t| t.is_empty() || t == "dumb");
+        if watched && !dumb {
+            ProgressStyle::Bar
+        } else {
+            ProgressStyle::Plain
+        }
+    }
+
+    /// [`ProgressStyle::resolve`] for this process's stderr.
+    pub fn for_stderr(self) -> ProgressStyle {
+        use std::io::IsTerminal;
+        let tty = std::io::stderr()
+            .is_terminal()
+            .then(|| std::fs::read_link("/proc/self/fd/2").ok())
+            .flatten();
+        self.resolve(tty.as_deref(), std::env::var("TERM").ok().as_deref())
+    }
+}
+
+/// Whether a terminal device is the system console or a serial line (where a bar redrawn
+/// with `\r` becomes a wall of partial lines in the console log).
+pub fn is_console(tty: &Path) -> bool {
+    let Some(name) = tty.to_str().and_then(|t| t.strip_prefix("/dev/")) else { return false };
+    const SERIAL: [&str; 8] =
+        ["ttyS", "ttyAMA", "ttyUSB", "ttyACM", "hvc", "ttyGS", "ttyLP", "ttyO"];
+    name == "console" || SERIAL.iter().any(|p| name.strip_prefix(p).is_some_and(is_number))
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Lets `written` events through at most once per tenth of each image (and the last one).
+#[derive(Debug, Default)]
+struct Tenths(Option<(SlotClass, u64)>);
+
+impl Tenths {
+    fn due(&mut self, image: SlotClass, done: u64, total: u64) -> bool {
+        let tenth = done * 10 / total.max(1);
+        if done != total && self.0 == Some((image, tenth)) {
+            return false;
+        }
+        self.0 = Some((image, tenth));
+        true
+    }
+}
+
 /// One JSON object per line; `written` events at most every 10 %.
 #[derive(Debug)]
 pub struct JsonLines<W: Write> {
     out: W,
-    last_tenth: Option<(SlotClass, u64)>,
+    tenths: Tenths,
 }
 
 impl<W: Write> JsonLines<W> {
     pub fn new(out: W) -> JsonLines<W> {
-        JsonLines { out, last_tenth: None }
+        JsonLines { out, tenths: Tenths::default() }
     }
 }
 
 impl<W: Write> Progress for JsonLines<W> {
     fn event(&mut self, event: &ProgressEvent) {
         if let ProgressEvent::Written { image, done, total } = event {
-            let tenth = done * 10 / (*total).max(1);
-            if done != total && self.last_tenth == Some((*image, tenth)) {
+            if !self.tenths.due(*image, *done, *total) {
                 return;
             }
-            self.last_tenth = Some((*image, tenth));
         }
         if let Ok(line) = serde_json::to_string(event) {
             let _ = writeln!(self.out, "{line}");
         }
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+/// The text of an event as one line (the bar draws `written` itself).
+fn describe(event: &ProgressEvent) -> String {
+    match event {
+        ProgressEvent::Verified { compatible, version, key_id } => {
+            format!("bundle {compatible} {version}, signed by key {key_id}")
+        }
+        ProgressEvent::Resuming { image, skipped } => {
+            format!("resuming {image} after {skipped} bytes already written")
+        }
+        ProgressEvent::ImageStarted { image, partition, size } => {
+            format!("{image}: writing {:.1} MiB to {partition}", mib(*size))
+        }
+        ProgressEvent::Written { image, done, total } => format!(
+            "{image}: {:>3}% ({:.1} of {:.1} MiB)",
+            done * 100 / (*total).max(1),
+            mib(*done),
+            mib(*total)
+        ),
+        ProgressEvent::ImageVerified { image, sha256 } => {
+            format!("{image}: verified, sha256 {sha256}")
+        }
+        ProgressEvent::Retrying { offset, attempt, error } => {
+            format!("retry {attempt} from byte {offset}: {error}")
+        }
+        ProgressEvent::CmdlineFixed { partition } => {
+            format!("cmdline.txt on {partition} names the new root")
+        }
+        ProgressEvent::Finished { version, .. } => format!("installed {version}"),
+    }
+}
+
+/// Plain text lines for a console, a pipe or a log: never redrawn; `written` at most every
+/// 10 % of each image.
+#[derive(Debug)]
+pub struct PlainLines<W: Write> {
+    out: W,
+    tenths: Tenths,
+}
+
+impl<W: Write> PlainLines<W> {
+    pub fn new(out: W) -> PlainLines<W> {
+        PlainLines { out, tenths: Tenths::default() }
+    }
+}
+
+impl<W: Write> Progress for PlainLines<W> {
+    fn event(&mut self, event: &ProgressEvent) {
+        if let ProgressEvent::Written { image, done, total } = event {
+            if !self.tenths.due(*image, *done, *total) {
+                return;
+            }
+        }
+        let _ = writeln!(self.out, "{}", describe(event)).and_then(|()| self.out.flush());
     }
 }
 
@@ -381,14 +511,13 @@ impl<W: Write> Progress for TerminalBar<W> {
                 self.last = Some(Instant::now());
                 let pct = done * 100 / (*total).max(1);
                 let filled = (pct / 5) as usize;
-                let rate =
-                    *done as f64 / 1048576.0 / self.started.elapsed().as_secs_f64().max(0.001);
+                let rate = mib(*done) / self.started.elapsed().as_secs_f64().max(0.001);
                 write!(
                     self.out,
                     "\r{image:>4} [{}{}] {pct:>3}% {:>7.1} MiB {rate:>6.1} MiB/s",
                     "#".repeat(filled),
                     " ".repeat(20 - filled),
-                    *done as f64 / 1048576.0
+                    mib(*done)
                 )
                 .and_then(|()| if done == total { writeln!(self.out) } else { Ok(()) })
             }
@@ -396,17 +525,10 @@ impl<W: Write> Progress for TerminalBar<W> {
                 self.started = Instant::now();
                 Ok(())
             }
-            ProgressEvent::Verified { compatible, version, key_id } => {
-                writeln!(self.out, "bundle {compatible} {version}, signed by key {key_id}")
-            }
-            ProgressEvent::Resuming { image, skipped } => {
-                writeln!(self.out, "resuming {image} after {skipped} bytes already written")
-            }
-            ProgressEvent::Retrying { offset, attempt, error } => {
-                writeln!(self.out, "\nretry {attempt} from byte {offset}: {error}")
-            }
             ProgressEvent::ImageVerified { .. } | ProgressEvent::CmdlineFixed { .. } => Ok(()),
-            ProgressEvent::Finished { version, .. } => writeln!(self.out, "installed {version}"),
+            // A retry interrupts the bar: start a new line.
+            ProgressEvent::Retrying { .. } => writeln!(self.out, "\n{}", describe(event)),
+            other => writeln!(self.out, "{}", describe(other)),
         };
         let _ = self.out.flush();
     }
@@ -464,7 +586,7 @@ fn clear_resume(path: &Path) -> Result<(), InstallError> {
 
 /// Reads and verifies a bundle's manifest only (no policy, nothing written).
 pub fn read_manifest(source: Source, keyring: &Keyring) -> Result<VerifiedManifest, InstallError> {
-    let mut fetch = source.into_fetch(Duration::from_secs(30), None).map_err(BundleError::from)?;
+    let mut fetch = source.into_fetch(HTTP_TIMEOUT, None).map_err(BundleError::from)?;
     let mut cur = BundleCursor::new(fetch.as_mut(), RetryPolicy::default());
     Ok(read_verified_manifest(&mut cur, keyring)?)
 }

@@ -43,8 +43,8 @@ pub enum RoleCommand {
     /// Apply a role release: verify, load its images while the old stack runs, validate,
     /// switch, bring up, check health and probation, then commit or roll back.
     Apply {
-        /// A role bundle (`.mfr`), or an unpacked release folder (role.toml, compose file,
-        /// images/). http(s) URLs are not supported yet.
+        /// A role bundle (`.mfr`, a file or an http(s) URL), or an unpacked release folder
+        /// (role.toml, compose file, images/).
         source: String,
         /// Refuse a release of any other role.
         #[arg(long, value_name = "NAME")]
@@ -152,7 +152,7 @@ pub fn run(
     let progress = Progress::new();
     let log_event = |e: &Event| progress.event(&log, e);
     let source = match which {
-        Which::Role(RoleCommand::Apply { source, .. }) => Some(parse_source(source)?),
+        Which::Role(RoleCommand::Apply { source, .. }) => Some(parse_source(source, cli)?),
         _ => None,
     };
     let bundle = matches!(source, Some(Source::Bundle(_)));
@@ -191,6 +191,10 @@ pub fn run(
         Which::Role(RoleCommand::Apply { role, force, .. }) => {
             let source = source.expect("parsed above for apply");
             let applied = roles.apply_as(&source, role.as_deref(), *force);
+            let downloaded = cli.data_dir.join("metrica").join(CLI_DOWNLOAD);
+            if source == Source::Bundle(downloaded.clone()) {
+                let _ = std::fs::remove_file(&downloaded);
+            }
             progress.finish();
             report_applied(&applied?, cli.json, out)?
         }
@@ -231,15 +235,22 @@ fn load_keyring(dir: &Path) -> Result<Keyring> {
     Keyring::load(dir).with_context(|| format!("loading the keyring {}", dir.display()))
 }
 
-/// A release folder or a bundle file. A URL is refused: `role::download` needs the size and
-/// sha256 a channel gives, which a bare URL lacks (download the bundle, then apply the file;
-/// its signature is what is trusted).
-fn parse_source(source: &str) -> Result<Source, ServiceError> {
+/// Where `role apply URL` downloads the bundle, under `/data/metrica` (replaced by each
+/// download; the daemon's downloads are elsewhere).
+pub const CLI_DOWNLOAD: &str = "role-apply-download.mfr";
+
+/// A release folder or a bundle file; a URL is downloaded whole into `/data/metrica` first
+/// (bounded by the largest role bundle), and its signature is checked when it is unpacked.
+fn parse_source(source: &str, cli: &Cli) -> Result<Source, ServiceError> {
     if source.starts_with("http://") || source.starts_with("https://") {
-        return Err(anyhow::anyhow!(
-            "{source}: URL sources are not supported yet (download the bundle and apply the file)"
-        )
-        .into());
+        let dir = cli.data_dir.join("metrica");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dest = dir.join(CLI_DOWNLOAD);
+        let limit = crate::role::bundle::MAX_TOTAL + crate::role::bundle::MAX_MANIFEST * 2;
+        let http = crate::role::download::HttpOptions::default();
+        crate::role::download::fetch_whole(source, &dest, limit, &http)
+            .map_err(|e| anyhow::anyhow!("downloading {source}: {e}"))?;
+        return Ok(Source::Bundle(dest));
     }
     let path = PathBuf::from(source);
     let meta = std::fs::metadata(&path).with_context(|| format!("reading the source {source}"))?;
@@ -494,11 +505,13 @@ mod tests {
     fn bad_sources_and_names_are_refused_with_what_was_wrong() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (code, msg) = error(run_args(d, &["role", "apply", "https://fleet.invalid/web.mfr"]).0);
-        assert_eq!(
-            (code, msg.as_str()),
-            (Exit::Failed, "https://fleet.invalid/web.mfr: URL sources are not supported yet (download the bundle and apply the file)")
-        );
+        let server = crate::testserver::TestServer::empty(crate::testserver::Mode::Normal);
+        let url = server.url_of("/roles/web-1.0.0.mfr");
+        let (code, msg) = error(run_args(d, &["role", "apply", &url]).0);
+        assert_eq!(code, Exit::Failed);
+        assert!(msg.starts_with(&format!("downloading {url}: ")), "{msg}");
+        let download = d.join("data/metrica").join(CLI_DOWNLOAD);
+        assert!(!download.exists(), "nothing is left of a failed download");
         let (code, msg) = error(run_args(d, &["role", "apply", "/nonexistent/web-1.0.0.mfr"]).0);
         assert_eq!(code, Exit::Failed);
         assert!(msg.starts_with("reading the source /nonexistent/web-1.0.0.mfr: "), "{msg}");

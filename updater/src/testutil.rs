@@ -189,6 +189,15 @@ pub fn release(version: &str) -> crate::release::Release {
 /// A test CA and a server configuration with a certificate for `127.0.0.1` signed by it:
 /// the CA's certificate (PEM, for a CA bundle) and the server's TLS configuration.
 pub(crate) fn test_tls() -> (String, std::sync::Arc<rustls::ServerConfig>) {
+    test_tls_for("127.0.0.1", false)
+}
+
+/// Like [`test_tls`], with a server certificate for `name` (an IP address or a DNS name),
+/// expired since 2020 when `expired`.
+pub(crate) fn test_tls_for(
+    name: &str,
+    expired: bool,
+) -> (String, std::sync::Arc<rustls::ServerConfig>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -196,7 +205,11 @@ pub(crate) fn test_tls() -> (String, std::sync::Arc<rustls::ServerConfig>) {
     ca_params.distinguished_name.push(DnType::CommonName, "metrica test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    }
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());

@@ -375,6 +375,47 @@ fn a_signed_role_bundle_with_a_docker_save_archive_unpacks_and_applies() {
     assert_eq!(d.running(), ("metrica.invalid/roletest:ok".into(), "1.0.0".into()));
 }
 
+/// `updater role apply URL` (the real binary): the bundle is downloaded into /data, verified
+/// against `--keyring` as it is unpacked, applied, and the download is removed.
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn role_apply_of_a_url_downloads_verifies_and_applies_the_bundle() {
+    use updater::role::bundle;
+    let d = Device::new("rt-url");
+    let src = d.bundle("1.0.0", "ok");
+    std::fs::remove_dir_all(src.join("images")).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+    let contents = bundle::collect(&src, &[images().to_path_buf()]).unwrap();
+    let mut bytes = Vec::new();
+    bundle::write(&mut bytes, &contents, 1_700_000_000, &key, &mut |_| {}).unwrap();
+    let server = updater::testserver::TestServer::empty(updater::testserver::Mode::Normal);
+    server.put("/roles/rt-url/1.0.0.mfr", &bytes);
+    let keyring = d.dir.path().join("keyring");
+    std::fs::create_dir_all(&keyring).unwrap();
+    let pem = updater::sign::public_key_to_pem(&key.verifying_key());
+    std::fs::write(keyring.join("fleet.pub.pem"), pem).unwrap();
+    let url = server.url_of("/roles/rt-url/1.0.0.mfr");
+    let args = ["--keyring", keyring.to_str().unwrap(), "role", "apply"];
+    let mut argv = args.to_vec();
+    argv.extend(["--os-version", "1.0.0", "--min-free-mib", "1", &url]);
+    let run = d.updater(&argv, None);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(d.get("/"), "version 1.0.0\n");
+    let leftover = d.dir.path().join("data/metrica/role-apply-download.mfr");
+    assert!(!leftover.exists(), "the downloaded bundle is removed after the apply");
+    // A bundle signed by a key the device does not trust is refused before anything runs.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let mut forged = Vec::new();
+    let contents = bundle::collect(&src, &[images().to_path_buf()]).unwrap();
+    bundle::write(&mut forged, &contents, 1_700_000_000, &other, &mut |_| {}).unwrap();
+    server.put("/roles/rt-url/1.0.0.mfr", &forged);
+    let run = d.updater(&argv, None);
+    assert_eq!(run.code, Some(3), "refused: {run:?}");
+    assert!(run.stderr.contains("which is not in the keyring"), "{run:?}");
+    assert!(!leftover.exists(), "a refused download is removed too");
+    assert_eq!(d.get("/"), "version 1.0.0\n", "the running release is untouched");
+}
+
 /// What one run of the real `updater` binary did.
 #[derive(Debug)]
 struct Run {

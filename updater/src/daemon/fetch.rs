@@ -15,6 +15,7 @@
 //! the mirror that gave them: an unchanged channel then costs one request and a `304` with no
 //! body.
 
+use crate::http::Trust;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::time::Duration;
@@ -120,19 +121,20 @@ pub struct ChannelFetcher {
 
 impl ChannelFetcher {
     pub fn new(mirrors: Vec<String>, channel: &str, deadline: Duration) -> ChannelFetcher {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(deadline.min(Duration::from_secs(10)))
-            .timeout(deadline)
-            .redirects(3)
-            .user_agent(concat!("metrica-updater/", env!("CARGO_PKG_VERSION")))
-            .build();
         ChannelFetcher {
             mirrors,
             channel: channel.to_string(),
             detached_signature: true,
             deadline,
-            agent,
+            agent: agent(deadline, None),
         }
+    }
+
+    /// HTTPS mirrors are checked against `trust` (a CA bundle's certificates, made by
+    /// [`crate::http::tls_config`]) instead of the built-in roots.
+    pub fn with_trust(mut self, trust: Trust) -> ChannelFetcher {
+        self.agent = agent(self.deadline, trust);
+        self
     }
 
     /// URL of the document on a mirror.
@@ -213,7 +215,8 @@ impl ChannelFetcher {
             Err(ureq::Error::Transport(t)) => Err(if is_timeout(&t) {
                 FetchError::Timeout { url: url.to_string(), secs: self.deadline.as_secs().max(1) }
             } else {
-                FetchError::Unreachable { url: url.to_string(), message: t.to_string() }
+                let message = crate::http::transport_message(&t);
+                FetchError::Unreachable { url: url.to_string(), message }
             }),
         }
     }
@@ -237,8 +240,17 @@ impl ChannelFetcher {
     }
 }
 
+fn agent(deadline: Duration, trust: Trust) -> ureq::Agent {
+    crate::http::agent_builder(trust)
+        .timeout_connect(deadline.min(Duration::from_secs(10)))
+        .timeout(deadline)
+        .redirects(3)
+        .user_agent(concat!("metrica-updater/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// Refuses HTML (by type or by content) and anything that is not UTF-8 text.
-fn check_text(url: &str, content_type: &str, body: &[u8]) -> Result<(), FetchError> {
+pub fn check_text(url: &str, content_type: &str, body: &[u8]) -> Result<(), FetchError> {
     let not_toml = |found: String| Err(FetchError::NotToml { url: url.to_string(), found });
     if content_type.contains("html") {
         return not_toml(format!("Content-Type {content_type}"));
@@ -274,6 +286,7 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
 mod tests {
     use super::*;
     use crate::testserver::{Mode, TestServer};
+    use std::path::PathBuf;
     use std::time::Instant;
 
     const DOC: &[u8] = b"sequence = 1\n";
@@ -364,6 +377,45 @@ mod tests {
         let err = f.poll(None).result.unwrap_err();
         assert_eq!(err.0[0].kind(), "http_4xx");
         assert!(err.0[0].to_string().ends_with("/channels/beta.toml: HTTP 404"), "{err}");
+    }
+
+    /// A TLS mirror with the channel files, its CA bundle written to `dir`.
+    fn tls_server(dir: &std::path::Path, name: &str, expired: bool) -> (TestServer, PathBuf) {
+        let (ca_pem, tls) = crate::testutil::test_tls_for(name, expired);
+        let s = TestServer::start_tls(Vec::new(), Mode::Normal, tls);
+        s.put("/channels/stable.toml", DOC);
+        let ca = dir.join(format!("{name}-{expired}.pem"));
+        std::fs::write(&ca, ca_pem).unwrap();
+        (s, ca)
+    }
+
+    #[test]
+    fn https_mirrors_are_checked_against_the_ca_bundle_and_refusals_name_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, good_ca) = tls_server(dir.path(), "127.0.0.1", false);
+        let (expired, expired_ca) = tls_server(dir.path(), "127.0.0.1", true);
+        let (other_host, other_host_ca) = tls_server(dir.path(), "updates.example.com", false);
+        let with = |ca: &std::path::Path, base: &str| {
+            let trust = crate::http::tls_config(ca).unwrap();
+            fetcher(&[base]).with_trust(Some(trust)).poll(None)
+        };
+        let poll = with(&good_ca, &good.base);
+        let Ok(Fetched::New { document, .. }) = poll.result else { panic!("{poll:?}") };
+        assert_eq!(document.toml, DOC);
+        // Each refusal is "unreachable", and its message names the certificate's problem.
+        for (ca, base, why) in [
+            (&expired_ca, &good.base, "server certificate not issued by a trusted CA"),
+            (&expired_ca, &expired.base, "server certificate expired"),
+            (&other_host_ca, &other_host.base, "server certificate not valid for the host name"),
+        ] {
+            let poll = with(ca, base);
+            let err = &poll.result.unwrap_err().0[0];
+            assert_eq!(err.kind(), "unreachable", "{err}");
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
+        // Without the bundle, the built-in roots do not know the private CA.
+        let err = &fetcher(&[&good.base]).poll(None).result.unwrap_err().0[0];
+        assert!(err.to_string().contains("not issued by a trusted CA"), "{err}");
     }
 
     #[test]

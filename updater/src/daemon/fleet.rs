@@ -141,6 +141,7 @@ impl Fleet {
                 running: Some(running),
                 booted: None,
                 log_file: Some(log),
+                trust: None,
             }),
             rebooter: Box::new(NoReboot),
             device: device.clone(),

@@ -785,9 +785,22 @@ pub struct BundleInstaller {
     pub booted: Option<BootInfo>,
     /// Where install progress lines go (the daemon's log file, or stderr).
     pub log_file: Option<PathBuf>,
+    /// Whom HTTPS bundle servers are checked against (the provisioned CA bundle, if any).
+    pub trust: crate::http::Trust,
 }
 
 impl BundleInstaller {
+    /// Where a bundle URL is read from: over HTTPS, with [`BundleInstaller::trust`].
+    fn source(&self, url: &str) -> crate::install::Source {
+        use crate::install::{Source, HTTP_TIMEOUT};
+        match Source::parse(url) {
+            Source::Url(u) if self.trust.is_some() => Source::Fetch(Box::new(
+                crate::http::HttpFetch::with_trust(&u, HTTP_TIMEOUT, self.trust.clone()),
+            )),
+            other => other,
+        }
+    }
+
     fn progress(&self) -> Box<dyn std::io::Write> {
         Box::new(Log::command_line(self.log_file.clone()).writer())
     }
@@ -816,12 +829,12 @@ impl Installer for BundleInstaller {
         device: &Device,
         now: u64,
     ) -> Result<semver::Version, InstallFailure> {
-        use crate::install::{self, Source};
+        use crate::install;
         let fail = |kind: &'static str, e: &dyn std::fmt::Display| InstallFailure {
             kind,
             message: format!("{url}: {e}"),
         };
-        let vm = install::read_manifest(Source::parse(url), &self.keyring).map_err(|e| {
+        let vm = install::read_manifest(self.source(url), &self.keyring).map_err(|e| {
             let kind = match &e {
                 install::InstallError::Bundle(crate::bundle::BundleError::Fetch(_)) => "download",
                 _ => "bundle",
@@ -865,7 +878,7 @@ impl Installer for BundleInstaller {
         req.resume_file = Some(install::progress_path(&device.data_dir));
         let mut progress = install::JsonLines::new(self.progress());
         let images =
-            install::install_bundle(Source::parse(url), &req, &mut progress).map_err(|e| {
+            install::install_bundle(self.source(url), &req, &mut progress).map_err(|e| {
                 let kind = match &e {
                     install::InstallError::Refused(_) => "refused",
                     install::InstallError::DoesNotFit { .. } => "partition_too_small",

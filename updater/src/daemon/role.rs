@@ -725,6 +725,14 @@ pub fn runner_for(
     Some(runner)
 }
 
+impl RoleRunner {
+    /// The daemon's one HTTPS trust (the provisioned CA bundle) for role downloads too.
+    pub fn with_trust(mut self, trust: crate::http::Trust) -> RoleRunner {
+        self.cfg.http.trust = trust;
+        self
+    }
+}
+
 /// Unpacks a baked bundle into `dir` (replacing what is there once the new one is complete)
 /// and returns its version.
 fn unpack_stack(baked: &Path, keyring: &Keyring, dir: &Path) -> anyhow::Result<String> {

@@ -804,6 +804,16 @@ mod real_install {
     }
 
     fn daemon(s: &TestServer, dir: &Path, reboots: Rc<Calls>) -> Daemon {
+        daemon_trusting(s, dir, reboots, None)
+    }
+
+    /// [`daemon`] whose channel and bundle fetches check HTTPS servers against `trust`.
+    fn daemon_trusting(
+        s: &TestServer,
+        dir: &Path,
+        reboots: Rc<Calls>,
+        trust: crate::http::Trust,
+    ) -> Daemon {
         let disk = dir.join("card.img");
         build_disk_with_roots(
             &disk,
@@ -825,7 +835,8 @@ mod real_install {
         };
         device.open_state(Some(Slot::A), Some(&release("1.0.0")), CT0).unwrap();
         Daemon {
-            fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline),
+            fetcher: ChannelFetcher::new(config.mirrors.clone(), "stable", config.request_deadline)
+                .with_trust(trust.clone()),
             record: Daemon::open_record(&device, &config, CT0),
             roles: None,
             cache: Cache::new(&device.data_dir),
@@ -841,6 +852,7 @@ mod real_install {
                 running: Some(release("1.0.0")),
                 booted: None,
                 log_file: Some(dir.join("log.jsonl")),
+                trust,
             }),
             rebooter: Box::new(TestReboot(reboots)),
             device,
@@ -873,6 +885,33 @@ mod real_install {
         );
         assert!(st.history.iter().any(|e| e.event == HistoryEvent::Install));
         assert!(st.history.iter().any(|e| e.event == HistoryEvent::Trial));
+    }
+
+    /// A private update server: the channel and the bundle come over HTTPS from a server whose
+    /// certificate only the CA bundle knows; with another CA's bundle the poll fails, naming why.
+    #[test]
+    fn a_private_https_server_is_trusted_through_the_ca_bundle() {
+        let (ca_pem, tls) = crate::testutil::test_tls();
+        let s = TestServer::start_tls(Vec::new(), Mode::Normal, tls);
+        let b = bundle("2.0.0", &ext4_root(&release("2.0.0")));
+        s.put("/bundles/metrica-test-2.0.0.mfb", &b);
+        channel(&s, 1, "2.0.0", "metrica-test-2.0.0.mfb", &b);
+        let dir = tempfile::tempdir().unwrap();
+        let (other_pem, _) = crate::testutil::test_tls();
+        for (name, pem) in [("ca.pem", &ca_pem), ("other.pem", &other_pem)] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        let trust = |name: &str| Some(crate::http::tls_config(&dir.path().join(name)).unwrap());
+        let wrong = tempfile::tempdir().unwrap();
+        let mut d = daemon_trusting(&s, wrong.path(), Rc::default(), trust("other.pem"));
+        assert_eq!(d.poll(CT0 + 60), PollOutcome::NoChannel);
+        let err = d.record.last_error.as_ref().unwrap();
+        assert!(err.message.contains("server certificate not issued by a trusted CA"), "{err:?}");
+        let reboots = Rc::new(Calls::default());
+        let mut d = daemon_trusting(&s, dir.path(), reboots.clone(), trust("ca.pem"));
+        let out = d.poll(CT0 + 60);
+        assert_eq!(out, PollOutcome::Installed { version: "2.0.0".parse().unwrap(), trial: true });
+        assert_eq!(*reboots.0.borrow(), ["tryboot"]);
     }
 
     #[test]

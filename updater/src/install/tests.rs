@@ -655,3 +655,54 @@ fn a_resume_position_counts_only_on_a_chunk_boundary() {
     assert_eq!(at(2, 299).on_boundary_of(&chunks), ChunkPosition::default());
     assert_eq!(at(4, 350).on_boundary_of(&chunks), ChunkPosition::default());
 }
+
+#[test]
+fn auto_progress_is_a_bar_only_on_a_watched_terminal() {
+    use ProgressStyle::{Auto, Bar, Json, Plain};
+    let cases: [(Option<&str>, Option<&str>, ProgressStyle); 10] = [
+        (Some("/dev/pts/3"), Some("xterm-256color"), Bar),
+        (Some("/dev/tty1"), Some("linux"), Bar),
+        (Some("/dev/console"), Some("linux"), Plain),
+        (Some("/dev/ttyAMA0"), Some("vt220"), Plain),
+        (Some("/dev/ttyS0"), Some("vt102"), Plain),
+        (Some("/dev/ttyUSB1"), Some("xterm"), Plain),
+        (Some("/dev/hvc0"), Some("linux"), Plain),
+        (Some("/dev/pts/3"), Some("dumb"), Plain),
+        (Some("/dev/pts/3"), None, Plain),
+        // Not a terminal: a pipe, a file, the journal.
+        (None, Some("xterm"), Plain),
+    ];
+    for (tty, term, want) in cases {
+        assert_eq!(Auto.resolve(tty.map(Path::new), term), want, "{tty:?} {term:?}");
+    }
+    for chosen in [Bar, Plain, Json] {
+        assert_eq!(chosen.resolve(Some(Path::new("/dev/ttyAMA0")), None), chosen);
+    }
+    assert!(!is_console(Path::new("/dev/ttyAMA")) && !is_console(Path::new("/dev/ttySx")));
+}
+
+#[test]
+fn plain_lines_are_whole_lines_at_most_one_per_tenth() {
+    let mut out = Vec::new();
+    {
+        let mut p = PlainLines::new(&mut out);
+        p.event(&ProgressEvent::ImageStarted {
+            image: SlotClass::Root,
+            partition: "root_b".into(),
+            size: 1 << 20,
+        });
+        for done in (0..=100u64).map(|i| (i << 20) / 100) {
+            p.event(&ProgressEvent::Written { image: SlotClass::Root, done, total: 1 << 20 });
+        }
+        p.event(&ProgressEvent::Retrying { offset: 7, attempt: 1, error: "reset".into() });
+        p.event(&ProgressEvent::Finished { version: "2.0.0".into(), bytes_read: 9 });
+    }
+    let text = String::from_utf8(out).unwrap();
+    assert!(!text.contains('\r'), "{text:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "root: writing 1.0 MiB to root_b");
+    assert_eq!(lines[1], "root:   0% (0.0 of 1.0 MiB)");
+    assert_eq!(lines[11], "root: 100% (1.0 of 1.0 MiB)");
+    assert_eq!(lines[12..], ["retry 1 from byte 7: reset", "installed 2.0.0"]);
+    assert_eq!(lines.len(), 14, "{text}");
+}

@@ -31,7 +31,13 @@ pub const AUTHORIZED_KEYS: &str = "authorized_keys";
 /// Secrets, age-encrypted to the device's recipient (optional).
 pub const SECRETS_AGE: &str = "secrets.age";
 
-/// Every file name the provision partition may hold, in the order they are written.
+/// Where first boot copies the validated provisioning files, under the data partition
+/// (`/data/metrica/provision/<file>`), and where the daemon reads the CA bundle named by
+/// `channel.ca_bundle`.
+pub const COPY_DIR: &str = "metrica/provision";
+
+/// Every file name the provision partition may hold, in the order they are written (and the
+/// CA bundle named by `channel.ca_bundle`, written last).
 pub const FILE_NAMES: [&str; 4] = [DEVICE_TOML, WIFI_TOML, AUTHORIZED_KEYS, SECRETS_AGE];
 
 /// Largest provisioning file accepted (the partition is 16 MiB; these files are small).
@@ -225,6 +231,18 @@ pub fn check_url(s: &str) -> Result<(), String> {
 
 /// An IANA time zone name (`UTC`, `Europe/Berlin`, `America/Argentina/Buenos_Aires`). The
 /// device has no zone database to check against, so the shape is checked.
+/// A CA bundle's file name: a plain name ending in `.pem`, beside the other files.
+pub fn check_ca_bundle_name(s: &str) -> Result<(), String> {
+    let plain = s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !plain || s.starts_with('.') || s.len() > 64 || !s.ends_with(".pem") {
+        return Err(format!(
+            "{s:?} is not a CA bundle file name; expected a file on the provision partition \
+             such as \"ca.pem\" (letters, digits, . _ -, ending in .pem)"
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_timezone(s: &str) -> Result<(), String> {
     let part_ok = |p: &str| {
         !p.is_empty()
@@ -327,6 +345,10 @@ pub struct ChannelToml {
     /// Other base URLs serving the same folder, tried in order after `url`.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// A PEM file of CA certificates on the provision partition (`ca.pem`): HTTPS update
+    /// servers are then checked against these only (a private update server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,6 +402,15 @@ pub struct Channel {
     pub name: String,
     /// `url` first, then the mirrors, in the order to try them.
     pub urls: Vec<String>,
+    /// The file name of the CA bundle on the provision partition, if any.
+    pub ca_bundle: Option<String>,
+}
+
+impl Channel {
+    /// Where the daemon reads the CA bundle: its copy on the data partition.
+    pub fn ca_bundle_path(&self, data_dir: &Path) -> Option<std::path::PathBuf> {
+        self.ca_bundle.as_ref().map(|name| data_dir.join(COPY_DIR).join(name))
+    }
 }
 
 /// Per-device overrides of what the channel says.
@@ -458,6 +489,9 @@ impl DeviceToml {
         for (i, m) in self.channel.mirrors.iter().enumerate() {
             check(&format!("channel.mirrors[{i}]"), check_url(m));
         }
+        if let Some(name) = &self.channel.ca_bundle {
+            check("channel.ca_bundle", check_ca_bundle_name(name));
+        }
         let interval = humantime::parse_duration(&self.update.interval)
             .map_err(|e| {
                 format!(
@@ -501,7 +535,11 @@ impl DeviceToml {
             segment: segment.expect("checked"),
             hostname: self.hostname.clone(),
             timezone: self.timezone.clone(),
-            channel: Channel { name: self.channel.name.clone(), urls },
+            channel: Channel {
+                name: self.channel.name.clone(),
+                urls,
+                ca_bundle: self.channel.ca_bundle.clone(),
+            },
             interval: interval.expect("checked"),
             maintenance_window: window.expect("checked"),
             overrides: Overrides {
@@ -819,14 +857,18 @@ impl Provisioning {
 pub fn validate_files(files: &[(String, Vec<u8>)]) -> Result<Provisioning, ProvisionErrors> {
     let mut errs = Vec::new();
     let mut seen = BTreeSet::new();
+    let get = |n: &str| files.iter().find(|(name, _)| name == n).map(|(_, b)| b.as_slice());
+    let device = get(DEVICE_TOML).map(DeviceConfig::parse_all);
+    let ca_name = device.as_ref().and_then(|d| d.as_ref().ok()?.channel.ca_bundle.clone());
     for (name, _) in files {
-        if !FILE_NAMES.contains(&name.as_str()) {
+        if !FILE_NAMES.contains(&name.as_str()) && ca_name.as_ref() != Some(name) {
             errs.push(ProvisionError::new(
                 name,
                 None,
                 ErrorKind::UnexpectedFile,
                 format!(
-                    "unexpected file; the provision partition holds only {}",
+                    "unexpected file; the provision partition holds only {} (and the CA \
+                     bundle named by device.toml channel.ca_bundle)",
                     FILE_NAMES.join(", ")
                 ),
             ));
@@ -834,8 +876,7 @@ pub fn validate_files(files: &[(String, Vec<u8>)]) -> Result<Provisioning, Provi
             errs.push(ProvisionError::new(name, None, ErrorKind::UnexpectedFile, "given twice"));
         }
     }
-    let get = |n: &str| files.iter().find(|(name, _)| name == n).map(|(_, b)| b.as_slice());
-    let device = match get(DEVICE_TOML) {
+    let device = match device {
         None => {
             errs.push(ProvisionError::new(
                 DEVICE_TOML,
@@ -845,7 +886,7 @@ pub fn validate_files(files: &[(String, Vec<u8>)]) -> Result<Provisioning, Provi
             ));
             None
         }
-        Some(b) => DeviceConfig::parse_all(b).map_err(|e| errs.extend(e.0)).ok(),
+        Some(parsed) => parsed.map_err(|e| errs.extend(e.0)).ok(),
     };
     let wifi = get(WIFI_TOML).and_then(|b| WifiConfig::parse(b).map_err(|e| errs.push(e)).ok());
     let keys =
@@ -864,16 +905,44 @@ pub fn validate_files(files: &[(String, Vec<u8>)]) -> Result<Provisioning, Provi
             }
         }
     }
+    if let Some(name) = &ca_name {
+        errs.extend(check_ca_bundle_file(name, get(name)));
+    }
     match device {
         Some(device) if errs.is_empty() => {
             let files = FILE_NAMES
                 .iter()
+                .copied()
+                .chain(ca_name.as_deref())
                 .filter_map(|n| get(n).map(|b| (n.to_string(), b.to_vec())))
                 .collect();
             Ok(Provisioning { device, wifi, authorized_keys: keys, secrets, files })
         }
         _ => Err(ProvisionErrors(errs)),
     }
+}
+
+/// The CA bundle `name` that device.toml names: present, and PEM CA certificates.
+fn check_ca_bundle_file(name: &str, bytes: Option<&[u8]>) -> Option<ProvisionError> {
+    let Some(bytes) = bytes else {
+        return Some(ProvisionError::new(
+            DEVICE_TOML,
+            Some("channel.ca_bundle"),
+            ErrorKind::MissingFile,
+            format!("names {name:?}, which is not on the provision partition"),
+        ));
+    };
+    let problem = if bytes.len() > MAX_FILE_LEN {
+        format!("{} bytes; expected at most {MAX_FILE_LEN}", bytes.len())
+    } else {
+        crate::http::ca_certificates(bytes).err()?
+    };
+    Some(ProvisionError::new(
+        name,
+        None,
+        ErrorKind::Syntax,
+        format!("{problem}; expected PEM CA certificates"),
+    ))
 }
 
 /// Reads every file in the root of the `provision` FAT partition of `disk` (a block device

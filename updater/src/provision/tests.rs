@@ -399,3 +399,62 @@ fn hostname_rules() {
         assert!(check_hostname(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_ca_bundle_named_by_device_toml_is_checked_and_kept() {
+    let (ca_pem, _) = crate::testutil::test_tls();
+    let device = DEVICE.replace(
+        "mirrors = [\"https://mirror.example.net/fleet\"]",
+        "mirrors = [\"https://mirror.example.net/fleet\"]\nca_bundle = \"fleet-ca.pem\"",
+    );
+    let set = files(&[(DEVICE_TOML, device.as_bytes()), ("fleet-ca.pem", ca_pem.as_bytes())]);
+    let p = validate_files(&set).unwrap();
+    assert_eq!(p.device.channel.ca_bundle.as_deref(), Some("fleet-ca.pem"));
+    let names: Vec<&str> = p.files().iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, [DEVICE_TOML, "fleet-ca.pem"], "written last, to /data like the others");
+    assert_eq!(
+        p.device.channel.ca_bundle_path(Path::new("/data")).unwrap(),
+        Path::new("/data/metrica/provision/fleet-ca.pem")
+    );
+    // (files, file named, field named, kind, words of the message)
+    type Case<'a> = (Vec<(String, Vec<u8>)>, &'a str, Option<&'a str>, ErrorKind, &'a str);
+    let cases: [Case; 4] = [
+        (
+            files(&[(DEVICE_TOML, device.as_bytes())]),
+            DEVICE_TOML,
+            Some("channel.ca_bundle"),
+            ErrorKind::MissingFile,
+            "names \"fleet-ca.pem\", which is not on the provision partition",
+        ),
+        (
+            files(&[(DEVICE_TOML, device.as_bytes()), ("fleet-ca.pem", b"not a certificate")]),
+            "fleet-ca.pem",
+            None,
+            ErrorKind::Syntax,
+            "no PEM certificate (-----BEGIN CERTIFICATE-----) in it; expected PEM CA certificates",
+        ),
+        (
+            files(&[
+                (DEVICE_TOML, device.replace("fleet-ca.pem", "../ca.pem").as_bytes()),
+                ("fleet-ca.pem", ca_pem.as_bytes()),
+            ]),
+            DEVICE_TOML,
+            Some("channel.ca_bundle"),
+            ErrorKind::InvalidValue,
+            "\"../ca.pem\" is not a CA bundle file name",
+        ),
+        (
+            files(&[(DEVICE_TOML, DEVICE.as_bytes()), ("fleet-ca.pem", ca_pem.as_bytes())]),
+            "fleet-ca.pem",
+            None,
+            ErrorKind::UnexpectedFile,
+            "and the CA bundle named by device.toml channel.ca_bundle",
+        ),
+    ];
+    for (set, file, field, kind, words) in cases {
+        let errs = validate_files(&set).unwrap_err().0;
+        let e = errs.iter().find(|e| e.file == file).unwrap_or_else(|| panic!("{errs:?}"));
+        assert_eq!((e.field.as_deref(), e.kind), (field, kind), "{e}");
+        assert!(e.to_string().contains(words), "{words}: {e}");
+    }
+}

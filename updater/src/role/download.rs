@@ -30,18 +30,15 @@ pub struct Expected {
 pub struct HttpOptions {
     /// Bounds connecting and each read.
     pub timeout: Duration,
-    /// Trust only the certificates of this PEM file for HTTPS (the fleet's own CA).
-    pub ca_bundle: Option<PathBuf>,
+    /// Whom HTTPS servers are checked against: the daemon's one trust (the provisioned CA
+    /// bundle, `http::tls_config`), or the built-in roots.
+    pub trust: crate::http::Trust,
     pub retry: RetryPolicy,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
-        HttpOptions {
-            timeout: Duration::from_secs(30),
-            ca_bundle: None,
-            retry: RetryPolicy::default(),
-        }
+        HttpOptions { timeout: Duration::from_secs(30), trust: None, retry: RetryPolicy::default() }
     }
 }
 
@@ -59,6 +56,8 @@ pub enum DownloadError {
     Hash { url: String, expected: String, found: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{url}: more than {limit} bytes, larger than any role bundle")]
+    TooLarge { url: String, limit: u64 },
 }
 
 impl DownloadError {
@@ -71,6 +70,7 @@ impl DownloadError {
             DownloadError::Truncated { .. } => "truncated",
             DownloadError::Hash { .. } => "hash",
             DownloadError::Io { .. } => "disk",
+            DownloadError::TooLarge { .. } => "truncated",
         }
     }
 }
@@ -177,13 +177,47 @@ pub fn fetch_bundle(
     Ok(Downloaded { path: dest.to_path_buf(), resumed_from, fetched: expected.size - resumed_from })
 }
 
+/// Downloads `url` whole to `dest` (through `DEST.part`, fsynced, renamed) with no expected
+/// size or hash: `updater role apply URL`, where the bundle's signature, checked when it is
+/// unpacked, is what is trusted. At most `limit` bytes are read. Returns the bytes written.
+pub fn fetch_whole(
+    url: &str,
+    dest: &Path,
+    limit: u64,
+    http: &HttpOptions,
+) -> Result<u64, DownloadError> {
+    let part = part_path(dest);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DownloadError::Io { path, source }
+    };
+    let mut fetch = open(url, http)?;
+    let Some(body) = fetch.open_at(0)? else { return Ok(0) };
+    let mut out = std::fs::File::create(&part).map_err(io(&part))?;
+    let copied = std::io::copy(&mut body.take(limit + 1), &mut out);
+    let n = match copied {
+        Ok(n) if n > limit => {
+            let _ = std::fs::remove_file(&part);
+            return Err(DownloadError::TooLarge { url: url.to_string(), limit });
+        }
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(
+                FetchError::Transport { url: url.to_string(), message: e.to_string() }.into()
+            );
+        }
+    };
+    out.sync_all().map_err(io(&part))?;
+    drop(out);
+    std::fs::rename(&part, dest).map_err(io(dest))?;
+    Ok(n)
+}
+
 /// The source of `url`: the HTTP client for `http(s)://`, else a file.
 fn open(url: &str, http: &HttpOptions) -> Result<Box<dyn Fetch>, DownloadError> {
     if url.starts_with("http://") || url.starts_with("https://") {
-        Ok(match &http.ca_bundle {
-            Some(ca) => Box::new(crate::http::HttpFetch::with_ca_bundle(url, http.timeout, ca)?),
-            None => Box::new(crate::http::HttpFetch::new(url, http.timeout)),
-        })
+        Ok(Box::new(crate::http::HttpFetch::with_trust(url, http.timeout, http.trust.clone())))
     } else {
         Ok(Box::new(FileFetch { path: PathBuf::from(url.strip_prefix("file://").unwrap_or(url)) }))
     }
@@ -250,7 +284,7 @@ mod tests {
     fn opts() -> HttpOptions {
         HttpOptions {
             timeout: Duration::from_secs(5),
-            ca_bundle: None,
+            trust: None,
             retry: RetryPolicy { attempts: 3, backoff: Duration::from_millis(10) },
         }
     }
@@ -371,5 +405,22 @@ mod tests {
         let d = fetch(&s.url, &dest, &expected(&b)).unwrap();
         assert_eq!(d.resumed_from, 0);
         assert_eq!(std::fs::read(&dest).unwrap(), b);
+    }
+
+    #[test]
+    fn a_whole_download_is_bounded_and_leaves_nothing_on_error() {
+        let s = TestServer::empty(Mode::Normal);
+        let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        s.put("/web.mfr", &body);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("web.mfr");
+        let http = HttpOptions::default();
+        assert_eq!(fetch_whole(&s.url_of("/web.mfr"), &dest, 5000, &http).unwrap(), 5000);
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        let err = fetch_whole(&s.url_of("/web.mfr"), &dest, 4999, &http).unwrap_err();
+        assert!(matches!(err, DownloadError::TooLarge { limit: 4999, .. }), "{err}");
+        let err = fetch_whole(&s.url_of("/missing.mfr"), &dest, 5000, &http).unwrap_err();
+        assert_eq!(err.kind(), "download", "{err}");
+        assert!(!part_path(&dest).exists());
     }
 }

@@ -49,7 +49,7 @@ impl Bench {
             min_free_bytes: 0,
             http: HttpOptions {
                 timeout: Duration::from_secs(5),
-                ca_bundle: None,
+                trust: None,
                 retry: crate::bundle::RetryPolicy {
                     attempts: 2,
                     backoff: Duration::from_millis(5),

@@ -1,0 +1,3 @@
+algorithm = "ed25519"
+key_id = "3d1869980ca0df18"
+signature = "3e5cfeb1fd244b5f3c0d481221bab33a215e7467ccdb92aab4f168200a577fc0c9bac4dd0bd59be8bf3417ff47a2cbe643d71dc052e050ac63855533b7aa770e"

@@ -1,0 +1,6 @@
+//! The imager's recipe (`Recipe::parse`) (docs/fuzzing.md).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| metrica_fuzz::recipe(data));
