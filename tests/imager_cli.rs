@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::golden;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -38,31 +40,6 @@ fn ok(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
     let out = imager().args(args.iter().map(|a| a.as_ref())).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A small image laid out as `imager build` does (GPT, an empty provision FAT), with its bmap
-/// and `.img.zst`.
-fn golden(dir: &Path) -> PathBuf {
-    use imager::image::{write_gpt, Ids, Layout};
-    let layout = Layout::new(&imager::recipe::Partitions {
-        config: 4 << 20,
-        boot: 4 << 20,
-        root: 8 << 20,
-        provision: 16 << 20,
-        data: 4 << 20,
-    });
-    let img = dir.join("fleet-1.0.0.img");
-    let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
-    f.set_len(layout.disk_size).unwrap();
-    write_gpt(&f, &layout, &Ids::new("fleet", &"1.0.0".parse().unwrap())).unwrap();
-    let p = layout.get("provision");
-    let region = imager::fat::Region { file: &f, start: p.start, len: p.len };
-    imager::fat::format(region, "provision", 7).unwrap();
-    f.sync_all().unwrap();
-    imager::output::write_bmap(&img, &dir.join("fleet-1.0.0.bmap")).unwrap();
-    let quiet = imager::progress::Progress::quiet();
-    imager::output::compress_zstd(&img, &dir.join("fleet-1.0.0.img.zst"), 3, &quiet).unwrap();
-    img
 }
 
 #[test]

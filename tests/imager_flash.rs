@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::sha256;
+use common::{golden, sha256};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -87,28 +87,6 @@ fn refuses_a_folder_and_a_missing_image() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("opening") && stderr.contains("nope.img"), "{stderr}");
-}
-
-/// A small image laid out as `imager build` does (GPT, an empty provision FAT), with its bmap.
-fn golden(dir: &Path) -> PathBuf {
-    use imager::image::{write_gpt, Ids, Layout};
-    let layout = Layout::new(&imager::recipe::Partitions {
-        config: 4 << 20,
-        boot: 4 << 20,
-        root: 8 << 20,
-        provision: 16 << 20,
-        data: 4 << 20,
-    });
-    let img = dir.join("fleet-1.0.0.img");
-    let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
-    f.set_len(layout.disk_size).unwrap();
-    write_gpt(&f, &layout, &Ids::new("fleet", &"1.0.0".parse().unwrap())).unwrap();
-    let p = layout.get("provision");
-    let region = imager::fat::Region { file: &f, start: p.start, len: p.len };
-    imager::fat::format(region, "provision", 7).unwrap();
-    f.sync_all().unwrap();
-    imager::output::write_bmap(&img, &dir.join("fleet-1.0.0.bmap")).unwrap();
-    img
 }
 
 const KEY: &str =

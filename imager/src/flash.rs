@@ -36,18 +36,6 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Block size of the map made for `--nobmap`.
 const BLOCK: u64 = 4096;
 
-/// Reads until `buf` is full or the reader ends; returns the bytes read.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
-}
-
 /// What to flash where.
 #[derive(Debug, Clone)]
 pub struct FlashOptions {
@@ -520,13 +508,7 @@ impl Image {
         let mut buf = vec![0u8; CHUNK];
         let (mut ranges, mut at) = (Vec::new(), 0u64);
         loop {
-            let n = read_full(&mut reader, &mut buf).with_context(|| {
-                format!(
-                    "{}: the zstd stream is truncated or corrupt (it stopped after {} of the image)",
-                    path.display(),
-                    updater::units::size(at)
-                )
-            })?;
+            let n = crate::output::read_zstd_piece(&mut reader, &mut buf, path, at)?;
             if n == 0 {
                 break;
             }

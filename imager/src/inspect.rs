@@ -328,13 +328,7 @@ pub fn decompress_to_temp(
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     loop {
-        let n = read_full(&mut dec, &mut buf).with_context(|| {
-            format!(
-                "{}: the zstd stream is truncated or corrupt (it stopped after {} of image)",
-                zst.display(),
-                updater::units::size(total)
-            )
-        })?;
+        let n = crate::output::read_zstd_piece(&mut dec, &mut buf, zst, total)?;
         if n == 0 {
             break;
         }
@@ -348,17 +342,6 @@ pub fn decompress_to_temp(
     out.as_file_mut().set_len(total)?;
     step.finish();
     Ok(out)
-}
-
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 struct CountingReader<'a> {

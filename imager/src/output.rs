@@ -13,6 +13,26 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+/// Reads the next piece of a decompressed `.img.zst` (`zst`): until `buf` is full or the
+/// stream ends; returns the bytes read. A truncated or corrupt stream is blamed on zstd, by
+/// name, with how much of the image (`done` bytes) came out before it stopped.
+pub fn read_zstd_piece(r: &mut dyn Read, buf: &mut [u8], zst: &Path, done: u64) -> Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(anyhow::Error::new(e).context(format!(
+                "{}: the zstd stream is truncated or corrupt (it stopped after {} of the image)",
+                zst.display(),
+                updater::units::size(done + filled as u64)
+            ))),
+        }
+    }
+    Ok(filled)
+}
+
 /// Block size of the bmap.
 pub const BMAP_BLOCK: u64 = 4096;
 

@@ -521,16 +521,7 @@ fn the_updater_binary_applies_a_folder_rolls_back_a_failure_and_reports_status()
 fn a_sigkill_at_every_apply_step_then_recover_leaves_the_old_or_the_new_release() {
     let d = Device::new("rt-kill");
     assert_eq!(d.cli_apply(&d.bundle("1.0.0", "ok"), None).code, Some(0));
-    let steps = [
-        "role-stage",
-        "role-load-images",
-        "role-validate",
-        "role-switch",
-        "role-up",
-        "role-health",
-        "role-probation",
-        "role-commit",
-    ];
+    let steps = updater::role::apply::STEPS;
     let mut old = v("1.0.0");
     for (i, step) in steps.iter().enumerate() {
         let new = v(&format!("1.{}.0", i + 1));

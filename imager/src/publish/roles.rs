@@ -218,55 +218,13 @@ fn role_pin(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use updater::bundle::testkit::{make_bundle, test_image, TestMeta};
-    use updater::bundle::SlotClass;
+    use crate::publish::tests::{setup, Setup, T0};
     use updater::role::bundle::testkit::{make_role_bundle, write_role};
 
-    /// 2026-11-24T08:00:00Z
-    const T0: u64 = 1_795_507_200;
-
-    struct Setup {
-        dir: tempfile::TempDir,
-        key: SigningKey,
-        ring: Keyring,
-        folder: PathBuf,
-    }
-
     impl Setup {
-        fn new() -> Setup {
-            let dir = tempfile::tempdir().unwrap();
-            let pair = crate::keys::generate(&dir.path().join("keys"), "fleet").unwrap();
-            let key = crate::keys::load_signing_key(&pair.private).unwrap();
-            let ring = Keyring::load(&dir.path().join("keys")).unwrap();
-            let folder = dir.path().join("www");
-            Setup { dir, key, ring, folder }
-        }
-
-        fn signer(&self) -> Signer<'_> {
-            Signer { key: &self.key, expires_in: DEFAULT_EXPIRES_IN, now: T0 }
-        }
-
         /// Publishes an OS bundle so that the channel exists.
         fn channel(&self) {
-            let meta = TestMeta {
-                compatible: "metrica-test".into(),
-                version: "1.0.0".parse().unwrap(),
-                security_epoch: 1,
-            };
-            let boot = test_image(20_000, 1);
-            let bytes = make_bundle(&meta, &[(SlotClass::Boot, &boot[..])], Some(&self.key));
-            let path = self.dir.path().join("os-1.0.0.mfb");
-            std::fs::write(&path, bytes).unwrap();
-            let req = PublishRequest {
-                folder: &self.folder,
-                channel: "stable",
-                bundle: &path,
-                name: None,
-                keyring: &self.ring,
-                rollout: Rollout::everyone(),
-                sequence: None,
-            };
-            publish(&req, &self.signer(), &Progress::quiet()).unwrap();
+            self.publish(&self.bundle("1.0.0", 1), 100, T0).unwrap();
         }
 
         fn role(&self, version: &str, key: &SigningKey) -> PathBuf {
@@ -277,7 +235,7 @@ mod tests {
             make_role_bundle(&role, &[], key, &out)
         }
 
-        fn publish(&self, bundle: &Path, percent: u8) -> Result<Published> {
+        fn publish_role(&self, bundle: &Path, percent: u8) -> Result<Published> {
             let req = RolePublishRequest {
                 folder: &self.folder,
                 channel: "stable",
@@ -285,22 +243,22 @@ mod tests {
                 keyring: &self.ring,
                 rollout: Rollout { percent, ..Rollout::everyone() },
             };
-            publish_role(&req, &self.signer(), &Progress::quiet())
+            publish_role(&req, &self.signer(T0), &Progress::quiet())
         }
 
-        fn edit(&self, e: &RoleEdit) -> Result<Published> {
+        fn edit_role(&self, e: &RoleEdit) -> Result<Published> {
             let q = Progress::quiet();
-            edit_role(&self.folder, "stable", "cam", e, &self.ring, &self.signer(), &q)
+            edit_role(&self.folder, "stable", "cam", e, &self.ring, &self.signer(T0), &q)
         }
     }
 
     #[test]
     fn publish_lays_out_the_role_bundle_and_sets_the_role_target() {
         use std::os::unix::fs::PermissionsExt;
-        let s = Setup::new();
+        let s = setup();
         s.channel();
         let b = s.role("1.0.0", &s.key);
-        let p = s.publish(&b, 30).unwrap();
+        let p = s.publish_role(&b, 30).unwrap();
         let dest = s.folder.join("roles/cam/1.0.0.mfr");
         assert_eq!(p.bundle.as_deref(), Some(dest.as_path()));
         assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&b).unwrap());
@@ -322,62 +280,62 @@ mod tests {
 
     #[test]
     fn role_edits_pause_pin_rollout_and_devices() {
-        let s = Setup::new();
+        let s = setup();
         s.channel();
-        s.publish(&s.role("1.0.0", &s.key), 100).unwrap();
-        s.publish(&s.role("1.1.0", &s.key), 5).unwrap();
+        s.publish_role(&s.role("1.0.0", &s.key), 100).unwrap();
+        s.publish_role(&s.role("1.1.0", &s.key), 5).unwrap();
         let waves = vec![Wave { at: Timestamp(T0 + 3600), percent: 50 }];
         let change =
             RolloutChange { percent: Some(10), waves: Some(waves.clone()), ..Default::default() };
-        let ch = s.edit(&RoleEdit::Set(change)).unwrap().channel;
+        let ch = s.edit_role(&RoleEdit::Set(change)).unwrap().channel;
         assert_eq!((ch.roles["cam"].rollout.percent, &ch.roles["cam"].rollout.waves), (10, &waves));
-        assert!(s.edit(&RoleEdit::Pause).unwrap().channel.roles["cam"].paused);
+        assert!(s.edit_role(&RoleEdit::Pause).unwrap().channel.roles["cam"].paused);
         // A new release keeps the pause.
-        let ch = s.publish(&s.role("1.2.0", &s.key), 5).unwrap().channel;
+        let ch = s.publish_role(&s.role("1.2.0", &s.key), 5).unwrap().channel;
         assert!(ch.roles["cam"].paused);
-        assert!(!s.edit(&RoleEdit::Resume).unwrap().channel.roles["cam"].paused);
+        assert!(!s.edit_role(&RoleEdit::Resume).unwrap().channel.roles["cam"].paused);
 
         let pin = RoleEdit::Pin {
             version: "1.0.0".parse().unwrap(),
             reason: "regression".into(),
             expires: None,
         };
-        let ch = s.edit(&pin).unwrap().channel;
+        let ch = s.edit_role(&pin).unwrap().channel;
         let p = ch.roles["cam"].pin.as_ref().unwrap();
         assert_eq!(
             (p.version.to_string(), p.urls[0].as_str()),
             ("1.0.0".into(), "../roles/cam/1.0.0.mfr")
         );
-        assert!(s.edit(&RoleEdit::Unpin).unwrap().channel.roles["cam"].pin.is_none());
-        assert!(s.edit(&RoleEdit::Unpin).is_err());
+        assert!(s.edit_role(&RoleEdit::Unpin).unwrap().channel.roles["cam"].pin.is_none());
+        assert!(s.edit_role(&RoleEdit::Unpin).is_err());
 
         let o = RoleOverride { version_lock: Some("1.0.0".parse().unwrap()), ..Default::default() };
         let dev = RoleEdit::Device { id: "pi-1".into(), entry: Some(o.clone()) };
-        let ch = s.edit(&dev).unwrap().channel;
+        let ch = s.edit_role(&dev).unwrap().channel;
         assert_eq!(ch.devices["pi-1"].roles["cam"], o);
         // An OS-level edit of the same device keeps its role overrides.
         let os = format::DeviceOverride { auto_update: Some(false), ..Default::default() };
         let q = Progress::quiet();
         let e = Edit::Device { id: "pi-1".into(), entry: Some(os) };
-        let ch = edit(&s.folder, "stable", &e, &s.ring, &s.signer(), &q).unwrap().channel;
+        let ch = edit(&s.folder, "stable", &e, &s.ring, &s.signer(T0), &q).unwrap().channel;
         assert_eq!(
             (ch.devices["pi-1"].auto_update, &ch.devices["pi-1"].roles["cam"]),
             (Some(false), &o)
         );
-        let ch = s.edit(&RoleEdit::Device { id: "pi-1".into(), entry: None }).unwrap().channel;
+        let ch = s.edit_role(&RoleEdit::Device { id: "pi-1".into(), entry: None }).unwrap().channel;
         assert!(ch.devices["pi-1"].roles.is_empty());
     }
 
     #[test]
     fn bad_role_publishes_and_edits_are_refused() {
-        let s = Setup::new();
+        let s = setup();
         let b = s.role("1.0.0", &s.key);
-        let err = s.publish(&b, 10).unwrap_err();
+        let err = s.publish_role(&b, 10).unwrap_err();
         assert!(format!("{err:#}").contains("a channel starts with an OS bundle"), "{err:#}");
         s.channel();
         // Signed by a key the devices do not trust.
         let stranger = updater::role::bundle::testkit::test_key(9);
-        let err = s.publish(&s.role("1.0.1", &stranger), 10).unwrap_err();
+        let err = s.publish_role(&s.role("1.0.1", &stranger), 10).unwrap_err();
         assert!(format!("{err:#}").contains("not in the keyring"), "{err:#}");
         // Tampered: one byte of the file changed.
         let mut bytes = std::fs::read(&b).unwrap();
@@ -385,13 +343,13 @@ mod tests {
         bytes[at] ^= 1;
         let bad = s.dir.path().join("bad.mfr");
         std::fs::write(&bad, bytes).unwrap();
-        assert!(s.publish(&bad, 10).is_err());
+        assert!(s.publish_role(&bad, 10).is_err());
         assert!(!s.folder.join("roles").exists(), "nothing is copied before it verifies");
         // Older than what the channel offers; an edit of a role the channel lacks.
-        let err = s.edit(&RoleEdit::Pause).unwrap_err();
+        let err = s.edit_role(&RoleEdit::Pause).unwrap_err();
         assert!(format!("{err:#}").contains("has no role \"cam\""), "{err:#}");
-        s.publish(&s.role("2.0.0", &s.key), 10).unwrap();
-        let err = s.publish(&b, 10).unwrap_err();
+        s.publish_role(&s.role("2.0.0", &s.key), 10).unwrap();
+        let err = s.publish_role(&b, 10).unwrap_err();
         assert!(format!("{err:#}").contains("1.0.0 is older"), "{err:#}");
         // A pin without reason, of a version not published, in the past.
         let pin = |v: &str, r: &str, exp: Option<u64>| RoleEdit::Pin {
@@ -404,12 +362,12 @@ mod tests {
             (pin("3.0.0", "x", None), "no bundle of role cam version 3.0.0"),
             (pin("2.0.0", "x", Some(T0 - 1)), "in the past"),
         ] {
-            let err = s.edit(&e).unwrap_err();
+            let err = s.edit_role(&e).unwrap_err();
             assert!(format!("{err:#}").contains(want), "{want}: {err:#}");
         }
         let empty = RoleEdit::Device { id: "pi-1".into(), entry: Some(RoleOverride::default()) };
-        assert!(format!("{:#}", s.edit(&empty).unwrap_err()).contains("at least one override"));
+        assert!(format!("{:#}", s.edit_role(&empty).unwrap_err()).contains("at least one override"));
         let none = RoleEdit::Device { id: "pi-1".into(), entry: None };
-        assert!(format!("{:#}", s.edit(&none).unwrap_err()).contains("no entry for role cam"));
+        assert!(format!("{:#}", s.edit_role(&none).unwrap_err()).contains("no entry for role cam"));
     }
 }

@@ -11,16 +11,18 @@ use updater::rollout::{
 use updater::testserver::TestServer;
 
 /// 2026-11-24T08:00:00Z
-const T0: u64 = 1_795_507_200;
+pub(super) const T0: u64 = 1_795_507_200;
 
-struct Setup {
-    dir: tempfile::TempDir,
-    key: SigningKey,
-    ring: Keyring,
-    folder: PathBuf,
+/// A temp folder with a generated key pair, its keyring and the channel folder `www`; the
+/// role publishing tests (publish::roles) share it.
+pub(super) struct Setup {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) key: SigningKey,
+    pub(super) ring: Keyring,
+    pub(super) folder: PathBuf,
 }
 
-fn setup() -> Setup {
+pub(super) fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let pair = crate::keys::generate(&dir.path().join("keys"), "fleet").unwrap();
     let key = crate::keys::load_signing_key(&pair.private).unwrap();
@@ -31,7 +33,7 @@ fn setup() -> Setup {
 
 impl Setup {
     /// A signed bundle `qemu-<version>.mfb` (compatible `metrica-test`) in the temp folder.
-    fn bundle(&self, version: &str, epoch: u64) -> PathBuf {
+    pub(super) fn bundle(&self, version: &str, epoch: u64) -> PathBuf {
         let meta = TestMeta {
             compatible: "metrica-test".into(),
             version: version.parse().unwrap(),
@@ -49,11 +51,11 @@ impl Setup {
         p
     }
 
-    fn signer(&self, now: u64) -> Signer<'_> {
+    pub(super) fn signer(&self, now: u64) -> Signer<'_> {
         Signer { key: &self.key, expires_in: DEFAULT_EXPIRES_IN, now }
     }
 
-    fn publish(&self, bundle: &Path, percent: u8, now: u64) -> Result<Published> {
+    pub(super) fn publish(&self, bundle: &Path, percent: u8, now: u64) -> Result<Published> {
         let req = PublishRequest {
             folder: &self.folder,
             channel: "stable",

@@ -25,6 +25,18 @@ use super::limits::{self, LIMITS_FILE};
 use super::spec::{self, RoleSpec, SpecError, ROLE_FILE};
 use crate::failpoint;
 
+/// The failpoints a successful apply passes, in order (a rollback passes `role-rollback`).
+pub const STEPS: [&str; 8] = [
+    "role-stage",
+    "role-load-images",
+    "role-validate",
+    "role-switch",
+    "role-up",
+    "role-health",
+    "role-probation",
+    "role-commit",
+];
+
 /// A release's image archives (`docker save`), in the bundle's folder.
 pub const IMAGES_DIR: &str = "images";
 
