@@ -23,11 +23,14 @@ pub fn read_zstd_piece(r: &mut dyn Read, buf: &mut [u8], zst: &Path, done: u64) 
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(anyhow::Error::new(e).context(format!(
-                "{}: the zstd stream is truncated or corrupt (it stopped after {} of the image)",
-                zst.display(),
-                updater::units::size(done + filled as u64)
-            ))),
+            Err(e) => {
+                let at = updater::units::size(done + filled as u64);
+                let msg = format!(
+                    "{}: the zstd stream is truncated or corrupt (it stopped after {at} of the image)",
+                    zst.display()
+                );
+                return Err(anyhow::Error::new(e).context(msg));
+            }
         }
     }
     Ok(filled)
