@@ -3,7 +3,7 @@
 //! How a command line uses it (new subcommands need nothing: returning an `anyhow::Error` from
 //! the dispatch is enough):
 //!
-//! ```ignore
+//! ```text
 //! let cli = match Cli::try_parse() {
 //!     Ok(cli) => cli,
 //!     Err(e) => return cli_error::clap_exit("imager", &e), // clap's own errors, same style
