@@ -370,14 +370,18 @@ impl<'a> Build<'a> {
                 Some(InitramfsRecipe::Build(s))
                     if s.modules_package.as_deref() == Some(&package) =>
                 {
-                    s.modules.iter().map(|m| format!("{m}.ko")).collect()
+                    s.modules
+                        .iter()
+                        .flat_map(|m| MODULE_SUFFIXES.map(|x| format!("{m}{x}").replace('-', "_")))
+                        .collect()
                 }
                 _ => BTreeSet::new(),
             };
             packages::unpack(&deb_path(packages, &package), &mut tree, &|p| {
                 paths.iter().any(|w| w == p || w.starts_with(p))
                     || (p.starts_with("/lib/modules") || p.starts_with("/usr/lib/modules"))
-                        && p.file_name().is_some_and(|n| modules.contains(&*n.to_string_lossy()))
+                        && p.file_name()
+                            .is_some_and(|n| modules.contains(&n.to_string_lossy().replace('-', "_")))
             })?;
             debs.insert(package, tree);
         }
@@ -392,17 +396,21 @@ impl<'a> Build<'a> {
             let (bytes, mode) = sources.read(&format!("boot.initramfs.files.\"{path}\""), src)?;
             ir.add_file(path, mode, bytes)?;
         }
-        if let Some(pkg) = &spec.modules_package {
-            let tree = &sources.debs[pkg];
+        if !spec.modules.is_empty() {
+            let (tree, from) = match &spec.modules_package {
+                Some(pkg) => (&sources.debs[pkg], format!("package {pkg}")),
+                None => (sources.root, "the root filesystem".to_string()),
+            };
             let mut modules = Vec::new();
             for m in &spec.modules {
                 let path = find_module(tree, m).ok_or_else(|| {
-                    self.recipe.err(
-                        "boot.initramfs.modules",
-                        format!("module {m} is not in package {pkg}"),
-                    )
+                    self.recipe
+                        .err("boot.initramfs.modules", format!("module {m} is not in {from}"))
                 })?;
-                modules.push((m.clone(), tree.read(&path)?));
+                let bytes = module_bytes(&path, tree.read(&path)?).map_err(|e| {
+                    self.recipe.err("boot.initramfs.modules", format!("{path}: {e:#}"))
+                })?;
+                modules.push((m.clone(), bytes));
             }
             ir.add_modules(&modules)?;
         }
@@ -683,15 +691,37 @@ fn deb_path(packages: &[Package], name: &str) -> PathBuf {
     packages.iter().find(|p| p.name == name).map(|p| p.path.clone()).expect("pinned")
 }
 
-/// The path of kernel module `name` (`name.ko`) in an unpacked package.
+/// The file suffixes of a kernel module: plain, or compressed as Debian's kernels since 6.x
+/// ship them (`.ko.xz`), or with zstd.
+const MODULE_SUFFIXES: [&str; 3] = [".ko", ".ko.xz", ".ko.zst"];
+
+/// The path of kernel module `name` (`name.ko`, `name.ko.xz` or `name.ko.zst`) under a
+/// `modules` folder of a tree (an unpacked package, or the root filesystem). `-` and `_` are
+/// the same in module names, as for modprobe.
 fn find_module(tree: &Tree, name: &str) -> Option<String> {
-    let want = format!("{name}.ko");
+    let norm = |s: &str| s.replace('-', "_");
+    let want: Vec<String> = MODULE_SUFFIXES.iter().map(|x| norm(&format!("{name}{x}"))).collect();
     tree.iter()
         .find(|(p, n)| {
             matches!(n.kind, Kind::File { .. })
-                && p.file_name().is_some_and(|f| f.to_string_lossy() == want)
+                && p.components().any(|c| c.as_os_str() == "modules")
+                && p.file_name().is_some_and(|f| want.contains(&norm(&f.to_string_lossy())))
         })
         .map(|(p, _)| p.to_string_lossy().into_owned())
+}
+
+/// A module's bytes as busybox `insmod` in the initramfs loads them: decompressed.
+fn module_bytes(path: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    if path.ends_with(".ko.xz") {
+        let mut out = Vec::new();
+        lzma_rs::xz_decompress(&mut &bytes[..], &mut out)
+            .map_err(|e| anyhow::anyhow!("not a valid xz stream: {e}"))?;
+        Ok(out)
+    } else if path.ends_with(".ko.zst") {
+        zstd::stream::decode_all(&bytes[..]).context("not a valid zstd stream")
+    } else {
+        Ok(bytes)
+    }
 }
 
 /// `/etc/os-release` for a release.
@@ -717,4 +747,52 @@ fn add_tarball(tree: &mut Tree, path: &Path) -> Result<()> {
         bail!("{}: expected a .tar, .tar.gz, .tgz or .tar.zst file", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree_with(dir: &Path, files: &[(&str, &[u8])]) -> Tree {
+        let mut tree = Tree::new(dir).unwrap();
+        for (path, bytes) in files {
+            tree.add_bytes(path, bytes, 0o644, 0, 0).unwrap();
+        }
+        tree
+    }
+
+    #[test]
+    fn modules_are_found_compressed_or_not_with_dashes_or_underscores() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree_with(
+            dir.path(),
+            &[
+                ("/usr/lib/modules/6.12.1-arm64/kernel/drivers/mmc/host/sdhci-iproc.ko.xz", b"x"),
+                ("/usr/lib/modules/6.12.1-arm64/kernel/fs/ext4/ext4.ko", b"e"),
+                ("/usr/share/doc/vfat.ko", b"not a module folder"),
+            ],
+        );
+        assert_eq!(
+            find_module(&tree, "sdhci_iproc").as_deref(),
+            Some("/usr/lib/modules/6.12.1-arm64/kernel/drivers/mmc/host/sdhci-iproc.ko.xz")
+        );
+        assert_eq!(
+            find_module(&tree, "ext4").as_deref(),
+            Some("/usr/lib/modules/6.12.1-arm64/kernel/fs/ext4/ext4.ko")
+        );
+        assert_eq!(find_module(&tree, "vfat"), None);
+    }
+
+    #[test]
+    fn compressed_modules_are_decompressed_and_bad_streams_named() {
+        let module = b"\x7fELF a kernel module".repeat(100);
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut &module[..], &mut xz).unwrap();
+        assert_eq!(module_bytes("/m/a.ko.xz", xz.clone()).unwrap(), module);
+        let zst = zstd::stream::encode_all(&module[..], 3).unwrap();
+        assert_eq!(module_bytes("/m/a.ko.zst", zst).unwrap(), module);
+        assert_eq!(module_bytes("/m/a.ko", module.clone()).unwrap(), module);
+        let e = module_bytes("/m/a.ko.xz", xz[..xz.len() / 2].to_vec()).unwrap_err();
+        assert!(format!("{e:#}").contains("not a valid xz stream"), "{e:#}");
+    }
 }

@@ -114,7 +114,8 @@ pub struct InitramfsSpec {
     pub init: Source,
     /// Files copied in: path in the initramfs -> source. Executable when `mode` says so.
     pub files: BTreeMap<String, Source>,
-    /// Package that holds the kernel modules (`lib/modules/<version>/...`).
+    /// Package that holds the kernel modules (`lib/modules/<version>/...`); without one, the
+    /// modules come from the root filesystem (`/usr/lib/modules/<version>/...`).
     pub modules_package: Option<String>,
     /// Module names, in load order.
     pub modules: Vec<String>,
@@ -668,13 +669,9 @@ impl Checker<'_> {
             let path = self.image_path(&key, path)?;
             files.insert(path, self.source(&key, src, debian)?);
         }
+        // Without a package, the modules come from the assembled root filesystem.
         if let Some(pkg) = &spec.modules_package {
             self.pinned("boot.initramfs.modules_package", pkg, debian)?;
-        } else if !spec.modules.is_empty() {
-            bail!(self.err(
-                "boot.initramfs.modules_package",
-                "expected the package that holds the listed modules"
-            ));
         }
         Ok(Some(Initramfs::Build(InitramfsSpec {
             init,
