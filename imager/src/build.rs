@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub zstd_level: i32,
     /// Skip the OS bundle even when the recipe names a signing key.
     pub no_bundle: bool,
+    /// Use only cached bootstraps and packages: no network.
+    pub offline: bool,
 }
 
 /// What a build produced.
@@ -150,7 +152,7 @@ fn deb_requests(recipe: &Recipe) -> BTreeMap<String, BTreeSet<PathBuf>> {
 pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     let started = Instant::now();
     let b = Build::start(opts, progress)?;
-    let packages = packages::fetch(&b.recipe, progress)?;
+    let packages = packages::fetch(&b.recipe, opts.offline, progress)?;
     let root = b.stage_root(&packages)?;
     let boot_files = b.boot_files(&packages, &root)?;
     let disk = b.create_disk()?;
@@ -249,8 +251,22 @@ impl<'a> Build<'a> {
         let recipe = &self.recipe;
         let step = self.progress.bar(recipe.layers.len() as u64 + 1, "assembling root");
         let mut root = Tree::new(&self.work("staging/root"))?;
-        if let Base::Tarball(path) = &recipe.base {
-            add_tarball(&mut root, path).map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
+        match &recipe.base {
+            Base::Empty => {}
+            Base::Tarball(path) => {
+                add_tarball(&mut root, path)
+                    .map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
+            }
+            Base::Mmdebstrap(spec) => {
+                let tar = crate::bootstrap::tarball(
+                    recipe,
+                    spec,
+                    self.opts.offline,
+                    self.opts.epoch,
+                    self.progress,
+                )?;
+                add_tarball(&mut root, &tar).map_err(|e| recipe.err("base", format!("{e:#}")))?;
+            }
         }
         step.inc(1);
         for (i, layer) in recipe.layers.iter().enumerate() {

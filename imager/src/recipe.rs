@@ -48,7 +48,43 @@ pub enum Base {
     Empty,
     /// Start from a root filesystem tarball (owners and modes from the tarball).
     Tarball(PathBuf),
+    /// Start from a Debian root that mmdebstrap bootstraps (cached by its inputs).
+    Mmdebstrap(Bootstrap),
 }
+
+/// `[base] type = "mmdebstrap"`: what to bootstrap. Every field changes the result, so every
+/// field is in the cache key (see [`crate::bootstrap`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bootstrap {
+    pub suite: String,
+    pub architecture: String,
+    pub components: Vec<String>,
+    pub variant: String,
+    /// Sorted and without duplicates.
+    pub packages: Vec<String>,
+    /// None: mmdebstrap's own default mirror.
+    pub mirror: Option<String>,
+    /// The folder of cached bootstrap tarballs.
+    pub cache: PathBuf,
+    /// dpkg `path-exclude` globs (files dpkg does not unpack).
+    pub dpkg_exclude: Vec<String>,
+    /// dpkg `path-include` globs: exceptions to the excludes.
+    pub dpkg_include: Vec<String>,
+}
+
+/// The variants mmdebstrap knows.
+pub const VARIANTS: &[&str] = &[
+    "extract",
+    "custom",
+    "essential",
+    "apt",
+    "required",
+    "minbase",
+    "buildd",
+    "important",
+    "debootstrap",
+    "standard",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Debian {
@@ -177,6 +213,24 @@ struct RawPartitions {
 enum RawBase {
     Empty,
     Tarball { path: String },
+    Mmdebstrap(RawBootstrap),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBootstrap {
+    suite: String,
+    architecture: Option<String>,
+    components: Option<Vec<String>>,
+    variant: Option<String>,
+    #[serde(default)]
+    packages: Vec<String>,
+    mirror: Option<String>,
+    cache: Option<String>,
+    #[serde(default)]
+    dpkg_exclude: Vec<String>,
+    #[serde(default)]
+    dpkg_include: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,7 +479,7 @@ impl Recipe {
         let c = Checker { file, dir: &dir };
         let version = c.identity(&raw.name, &raw.version, &raw.compatible)?;
         let partitions = c.partitions(&raw.partitions)?;
-        let base = c.base(raw.base)?;
+        let base = c.base(raw.base, raw.debian.as_ref().map(|d| d.architecture.as_str()))?;
         let debian = raw.debian.map(|d| c.debian(d)).transpose()?;
         let layers = raw
             .layers
@@ -520,12 +574,104 @@ impl Checker<'_> {
         })
     }
 
-    /// `[base]`: empty unless a tarball is named.
-    fn base(&self, raw: Option<RawBase>) -> Result<Base> {
+    /// `[base]`: empty unless a tarball or a bootstrap is named. `debian_arch` is the
+    /// `[debian] architecture`, the default of a bootstrap's.
+    fn base(&self, raw: Option<RawBase>, debian_arch: Option<&str>) -> Result<Base> {
         Ok(match raw {
             None | Some(RawBase::Empty) => Base::Empty,
             Some(RawBase::Tarball { path }) => Base::Tarball(self.existing("base.path", &path)?),
+            Some(RawBase::Mmdebstrap(raw)) => Base::Mmdebstrap(self.bootstrap(raw, debian_arch)?),
         })
+    }
+
+    /// `[base] type = "mmdebstrap"`, with its defaults.
+    fn bootstrap(&self, raw: RawBootstrap, debian_arch: Option<&str>) -> Result<Bootstrap> {
+        let word = |key: &str, v: &str, what: &str| -> Result<String> {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || "+-.~_".contains(c))
+            {
+                bail!(self.err(key, format!("expected {what}, found {v:?}")));
+            }
+            Ok(v.to_string())
+        };
+        let suite = word("base.suite", &raw.suite, "a Debian suite such as \"trixie\"")?;
+        let architecture = raw.architecture.as_deref().or(debian_arch).unwrap_or("arm64");
+        let architecture =
+            word("base.architecture", architecture, "a Debian architecture such as \"arm64\"")?;
+        let components = raw.components.unwrap_or_else(|| vec!["main".into()]);
+        if components.is_empty() {
+            bail!(self.err("base.components", "expected at least one, such as [\"main\"]"));
+        }
+        for c in &components {
+            word("base.components", c, "a component such as \"main\"")?;
+        }
+        let variant = raw.variant.unwrap_or_else(|| "apt".into());
+        if !VARIANTS.contains(&variant.as_str()) {
+            bail!(self.err(
+                "base.variant",
+                format!("expected one of {}, found {variant:?}", VARIANTS.join(", "))
+            ));
+        }
+        let packages = self.bootstrap_packages(raw.packages)?;
+        if let Some(m) = &raw.mirror {
+            self.mirror(m)?;
+        }
+        let cache =
+            self.host_path("base.cache", raw.cache.as_deref().unwrap_or("../cache/base"))?;
+        for (key, globs) in
+            [("base.dpkg_exclude", &raw.dpkg_exclude), ("base.dpkg_include", &raw.dpkg_include)]
+        {
+            if let Some(g) = globs.iter().find(|g| {
+                !g.starts_with('/') || g.chars().any(|c| c.is_whitespace() || c.is_control())
+            }) {
+                bail!(self.err(
+                    key,
+                    format!(
+                        "expected an absolute path glob such as \"/usr/share/man/*\", found {g:?}"
+                    )
+                ));
+            }
+        }
+        Ok(Bootstrap {
+            suite,
+            architecture,
+            components,
+            variant,
+            packages,
+            mirror: raw.mirror,
+            cache,
+            dpkg_exclude: raw.dpkg_exclude,
+            dpkg_include: raw.dpkg_include,
+        })
+    }
+
+    /// `base.packages`: Debian package names (optionally `NAME=VERSION` or `NAME:ARCH`),
+    /// sorted and without duplicates.
+    fn bootstrap_packages(&self, packages: Vec<String>) -> Result<Vec<String>> {
+        for p in &packages {
+            let ok = p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.:=~".contains(c));
+            if !ok {
+                bail!(self.err(
+                    "base.packages",
+                    format!("expected a Debian package name such as \"systemd\", found {p:?}")
+                ));
+            }
+        }
+        let set: std::collections::BTreeSet<String> = packages.into_iter().collect();
+        Ok(set.into_iter().collect())
+    }
+
+    /// `base.mirror`: an http, https or file URL.
+    fn mirror(&self, m: &str) -> Result<()> {
+        let scheme_ok = ["http://", "https://", "file://"].iter().any(|s| m.starts_with(s));
+        if !scheme_ok || m.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!(self.err(
+                "base.mirror",
+                format!("expected an http://, https:// or file:// URL, found {m:?}")
+            ));
+        }
+        Ok(())
     }
 
     /// `[debian]`: an architecture, and every package pinned to a version.
@@ -829,6 +975,43 @@ cmdline = "console=ttyAMA0 quiet"
                 assert!(e.contains(part), "{what}: {part:?} not in {e}");
             }
         }
+    }
+
+    #[test]
+    fn an_mmdebstrap_base_has_defaults_and_strict_keys() {
+        let dir = fixture();
+        let text = GOOD.replace(
+            "[debian]",
+            "[base]\ntype = \"mmdebstrap\"\nsuite = \"trixie\"\npackages = [\"systemd\", \"kmod\"]\n[debian]",
+        );
+        let r = parse(&dir, &text).unwrap();
+        let Base::Mmdebstrap(b) = &r.base else { panic!("{:?}", r.base) };
+        assert_eq!(b.architecture, "arm64", "from [debian]");
+        assert_eq!((b.components.clone(), b.variant.as_str()), (vec!["main".to_string()], "apt"));
+        assert_eq!(b.packages, ["kmod", "systemd"]);
+        assert_eq!(b.mirror, None);
+        assert!(b.cache.ends_with("recipes/../cache/base"), "{}", b.cache.display());
+        let cases = [
+            ("colour = \"red\"", &["recipes/test.toml", "unknown field `colour`"][..]),
+            ("variant = \"tiny\"", &["base.variant", "expected one of extract"]),
+            ("packages = [\"Bad Name\"]", &["base.packages", "\"Bad Name\""]),
+            ("mirror = \"mirror.invalid\"", &["base.mirror", "http://"]),
+            ("components = []", &["base.components", "at least one"]),
+            ("dpkg_exclude = [\"usr/share/man\"]", &["base.dpkg_exclude", "absolute"]),
+        ];
+        for (line, expected) in cases {
+            let text = GOOD.replace(
+                "[debian]",
+                &format!("[base]\ntype = \"mmdebstrap\"\nsuite = \"trixie\"\n{line}\n[debian]"),
+            );
+            let e = err(&dir, &text);
+            assert!(e.contains("recipes/test.toml"), "{line}: {e}");
+            for part in expected {
+                assert!(e.contains(part), "{line}: {part:?} not in {e}");
+            }
+        }
+        let e = err(&dir, &GOOD.replace("[debian]", "[base]\ntype = \"mmdebstrap\"\n[debian]"));
+        assert!(e.contains("missing field `suite`"), "{e}");
     }
 
     #[test]
