@@ -106,8 +106,10 @@ impl Sources<'_> {
                 Ok((bytes, if mode & 0o111 != 0 { 0o755 } else { 0o644 }))
             }
             Source::Root(path) => {
-                let bytes = self.root.read(path).map_err(|e| self.recipe.err(key, e))?;
-                let mode = self.root.get(Path::new(path)).map_or(0o644, |n| n.mode);
+                let path = self.root_path(key, path)?;
+                let bytes = self.root.read(&path).map_err(|e| self.recipe.err(key, e))?;
+                let real = self.root.resolve(&path).map_err(|e| self.recipe.err(key, e))?;
+                let mode = self.root.get(&real).map_or(0o644, |n| n.mode);
                 Ok((bytes, mode))
             }
             Source::Deb { package, path } => {
@@ -118,6 +120,31 @@ impl Sources<'_> {
                 let mode = tree.get(Path::new(path)).map_or(0o644, |n| n.mode);
                 Ok((bytes, mode))
             }
+        }
+    }
+}
+
+impl Sources<'_> {
+    /// The path a `root:` source names: itself, or the one path of the root tree its glob
+    /// matches (zero or several matches are errors naming `key`).
+    fn root_path(&self, key: &str, path: &str) -> Result<String> {
+        if !crate::rootfs::is_glob(path) {
+            return Ok(path.to_string());
+        }
+        let found = self.root.glob(path).map_err(|e| self.recipe.err(key, e))?;
+        match found.as_slice() {
+            [one] => Ok(one.to_string_lossy().into_owned()),
+            [] => Err(self
+                .recipe
+                .err(key, format!("root:{path} matches nothing in the root filesystem"))),
+            many => Err(self.recipe.err(
+                key,
+                format!(
+                    "root:{path} matches {} paths, expected one: {}",
+                    many.len(),
+                    many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
         }
     }
 }
@@ -352,14 +379,16 @@ impl<'a> Build<'a> {
         files.push((KERNEL_NAME.into(), sources.read("boot.kernel", &boot.kernel)?.0));
         files.push(("config.txt".into(), sources.read("boot.config_txt", &boot.config_txt)?.0));
         for (i, dtb) in boot.dtbs.iter().enumerate() {
+            let key = format!("boot.dtbs[{i}]");
             let name = match dtb {
                 Source::Host(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
-                Source::Deb { path, .. } | Source::Root(path) => {
-                    path.rsplit('/').next().map(str::to_string)
+                Source::Deb { path, .. } => path.rsplit('/').next().map(str::to_string),
+                Source::Root(path) => {
+                    sources.root_path(&key, path)?.rsplit('/').next().map(str::to_string)
                 }
             }
             .unwrap_or_default();
-            files.push((name, sources.read(&format!("boot.dtbs[{i}]"), dtb)?.0));
+            files.push((name, sources.read(&key, dtb)?.0));
         }
         for (name, src) in &boot.files {
             files.push((name.clone(), sources.read(&format!("boot.files.{name}"), src)?.0));
