@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod include;
+
 /// A parsed and checked recipe.
 #[derive(Debug, Clone)]
 pub struct Recipe {
@@ -211,7 +213,8 @@ struct RawPartitions {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
 enum RawBase {
-    Empty,
+    /// A struct variant, so that unknown keys beside it are refused too.
+    Empty {},
     Tarball { path: String },
     Mmdebstrap(RawBootstrap),
 }
@@ -472,10 +475,9 @@ impl Recipe {
     /// Parses and checks recipe text; `file` names it in errors and anchors relative paths.
     /// Sections are checked in file order, so the first error is the first bad key.
     pub fn parse(file: &Path, text: &str) -> Result<Recipe> {
-        let raw: RawRecipe =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let raw = include::raw(file, &dir, text)?;
         let c = Checker { file, dir: &dir };
         let version = c.identity(&raw.name, &raw.version, &raw.compatible)?;
         let partitions = c.partitions(&raw.partitions)?;
@@ -578,7 +580,7 @@ impl Checker<'_> {
     /// `[debian] architecture`, the default of a bootstrap's.
     fn base(&self, raw: Option<RawBase>, debian_arch: Option<&str>) -> Result<Base> {
         Ok(match raw {
-            None | Some(RawBase::Empty) => Base::Empty,
+            None | Some(RawBase::Empty {}) => Base::Empty,
             Some(RawBase::Tarball { path }) => Base::Tarball(self.existing("base.path", &path)?),
             Some(RawBase::Mmdebstrap(raw)) => Base::Mmdebstrap(self.bootstrap(raw, debian_arch)?),
         })
@@ -1012,6 +1014,96 @@ cmdline = "console=ttyAMA0 quiet"
         }
         let e = err(&dir, &GOOD.replace("[debian]", "[base]\ntype = \"mmdebstrap\"\n[debian]"));
         assert!(e.contains("missing field `suite`"), "{e}");
+    }
+
+    /// A part with the Debian table, a layer and the boot files; the recipe adds the rest.
+    const PART: &str = r#"
+[debian]
+architecture = "arm64"
+cache = "../cache"
+packages = { busybox-static = "1:1.35.0-4" }
+[[layers]]
+type = "deb"
+package = "busybox-static"
+[boot]
+kernel = "kernel"
+config_txt = "config.txt"
+"#;
+
+    const INCLUDING: &str = r#"
+include = ["pi/common.toml"]
+name = "test"
+version = "1.0.0"
+compatible = "metrica-test"
+[partitions]
+config = "16MiB"
+boot_a = "32MiB"
+boot_b = "32MiB"
+root_a = "64MiB"
+root_b = "64MiB"
+provision = "16MiB"
+data = "32MiB"
+[[layers]]
+type = "overlay"
+name = "base"
+[boot]
+cmdline = "console=ttyAMA0 quiet"
+"#;
+
+    fn with_part(dir: &tempfile::TempDir, part: &str) {
+        std::fs::create_dir_all(dir.path().join("recipes/pi")).unwrap();
+        std::fs::write(dir.path().join("recipes/pi/common.toml"), part).unwrap();
+    }
+
+    #[test]
+    fn an_included_part_is_merged_first() {
+        let dir = fixture();
+        with_part(&dir, PART);
+        let r = parse(&dir, INCLUDING).unwrap();
+        assert!(matches!(&r.layers[0], Layer::Deb { package, .. } if package == "busybox-static"));
+        assert!(matches!(&r.layers[1], Layer::Overlay { name, .. } if name == "base"));
+        assert_eq!(r.boot.kernel, Source::Host(dir.path().join("recipes/kernel")));
+        assert_eq!(r.boot.cmdline, "console=ttyAMA0 quiet");
+        assert_eq!(r.debian.unwrap().architecture, "arm64");
+    }
+
+    #[test]
+    fn included_parts_are_strict_and_never_silently_overridden() {
+        let dir = fixture();
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                PART,
+                "[boot]\ncmdline",
+                &["recipes/test.toml: ", "[debian]: also set by pi/common.toml"],
+            ),
+            (PART, "", &["recipes/test.toml: boot.kernel: also set by pi/common.toml"]),
+            (
+                "[base]\ntype = \"empty\"\ncolour = 1\n",
+                "",
+                &["recipes/pi/common.toml (included by ", "line 1", "unknown field `colour`"],
+            ),
+            ("name = \"x\"\n", "", &["recipes/pi/common.toml", "unknown field `name`"]),
+            ("[boot]\nkernal = \"k\"\n", "", &["recipes/pi/common.toml", "unknown field `kernal`"]),
+        ];
+        let extras = [
+            "[debian]\narchitecture = \"arm64\"\ncache = \"c\"\npackages = {}\n[boot]\ncmdline",
+            "[boot]\nkernel = \"kernel\"\ncmdline",
+        ];
+        for (i, (part, _, expected)) in cases.iter().enumerate() {
+            with_part(&dir, part);
+            let text = match extras.get(i) {
+                Some(extra) => INCLUDING.replace("[boot]\ncmdline", extra),
+                None => INCLUDING.to_string(),
+            };
+            let e = err(&dir, &text);
+            for part in *expected {
+                assert!(e.contains(part), "case {i}: {part:?} not in {e}");
+            }
+        }
+        let e = err(&dir, &INCLUDING.replace("[\"pi/common.toml\"]", "\"pi/common.toml\""));
+        assert!(e.contains("include: expected a list of paths"), "{e}");
+        let e = err(&dir, &INCLUDING.replace("pi/common.toml", "pi/nope.toml"));
+        assert!(e.contains("recipes/test.toml: include: cannot read"), "{e}");
     }
 
     #[test]
