@@ -182,3 +182,19 @@ fn a_real_essential_trixie_arm64_bootstrap_builds_an_image() {
     let version = String::from_utf8_lossy(&o.stdout);
     assert!(version.starts_with("13") || version.contains("trixie"), "{version}");
 }
+
+/// `--offline` forbids `.deb` downloads too: a pinned package that is not cached is an error
+/// naming it (and apt-get is never run).
+#[test]
+fn offline_builds_refuse_to_download_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path());
+    std::fs::remove_file(dir.path().join("cache/mini-tools_1%3a1.0-1_arm64.deb")).unwrap();
+    let stderr =
+        failing_build(Path::new("/nonexistent"), &recipe, &dir.path().join("out"), &["--offline"]);
+    assert!(
+        stderr.contains("recipes/mini.toml: debian.packages.mini-tools: mini-tools_1%3a1.0-1_arm64.deb is not in the package cache")
+            && stderr.contains("--offline was given"),
+        "{stderr}"
+    );
+}

@@ -215,7 +215,9 @@ struct RawPartitions {
 enum RawBase {
     /// A struct variant, so that unknown keys beside it are refused too.
     Empty {},
-    Tarball { path: String },
+    Tarball {
+        path: String,
+    },
     Mmdebstrap(RawBootstrap),
 }
 
