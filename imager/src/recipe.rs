@@ -1102,6 +1102,14 @@ cmdline = "console=ttyAMA0 quiet"
                 assert!(e.contains(part), "case {i}: {part:?} not in {e}");
             }
         }
+        with_part(&dir, PART);
+        for (from, to) in
+            [("[partitions]", "colour = 1\n[partitions]"), ("cmdline =", "kernal = 1\ncmdline =")]
+        {
+            let e = err(&dir, &INCLUDING.replace(from, to));
+            assert!(e.contains("recipes/test.toml: TOML parse error at line"), "{e}");
+            assert!(e.contains("unknown field"), "{e}");
+        }
         let e = err(&dir, &INCLUDING.replace("[\"pi/common.toml\"]", "\"pi/common.toml\""));
         assert!(e.contains("include: expected a list of paths"), "{e}");
         let e = err(&dir, &INCLUDING.replace("pi/common.toml", "pi/nope.toml"));

@@ -28,6 +28,28 @@ struct RawPart {
     boot: Option<RawBootPart>,
 }
 
+/// The including recipe's own keys, checked strictly (with its line numbers) before merging:
+/// a recipe's shape with the keys a part may supply made optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RawIncluding {
+    include: Vec<String>,
+    name: String,
+    version: String,
+    compatible: String,
+    security_epoch: Option<u64>,
+    signing_key: Option<String>,
+    default_role: Option<String>,
+    partitions: super::RawPartitions,
+    base: Option<RawBase>,
+    debian: Option<RawDebian>,
+    #[serde(default)]
+    layers: Vec<RawLayer>,
+    roles: Option<RawRoles>,
+    boot: Option<RawBootPart>,
+}
+
 /// `[boot]` of a part: every key optional.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +89,7 @@ pub(super) fn raw(file: &Path, dir: &Path, text: &str) -> Result<RawRecipe> {
         return toml::from_str(text).map_err(named);
     };
     let parts = include_list(file, include)?;
+    toml::from_str::<RawIncluding>(text).map_err(named)?;
     let mut merged = Table::new();
     let mut seen: Vec<String> = Vec::new();
     for part in &parts {
