@@ -107,6 +107,12 @@ fn a_bootstrapped_base_is_cached_and_its_boot_files_found_by_glob() {
     assert_eq!(cat("root_a:/etc/debian_version"), "trixie\n");
     assert_eq!(cat("boot_a:/bcm2711-rpi-4-b.dtb"), "pi4\n");
     assert_eq!(cat("boot_a:/kernel8.img").len(), 200_000);
+    let manifest = std::fs::read_to_string(out.join("mini-1.0.0.manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"base_bootstrap\": {\n    \"tarball\": \"mmdebstrap-"),
+        "{manifest}"
+    );
+    assert!(manifest.contains("\"packages\": \"kmod\""), "{manifest}");
     let cached: Vec<String> = std::fs::read_dir(dir.path().join("cache/base"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -197,4 +203,24 @@ fn offline_builds_refuse_to_download_packages() {
             && stderr.contains("--offline was given"),
         "{stderr}"
     );
+}
+
+/// A recipe part named by `include` builds like the same text in the recipe, and the manifest
+/// records it by its path relative to the recipe and its sha256.
+#[test]
+fn an_included_part_builds_and_is_in_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path());
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let debian = "[debian]\narchitecture = \"arm64\"\ncache = \"../cache\"\npackages = { \"mini-tools\" = \"1:1.0-1\" }\n";
+    assert!(text.contains(debian));
+    std::fs::create_dir_all(dir.path().join("recipes/common")).unwrap();
+    std::fs::write(dir.path().join("recipes/common/debian.toml"), debian).unwrap();
+    let text = format!("include = [\"common/debian.toml\"]\n{}", text.replace(debian, ""));
+    std::fs::write(&recipe, text).unwrap();
+    let out = dir.path().join("out");
+    run(imager(Path::new("/nonexistent")).arg("build").arg(&recipe).arg("-o").arg(&out));
+    let manifest = std::fs::read_to_string(out.join("mini-1.0.0.manifest.json")).unwrap();
+    assert!(manifest.contains("\"path\": \"common/debian.toml\""), "{manifest}");
+    assert!(manifest.contains("\"name\": \"mini-tools\""), "{manifest}");
 }

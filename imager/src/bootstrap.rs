@@ -21,6 +21,29 @@ use std::process::{Command, Stdio};
 /// How many of mmdebstrap's last stderr lines are kept for the error of a failed run.
 const KEPT_LINES: usize = 400;
 
+/// A bootstrap tarball and what it was made from, for the build manifest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Bootstrapped {
+    #[serde(skip)]
+    pub tar: PathBuf,
+    /// The tarball's file name in the cache, `mmdebstrap-<sha256 of the inputs>.tar`.
+    pub tarball: String,
+    /// The inputs, by name (the `.inputs` file beside the tarball).
+    pub inputs: std::collections::BTreeMap<String, String>,
+}
+
+impl Bootstrapped {
+    fn new(tar: PathBuf, inputs: &str) -> Bootstrapped {
+        let tarball = tar.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let inputs = inputs
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Bootstrapped { tar, tarball, inputs }
+    }
+}
+
 /// The tarball of `spec`: from the cache, or bootstrapped into it (never when `offline`).
 /// `epoch` is the build's `SOURCE_DATE_EPOCH` when it was given.
 pub fn tarball(
@@ -29,7 +52,7 @@ pub fn tarball(
     offline: bool,
     epoch: Option<u64>,
     progress: &Progress,
-) -> Result<PathBuf> {
+) -> Result<Bootstrapped> {
     let version = mmdebstrap_version(&crate::cmd::tool("mmdebstrap"))?;
     let inputs = inputs(spec, epoch, &version);
     let key = hex::encode(Sha256::digest(inputs.as_bytes()));
@@ -37,7 +60,7 @@ pub fn tarball(
     if tar.is_file() {
         log::info!("base: cached {}", tar.display());
         progress.line(&format!("base: cached {}", tar.display()));
-        return Ok(tar);
+        return Ok(Bootstrapped::new(tar, &inputs));
     }
     if offline {
         bail!(recipe.err(
@@ -64,7 +87,7 @@ pub fn tarball(
     std::fs::write(spec.cache.join(format!("mmdebstrap-{key}.inputs")), &inputs)
         .with_context(|| format!("writing the inputs of {}", tar.display()))?;
     tmp.persist(&tar).with_context(|| format!("moving {} into place", tar.display()))?;
-    Ok(tar)
+    Ok(Bootstrapped::new(tar, &inputs))
 }
 
 /// `mmdebstrap --version`, e.g. `mmdebstrap 1.3.5`, of the program at `path`.
@@ -361,7 +384,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = recipe(dir.path(), &host_base("packages = [\"kmod\", \"systemd\", \"kmod\"]"));
         let q = Progress::quiet();
-        let tar = tarball(&r, spec(&r), false, Some(7), &q).unwrap();
+        let made = tarball(&r, spec(&r), false, Some(7), &q).unwrap();
+        assert_eq!(made.inputs["packages"], "kmod systemd");
+        let tar = made.tar;
         assert!(tar.starts_with(dir.path().join("recipes/../cache/base")), "{}", tar.display());
         let name = tar.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with("mmdebstrap-") && name.ends_with(".tar"), "{name}");
@@ -378,7 +403,7 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(tar.parent().unwrap()).unwrap().collect();
         assert_eq!(left.len(), 2, "{left:?}");
         // The same inputs: a hit, offline, no second run.
-        assert_eq!(tarball(&r, spec(&r), true, Some(7), &q).unwrap(), tar);
+        assert_eq!(tarball(&r, spec(&r), true, Some(7), &q).unwrap().tar, tar);
         assert_eq!(fakes.calls().len(), 1);
         // Another epoch is another key: offline, that is an error naming the recipe.
         let e = format!("{:#}", tarball(&r, spec(&r), true, Some(8), &q).unwrap_err());

@@ -75,6 +75,18 @@ struct Manifest<'a> {
     root_files: usize,
     root_content_bytes: u64,
     partitions: Vec<ManifestPartition>,
+    /// The recipe parts merged in by `include`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    recipe_includes: Vec<ManifestFile>,
+    /// The bootstrapped base (`[base] type = "mmdebstrap"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_bootstrap: Option<&'a crate::bootstrap::Bootstrapped>,
+}
+
+#[derive(Debug, Serialize)]
+struct ManifestFile {
+    path: String,
+    sha256: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,7 +192,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     let started = Instant::now();
     let b = Build::start(opts, progress)?;
     let packages = packages::fetch(&b.recipe, opts.offline, progress)?;
-    let root = b.stage_root(&packages)?;
+    let (root, bootstrapped) = b.stage_root(&packages)?;
     let boot_files = b.boot_files(&packages, &root)?;
     let disk = b.create_disk()?;
     let boot_fat = b.write_fat_partitions(&disk, &boot_files)?;
@@ -188,7 +200,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     let partitions = b.hash_partitions(&disk)?;
     let disk_size = disk.layout.disk_size;
     let img_tmp = disk.close();
-    let outputs = b.write_outputs(img_tmp, &packages, &root, partitions)?;
+    let outputs = b.write_outputs(img_tmp, &packages, &root, partitions, bootstrapped.as_ref())?;
     let bundle = b.write_bundle(&boot_fat, &root_img)?;
     b.into_place(&outputs, bundle.as_ref(), disk_size, started)
 }
@@ -273,11 +285,16 @@ impl<'a> Build<'a> {
         self.work.path().join(name)
     }
 
-    /// The root tree: the base, every layer in order, then the release files.
-    fn stage_root(&self, packages: &[Package]) -> Result<Tree> {
+    /// The root tree: the base, every layer in order, then the release files; and the
+    /// bootstrap the base came from, if it was one.
+    fn stage_root(
+        &self,
+        packages: &[Package],
+    ) -> Result<(Tree, Option<crate::bootstrap::Bootstrapped>)> {
         let recipe = &self.recipe;
         let step = self.progress.bar(recipe.layers.len() as u64 + 1, "assembling root");
         let mut root = Tree::new(&self.work("staging/root"))?;
+        let mut bootstrapped = None;
         match &recipe.base {
             Base::Empty => {}
             Base::Tarball(path) => {
@@ -285,14 +302,16 @@ impl<'a> Build<'a> {
                     .map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
             }
             Base::Mmdebstrap(spec) => {
-                let tar = crate::bootstrap::tarball(
+                let made = crate::bootstrap::tarball(
                     recipe,
                     spec,
                     self.opts.offline,
                     self.opts.epoch,
                     self.progress,
                 )?;
-                add_tarball(&mut root, &tar).map_err(|e| recipe.err("base", format!("{e:#}")))?;
+                add_tarball(&mut root, &made.tar)
+                    .map_err(|e| recipe.err("base", format!("{e:#}")))?;
+                bootstrapped = Some(made);
             }
         }
         step.inc(1);
@@ -311,7 +330,7 @@ impl<'a> Build<'a> {
         root.add_bytes(RELEASE_PATH, release.to_toml().as_bytes(), 0o644, 0, 0)?;
         root.add_bytes("/etc/os-release", os_release(&release).as_bytes(), 0o644, 0, 0)?;
         step.finish();
-        Ok(root)
+        Ok((root, bootstrapped))
     }
 
     /// Adds layer `i` of the recipe to the root tree.
@@ -626,6 +645,7 @@ impl<'a> Build<'a> {
         packages: &[Package],
         root: &Tree,
         partitions: Vec<ManifestPartition>,
+        bootstrapped: Option<&crate::bootstrap::Bootstrapped>,
     ) -> Result<Outputs> {
         let recipe = &self.recipe;
         let zst = self.work(&format!("{}.img.zst", self.stem));
@@ -644,6 +664,17 @@ impl<'a> Build<'a> {
             root_files: root.len(),
             root_content_bytes: root.content_bytes(),
             partitions,
+            recipe_includes: recipe
+                .includes
+                .iter()
+                .map(|p| {
+                    let sha256 = output::sha256_file(p)?;
+                    // Relative to the recipe, as the recipe names it: the same in any folder.
+                    let path = p.strip_prefix(&recipe.dir).unwrap_or(p).display().to_string();
+                    Ok(ManifestFile { path, sha256 })
+                })
+                .collect::<Result<_>>()?,
+            base_bootstrap: bootstrapped,
         };
         std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)? + "\n")?;
         Ok(Outputs { img, zst, bmap, manifest: manifest_path, mapped_bytes })

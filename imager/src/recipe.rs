@@ -32,6 +32,8 @@ pub struct Recipe {
     pub boot: Boot,
     /// `[roles] bundles`: signed role bundles (.mfr) baked into the root filesystem.
     pub role_bundles: Vec<PathBuf>,
+    /// The recipe parts merged in by `include`, in order.
+    pub includes: Vec<PathBuf>,
 }
 
 /// Partition sizes in bytes.
@@ -479,7 +481,7 @@ impl Recipe {
     pub fn parse(file: &Path, text: &str) -> Result<Recipe> {
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        let raw = include::raw(file, &dir, text)?;
+        let (raw, includes) = include::raw(file, &dir, text)?;
         let c = Checker { file, dir: &dir };
         let version = c.identity(&raw.name, &raw.version, &raw.compatible)?;
         let partitions = c.partitions(&raw.partitions)?;
@@ -515,6 +517,7 @@ impl Recipe {
             layers,
             boot,
             role_bundles,
+            includes,
         })
     }
 

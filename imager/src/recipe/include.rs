@@ -12,7 +12,7 @@ use super::{RawBase, RawDebian, RawLayer, RawRecipe, RawRoles};
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use toml::{Table, Value};
 
 /// The keys of a part, checked strictly (with the part's line numbers) before it is merged.
@@ -81,12 +81,13 @@ struct RawInitramfsSpecPart {
     modules: Option<Vec<String>>,
 }
 
-/// The raw recipe of `text` (the file `file` in folder `dir`), with its includes merged.
-pub(super) fn raw(file: &Path, dir: &Path, text: &str) -> Result<RawRecipe> {
+/// The raw recipe of `text` (the file `file` in folder `dir`), with its includes merged; and
+/// the included files, in order.
+pub(super) fn raw(file: &Path, dir: &Path, text: &str) -> Result<(RawRecipe, Vec<PathBuf>)> {
     let named = |e: toml::de::Error| anyhow!("{}: {e}", file.display());
     let mut table: Table = toml::from_str(text).map_err(named)?;
     let Some(include) = table.remove("include") else {
-        return toml::from_str(text).map_err(named);
+        return Ok((toml::from_str(text).map_err(named)?, Vec::new()));
     };
     let parts = include_list(file, include)?;
     toml::from_str::<RawIncluding>(text).map_err(named)?;
@@ -106,9 +107,10 @@ pub(super) fn raw(file: &Path, dir: &Path, text: &str) -> Result<RawRecipe> {
         seen.push(part.clone());
     }
     merge(&mut merged, table, &seen).map_err(|e| anyhow!("{}: {e}", file.display()))?;
-    Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
+    let raw = Value::Table(merged).try_into().map_err(|e: toml::de::Error| {
         anyhow!("{} (with {}): {}", file.display(), parts.join(", "), e.message())
-    })
+    })?;
+    Ok((raw, parts.iter().map(|p| dir.join(p)).collect()))
 }
 
 /// `include`: a list of relative paths.
