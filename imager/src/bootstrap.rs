@@ -502,6 +502,39 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_carries_every_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe(
+            dir.path(),
+            "suite = \"trixie\"\nvariant = \"essential\"\ncomponents = [\"main\", \"non-free-firmware\"]\npackages = [\"udev\", \"kmod\"]\nmirror = \"http://mirror.invalid/debian\"\ndpkg_exclude = [\"/usr/share/man/*\"]\ndpkg_include = [\"/usr/share/doc/*/copyright\"]",
+        );
+        let c = command(spec(&r), Some(1700000000), Path::new("/out.tar"));
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            args,
+            [
+                "--mode=unshare",
+                "--format=tar",
+                "--skip=output/dev",
+                "--variant=essential",
+                "--architectures=arm64",
+                "--components=main,non-free-firmware",
+                "--include=kmod,udev",
+                "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+                "trixie",
+                "/out.tar",
+                "http://mirror.invalid/debian",
+            ]
+        );
+        let env: Vec<_> = c.get_envs().collect();
+        assert_eq!(
+            env,
+            [(std::ffi::OsStr::new("SOURCE_DATE_EPOCH"), Some(std::ffi::OsStr::new("1700000000")))]
+        );
+    }
+
+    #[test]
     fn missing_packages_are_found_in_apt_lines() {
         assert_eq!(missing_package("E: Unable to locate package foo"), Some("foo".into()));
         assert_eq!(
