@@ -45,7 +45,8 @@ impl Bootstrapped {
 }
 
 /// The tarball of `spec`: from the cache, or bootstrapped into it (never when `offline`).
-/// `epoch` is the build's `SOURCE_DATE_EPOCH` when it was given.
+/// `epoch` is the build's `SOURCE_DATE_EPOCH` when it was given; `base.source_date_epoch`
+/// takes its place when the recipe pins one.
 pub fn tarball(
     recipe: &Recipe,
     spec: &Bootstrap,
@@ -53,6 +54,7 @@ pub fn tarball(
     epoch: Option<u64>,
     progress: &Progress,
 ) -> Result<Bootstrapped> {
+    let epoch = spec.source_date_epoch.or(epoch);
     let version = mmdebstrap_version(&crate::cmd::tool("mmdebstrap"))?;
     let inputs = inputs(spec, epoch, &version);
     let key = hex::encode(Sha256::digest(inputs.as_bytes()));
@@ -412,6 +414,19 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("--offline was given"), "{e}");
+    }
+
+    #[test]
+    fn a_pinned_bootstrap_epoch_is_shared_by_builds_of_other_epochs() {
+        let fakes = Fakes::new(WRITES_TAR);
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe(dir.path(), &host_base("source_date_epoch = 1700000000"));
+        let q = Progress::quiet();
+        let a = tarball(&r, spec(&r), false, Some(1), &q).unwrap();
+        let b = tarball(&r, spec(&r), false, Some(2), &q).unwrap();
+        assert_eq!(a.tar, b.tar);
+        assert_eq!(a.inputs["source_date_epoch"], "1700000000");
+        assert_eq!(fakes.calls().len(), 1);
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct Bootstrap {
     pub dpkg_exclude: Vec<String>,
     /// dpkg `path-include` globs: exceptions to the excludes.
     pub dpkg_include: Vec<String>,
+    /// `SOURCE_DATE_EPOCH` of the bootstrap, fixed by the recipe so that builds with other
+    /// epochs share one cached bootstrap; None: the build's epoch when it was given.
+    pub source_date_epoch: Option<u64>,
 }
 
 /// The variants mmdebstrap knows.
@@ -238,6 +241,7 @@ struct RawBootstrap {
     dpkg_exclude: Vec<String>,
     #[serde(default)]
     dpkg_include: Vec<String>,
+    source_date_epoch: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -648,6 +652,7 @@ impl Checker<'_> {
             cache,
             dpkg_exclude: raw.dpkg_exclude,
             dpkg_include: raw.dpkg_include,
+            source_date_epoch: raw.source_date_epoch,
         })
     }
 
