@@ -53,7 +53,7 @@ pub enum Base {
     /// Start from a root filesystem tarball (owners and modes from the tarball).
     Tarball(PathBuf),
     /// Start from a Debian root that mmdebstrap bootstraps (cached by its inputs).
-    Mmdebstrap(Bootstrap),
+    Mmdebstrap(Box<Bootstrap>),
 }
 
 /// `[base] type = "mmdebstrap"`: what to bootstrap. Every field changes the result, so every
@@ -223,7 +223,7 @@ enum RawBase {
     Tarball {
         path: String,
     },
-    Mmdebstrap(RawBootstrap),
+    Mmdebstrap(Box<RawBootstrap>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,7 +591,9 @@ impl Checker<'_> {
         Ok(match raw {
             None | Some(RawBase::Empty {}) => Base::Empty,
             Some(RawBase::Tarball { path }) => Base::Tarball(self.existing("base.path", &path)?),
-            Some(RawBase::Mmdebstrap(raw)) => Base::Mmdebstrap(self.bootstrap(raw, debian_arch)?),
+            Some(RawBase::Mmdebstrap(raw)) => {
+                Base::Mmdebstrap(Box::new(self.bootstrap(*raw, debian_arch)?))
+            }
         })
     }
 
