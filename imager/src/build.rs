@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub zstd_level: i32,
     /// Skip the OS bundle even when the recipe names a signing key.
     pub no_bundle: bool,
+    /// Use only cached bootstraps and packages: no network.
+    pub offline: bool,
 }
 
 /// What a build produced.
@@ -73,6 +75,18 @@ struct Manifest<'a> {
     root_files: usize,
     root_content_bytes: u64,
     partitions: Vec<ManifestPartition>,
+    /// The recipe parts merged in by `include`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    recipe_includes: Vec<ManifestFile>,
+    /// The bootstrapped base (`[base] type = "mmdebstrap"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_bootstrap: Option<&'a crate::bootstrap::Bootstrapped>,
+}
+
+#[derive(Debug, Serialize)]
+struct ManifestFile {
+    path: String,
+    sha256: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,8 +118,10 @@ impl Sources<'_> {
                 Ok((bytes, if mode & 0o111 != 0 { 0o755 } else { 0o644 }))
             }
             Source::Root(path) => {
-                let bytes = self.root.read(path).map_err(|e| self.recipe.err(key, e))?;
-                let mode = self.root.get(Path::new(path)).map_or(0o644, |n| n.mode);
+                let path = self.root_path(key, path)?;
+                let bytes = self.root.read(&path).map_err(|e| self.recipe.err(key, e))?;
+                let real = self.root.resolve(&path).map_err(|e| self.recipe.err(key, e))?;
+                let mode = self.root.get(&real).map_or(0o644, |n| n.mode);
                 Ok((bytes, mode))
             }
             Source::Deb { package, path } => {
@@ -116,6 +132,31 @@ impl Sources<'_> {
                 let mode = tree.get(Path::new(path)).map_or(0o644, |n| n.mode);
                 Ok((bytes, mode))
             }
+        }
+    }
+}
+
+impl Sources<'_> {
+    /// The path a `root:` source names: itself, or the one path of the root tree its glob
+    /// matches (zero or several matches are errors naming `key`).
+    fn root_path(&self, key: &str, path: &str) -> Result<String> {
+        if !crate::rootfs::is_glob(path) {
+            return Ok(path.to_string());
+        }
+        let found = self.root.glob(path).map_err(|e| self.recipe.err(key, e))?;
+        match found.as_slice() {
+            [one] => Ok(one.to_string_lossy().into_owned()),
+            [] => Err(self
+                .recipe
+                .err(key, format!("root:{path} matches nothing in the root filesystem"))),
+            many => Err(self.recipe.err(
+                key,
+                format!(
+                    "root:{path} matches {} paths, expected one: {}",
+                    many.len(),
+                    many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
         }
     }
 }
@@ -150,8 +191,8 @@ fn deb_requests(recipe: &Recipe) -> BTreeMap<String, BTreeSet<PathBuf>> {
 pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     let started = Instant::now();
     let b = Build::start(opts, progress)?;
-    let packages = packages::fetch(&b.recipe, progress)?;
-    let root = b.stage_root(&packages)?;
+    let packages = packages::fetch(&b.recipe, opts.offline, progress)?;
+    let (root, bootstrapped) = b.stage_root(&packages)?;
     let boot_files = b.boot_files(&packages, &root)?;
     let disk = b.create_disk()?;
     let boot_fat = b.write_fat_partitions(&disk, &boot_files)?;
@@ -159,7 +200,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<BuildReport> {
     let partitions = b.hash_partitions(&disk)?;
     let disk_size = disk.layout.disk_size;
     let img_tmp = disk.close();
-    let outputs = b.write_outputs(img_tmp, &packages, &root, partitions)?;
+    let outputs = b.write_outputs(img_tmp, &packages, &root, partitions, bootstrapped.as_ref())?;
     let bundle = b.write_bundle(&boot_fat, &root_img)?;
     b.into_place(&outputs, bundle.as_ref(), disk_size, started)
 }
@@ -244,13 +285,34 @@ impl<'a> Build<'a> {
         self.work.path().join(name)
     }
 
-    /// The root tree: the base, every layer in order, then the release files.
-    fn stage_root(&self, packages: &[Package]) -> Result<Tree> {
+    /// The root tree: the base, every layer in order, then the release files; and the
+    /// bootstrap the base came from, if it was one.
+    fn stage_root(
+        &self,
+        packages: &[Package],
+    ) -> Result<(Tree, Option<crate::bootstrap::Bootstrapped>)> {
         let recipe = &self.recipe;
         let step = self.progress.bar(recipe.layers.len() as u64 + 1, "assembling root");
         let mut root = Tree::new(&self.work("staging/root"))?;
-        if let Base::Tarball(path) = &recipe.base {
-            add_tarball(&mut root, path).map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
+        let mut bootstrapped = None;
+        match &recipe.base {
+            Base::Empty => {}
+            Base::Tarball(path) => {
+                add_tarball(&mut root, path)
+                    .map_err(|e| recipe.err("base.path", format!("{e:#}")))?;
+            }
+            Base::Mmdebstrap(spec) => {
+                let made = crate::bootstrap::tarball(
+                    recipe,
+                    spec,
+                    self.opts.offline,
+                    self.opts.epoch,
+                    self.progress,
+                )?;
+                add_tarball(&mut root, &made.tar)
+                    .map_err(|e| recipe.err("base", format!("{e:#}")))?;
+                bootstrapped = Some(made);
+            }
         }
         step.inc(1);
         for (i, layer) in recipe.layers.iter().enumerate() {
@@ -268,7 +330,7 @@ impl<'a> Build<'a> {
         root.add_bytes(RELEASE_PATH, release.to_toml().as_bytes(), 0o644, 0, 0)?;
         root.add_bytes("/etc/os-release", os_release(&release).as_bytes(), 0o644, 0, 0)?;
         step.finish();
-        Ok(root)
+        Ok((root, bootstrapped))
     }
 
     /// Adds layer `i` of the recipe to the root tree.
@@ -336,14 +398,16 @@ impl<'a> Build<'a> {
         files.push((KERNEL_NAME.into(), sources.read("boot.kernel", &boot.kernel)?.0));
         files.push(("config.txt".into(), sources.read("boot.config_txt", &boot.config_txt)?.0));
         for (i, dtb) in boot.dtbs.iter().enumerate() {
+            let key = format!("boot.dtbs[{i}]");
             let name = match dtb {
                 Source::Host(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
-                Source::Deb { path, .. } | Source::Root(path) => {
-                    path.rsplit('/').next().map(str::to_string)
+                Source::Deb { path, .. } => path.rsplit('/').next().map(str::to_string),
+                Source::Root(path) => {
+                    sources.root_path(&key, path)?.rsplit('/').next().map(str::to_string)
                 }
             }
             .unwrap_or_default();
-            files.push((name, sources.read(&format!("boot.dtbs[{i}]"), dtb)?.0));
+            files.push((name, sources.read(&key, dtb)?.0));
         }
         for (name, src) in &boot.files {
             files.push((name.clone(), sources.read(&format!("boot.files.{name}"), src)?.0));
@@ -589,6 +653,7 @@ impl<'a> Build<'a> {
         packages: &[Package],
         root: &Tree,
         partitions: Vec<ManifestPartition>,
+        bootstrapped: Option<&crate::bootstrap::Bootstrapped>,
     ) -> Result<Outputs> {
         let recipe = &self.recipe;
         let zst = self.work(&format!("{}.img.zst", self.stem));
@@ -607,6 +672,17 @@ impl<'a> Build<'a> {
             root_files: root.len(),
             root_content_bytes: root.content_bytes(),
             partitions,
+            recipe_includes: recipe
+                .includes
+                .iter()
+                .map(|p| {
+                    let sha256 = output::sha256_file(p)?;
+                    // Relative to the recipe, as the recipe names it: the same in any folder.
+                    let path = p.strip_prefix(&recipe.dir).unwrap_or(p).display().to_string();
+                    Ok(ManifestFile { path, sha256 })
+                })
+                .collect::<Result<_>>()?,
+            base_bootstrap: bootstrapped,
         };
         std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)? + "\n")?;
         Ok(Outputs { img, zst, bmap, manifest: manifest_path, mapped_bytes })

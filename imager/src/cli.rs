@@ -41,6 +41,9 @@ pub enum Command {
         /// Do not write the OS bundle (.mfb), even when the recipe names a signing key.
         #[arg(long)]
         no_bundle: bool,
+        /// Use only cached bootstraps and packages; fail instead of downloading.
+        #[arg(long)]
+        offline: bool,
     },
     /// Show what an image or a bundle holds (partitions, autoboot.txt, slots; manifest and
     /// signature), or read one file from an image.
@@ -700,9 +703,12 @@ fn run(cli: Cli) -> Result<()> {
             zstd_level,
             json,
             no_bundle,
+            offline,
         } => {
             let epoch = source_date_epoch;
-            run_build(&BuildOptions { recipe, output, version, epoch, zstd_level, no_bundle }, json)
+            let opts =
+                BuildOptions { recipe, output, version, epoch, zstd_level, no_bundle, offline };
+            run_build(&opts, json)
         }
         Command::Inspect { path, keyring, cat, json } => {
             run_inspect(&path, keyring.as_deref(), cat.as_deref(), json)

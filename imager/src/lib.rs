@@ -1,9 +1,11 @@
 //! Metrica Fleet OS imager: recipes to reproducible A/B disk images, bundles and keys.
 //!
 //! Pure logic (recipe checks, layout math, bmap ranges) sits beside the I/O that uses it;
-//! external tools are only e2fsprogs (`mke2fs`, `debugfs`) and `dpkg-deb`.
+//! external tools are only e2fsprogs (`mke2fs`, `debugfs`), `dpkg-deb` and, for a bootstrapped
+//! base, `mmdebstrap`.
 
 pub mod bmap;
+pub mod bootstrap;
 pub mod build;
 pub mod bundle;
 pub mod cli;

@@ -36,8 +36,9 @@ fn find_cached(cache: &Path, name: &str, version: &str, arch: &str) -> Option<Pa
     [arch, "all"].iter().map(|a| cache.join(deb_file_name(name, version, a))).find(|p| p.is_file())
 }
 
-/// Fetches every pinned package of the recipe into its cache (when not cached yet).
-pub fn fetch(recipe: &Recipe, progress: &Progress) -> Result<Vec<Package>> {
+/// Fetches every pinned package of the recipe into its cache (when not cached yet); with
+/// `offline`, a package that is not cached is an error instead.
+pub fn fetch(recipe: &Recipe, offline: bool, progress: &Progress) -> Result<Vec<Package>> {
     let Some(debian) = &recipe.debian else { return Ok(Vec::new()) };
     std::fs::create_dir_all(&debian.cache)
         .with_context(|| format!("creating the package cache {}", debian.cache.display()))?;
@@ -46,6 +47,16 @@ pub fn fetch(recipe: &Recipe, progress: &Progress) -> Result<Vec<Package>> {
         .iter()
         .filter(|(n, v)| find_cached(&debian.cache, n, v, &debian.architecture).is_none())
         .collect();
+    if let (true, Some((name, version))) = (offline, missing.first()) {
+        bail!(recipe.err(
+            &format!("debian.packages.{name}"),
+            format!(
+                "{} is not in the package cache {} and --offline was given",
+                deb_file_name(name, version, &debian.architecture),
+                debian.cache.display()
+            )
+        ));
+    }
     if !missing.is_empty() {
         let step = progress.bar(missing.len() as u64, "downloading packages");
         for (name, version) in &missing {

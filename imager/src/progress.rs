@@ -39,6 +39,28 @@ impl Progress {
         self.step(len, msg, true)
     }
 
+    /// A step of unknown length (a spinner whose message [`Step::message`] updates).
+    pub fn spinner(&self, msg: &str) -> Step {
+        let bar = match self.mode {
+            Mode::Bars => {
+                let pb = ProgressBar::new_spinner();
+                pb.set_style(
+                    ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {wide_msg}")
+                        .expect("valid template"),
+                );
+                pb.set_prefix(msg.to_string());
+                pb.enable_steady_tick(std::time::Duration::from_millis(200));
+                Some(pb)
+            }
+            Mode::Lines => {
+                eprintln!("{msg}...");
+                None
+            }
+            Mode::Quiet => None,
+        };
+        Step { bar, msg: msg.to_string(), mode: self.mode, start: Instant::now() }
+    }
+
     fn step(&self, len: u64, msg: &str, bytes: bool) -> Step {
         let bar = match self.mode {
             Mode::Bars => {
@@ -92,6 +114,13 @@ impl Step {
     pub fn set(&self, pos: u64) {
         if let Some(b) = &self.bar {
             b.set_position(pos);
+        }
+    }
+
+    /// Shows `msg` beside a spinner (nothing in plain or quiet mode).
+    pub fn message(&self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.to_string());
         }
     }
 

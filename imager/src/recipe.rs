@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod include;
+
 /// A parsed and checked recipe.
 #[derive(Debug, Clone)]
 pub struct Recipe {
@@ -30,6 +32,8 @@ pub struct Recipe {
     pub boot: Boot,
     /// `[roles] bundles`: signed role bundles (.mfr) baked into the root filesystem.
     pub role_bundles: Vec<PathBuf>,
+    /// The recipe parts merged in by `include`, in order.
+    pub includes: Vec<PathBuf>,
 }
 
 /// Partition sizes in bytes.
@@ -48,7 +52,46 @@ pub enum Base {
     Empty,
     /// Start from a root filesystem tarball (owners and modes from the tarball).
     Tarball(PathBuf),
+    /// Start from a Debian root that mmdebstrap bootstraps (cached by its inputs).
+    Mmdebstrap(Box<Bootstrap>),
 }
+
+/// `[base] type = "mmdebstrap"`: what to bootstrap. Every field changes the result, so every
+/// field is in the cache key (see [`crate::bootstrap`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bootstrap {
+    pub suite: String,
+    pub architecture: String,
+    pub components: Vec<String>,
+    pub variant: String,
+    /// Sorted and without duplicates.
+    pub packages: Vec<String>,
+    /// None: mmdebstrap's own default mirror.
+    pub mirror: Option<String>,
+    /// The folder of cached bootstrap tarballs.
+    pub cache: PathBuf,
+    /// dpkg `path-exclude` globs (files dpkg does not unpack).
+    pub dpkg_exclude: Vec<String>,
+    /// dpkg `path-include` globs: exceptions to the excludes.
+    pub dpkg_include: Vec<String>,
+    /// `SOURCE_DATE_EPOCH` of the bootstrap, fixed by the recipe so that builds with other
+    /// epochs share one cached bootstrap; None: the build's epoch when it was given.
+    pub source_date_epoch: Option<u64>,
+}
+
+/// The variants mmdebstrap knows.
+pub const VARIANTS: &[&str] = &[
+    "extract",
+    "custom",
+    "essential",
+    "apt",
+    "required",
+    "minbase",
+    "buildd",
+    "important",
+    "debootstrap",
+    "standard",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Debian {
@@ -176,8 +219,30 @@ struct RawPartitions {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
 enum RawBase {
-    Empty,
-    Tarball { path: String },
+    /// A struct variant, so that unknown keys beside it are refused too.
+    Empty {},
+    Tarball {
+        path: String,
+    },
+    Mmdebstrap(Box<RawBootstrap>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBootstrap {
+    suite: String,
+    architecture: Option<String>,
+    components: Option<Vec<String>>,
+    variant: Option<String>,
+    #[serde(default)]
+    packages: Vec<String>,
+    mirror: Option<String>,
+    cache: Option<String>,
+    #[serde(default)]
+    dpkg_exclude: Vec<String>,
+    #[serde(default)]
+    dpkg_include: Vec<String>,
+    source_date_epoch: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -419,14 +484,13 @@ impl Recipe {
     /// Parses and checks recipe text; `file` names it in errors and anchors relative paths.
     /// Sections are checked in file order, so the first error is the first bad key.
     pub fn parse(file: &Path, text: &str) -> Result<Recipe> {
-        let raw: RawRecipe =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let (raw, includes) = include::raw(file, &dir, text)?;
         let c = Checker { file, dir: &dir };
         let version = c.identity(&raw.name, &raw.version, &raw.compatible)?;
         let partitions = c.partitions(&raw.partitions)?;
-        let base = c.base(raw.base)?;
+        let base = c.base(raw.base, raw.debian.as_ref().map(|d| d.architecture.as_str()))?;
         let debian = raw.debian.map(|d| c.debian(d)).transpose()?;
         let layers = raw
             .layers
@@ -458,6 +522,7 @@ impl Recipe {
             layers,
             boot,
             role_bundles,
+            includes,
         })
     }
 
@@ -521,12 +586,107 @@ impl Checker<'_> {
         })
     }
 
-    /// `[base]`: empty unless a tarball is named.
-    fn base(&self, raw: Option<RawBase>) -> Result<Base> {
+    /// `[base]`: empty unless a tarball or a bootstrap is named. `debian_arch` is the
+    /// `[debian] architecture`, the default of a bootstrap's.
+    fn base(&self, raw: Option<RawBase>, debian_arch: Option<&str>) -> Result<Base> {
         Ok(match raw {
-            None | Some(RawBase::Empty) => Base::Empty,
+            None | Some(RawBase::Empty {}) => Base::Empty,
             Some(RawBase::Tarball { path }) => Base::Tarball(self.existing("base.path", &path)?),
+            Some(RawBase::Mmdebstrap(raw)) => {
+                Base::Mmdebstrap(Box::new(self.bootstrap(*raw, debian_arch)?))
+            }
         })
+    }
+
+    /// `[base] type = "mmdebstrap"`, with its defaults.
+    fn bootstrap(&self, raw: RawBootstrap, debian_arch: Option<&str>) -> Result<Bootstrap> {
+        let word = |key: &str, v: &str, what: &str| -> Result<String> {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || "+-.~_".contains(c))
+            {
+                bail!(self.err(key, format!("expected {what}, found {v:?}")));
+            }
+            Ok(v.to_string())
+        };
+        let suite = word("base.suite", &raw.suite, "a Debian suite such as \"trixie\"")?;
+        let architecture = raw.architecture.as_deref().or(debian_arch).unwrap_or("arm64");
+        let architecture =
+            word("base.architecture", architecture, "a Debian architecture such as \"arm64\"")?;
+        let components = raw.components.unwrap_or_else(|| vec!["main".into()]);
+        if components.is_empty() {
+            bail!(self.err("base.components", "expected at least one, such as [\"main\"]"));
+        }
+        for c in &components {
+            word("base.components", c, "a component such as \"main\"")?;
+        }
+        let variant = raw.variant.unwrap_or_else(|| "apt".into());
+        if !VARIANTS.contains(&variant.as_str()) {
+            bail!(self.err(
+                "base.variant",
+                format!("expected one of {}, found {variant:?}", VARIANTS.join(", "))
+            ));
+        }
+        let packages = self.bootstrap_packages(raw.packages)?;
+        if let Some(m) = &raw.mirror {
+            self.mirror(m)?;
+        }
+        let cache =
+            self.host_path("base.cache", raw.cache.as_deref().unwrap_or("../cache/base"))?;
+        for (key, globs) in
+            [("base.dpkg_exclude", &raw.dpkg_exclude), ("base.dpkg_include", &raw.dpkg_include)]
+        {
+            if let Some(g) = globs.iter().find(|g| {
+                !g.starts_with('/') || g.chars().any(|c| c.is_whitespace() || c.is_control())
+            }) {
+                bail!(self.err(
+                    key,
+                    format!(
+                        "expected an absolute path glob such as \"/usr/share/man/*\", found {g:?}"
+                    )
+                ));
+            }
+        }
+        Ok(Bootstrap {
+            suite,
+            architecture,
+            components,
+            variant,
+            packages,
+            mirror: raw.mirror,
+            cache,
+            dpkg_exclude: raw.dpkg_exclude,
+            dpkg_include: raw.dpkg_include,
+            source_date_epoch: raw.source_date_epoch,
+        })
+    }
+
+    /// `base.packages`: Debian package names (optionally `NAME=VERSION` or `NAME:ARCH`),
+    /// sorted and without duplicates.
+    fn bootstrap_packages(&self, packages: Vec<String>) -> Result<Vec<String>> {
+        for p in &packages {
+            let ok = p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.:=~".contains(c));
+            if !ok {
+                bail!(self.err(
+                    "base.packages",
+                    format!("expected a Debian package name such as \"systemd\", found {p:?}")
+                ));
+            }
+        }
+        let set: std::collections::BTreeSet<String> = packages.into_iter().collect();
+        Ok(set.into_iter().collect())
+    }
+
+    /// `base.mirror`: an http, https or file URL.
+    fn mirror(&self, m: &str) -> Result<()> {
+        let scheme_ok = ["http://", "https://", "file://"].iter().any(|s| m.starts_with(s));
+        if !scheme_ok || m.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!(self.err(
+                "base.mirror",
+                format!("expected an http://, https:// or file:// URL, found {m:?}")
+            ));
+        }
+        Ok(())
     }
 
     /// `[debian]`: an architecture, and every package pinned to a version.
@@ -826,6 +986,141 @@ cmdline = "console=ttyAMA0 quiet"
                 assert!(e.contains(part), "{what}: {part:?} not in {e}");
             }
         }
+    }
+
+    #[test]
+    fn an_mmdebstrap_base_has_defaults_and_strict_keys() {
+        let dir = fixture();
+        let text = GOOD.replace(
+            "[debian]",
+            "[base]\ntype = \"mmdebstrap\"\nsuite = \"trixie\"\npackages = [\"systemd\", \"kmod\"]\n[debian]",
+        );
+        let r = parse(&dir, &text).unwrap();
+        let Base::Mmdebstrap(b) = &r.base else { panic!("{:?}", r.base) };
+        assert_eq!(b.architecture, "arm64", "from [debian]");
+        assert_eq!((b.components.clone(), b.variant.as_str()), (vec!["main".to_string()], "apt"));
+        assert_eq!(b.packages, ["kmod", "systemd"]);
+        assert_eq!(b.mirror, None);
+        assert!(b.cache.ends_with("recipes/../cache/base"), "{}", b.cache.display());
+        let cases = [
+            ("colour = \"red\"", &["recipes/test.toml", "unknown field `colour`"][..]),
+            ("variant = \"tiny\"", &["base.variant", "expected one of extract"]),
+            ("packages = [\"Bad Name\"]", &["base.packages", "\"Bad Name\""]),
+            ("mirror = \"mirror.invalid\"", &["base.mirror", "http://"]),
+            ("components = []", &["base.components", "at least one"]),
+            ("dpkg_exclude = [\"usr/share/man\"]", &["base.dpkg_exclude", "absolute"]),
+        ];
+        for (line, expected) in cases {
+            let text = GOOD.replace(
+                "[debian]",
+                &format!("[base]\ntype = \"mmdebstrap\"\nsuite = \"trixie\"\n{line}\n[debian]"),
+            );
+            let e = err(&dir, &text);
+            assert!(e.contains("recipes/test.toml"), "{line}: {e}");
+            for part in expected {
+                assert!(e.contains(part), "{line}: {part:?} not in {e}");
+            }
+        }
+        let e = err(&dir, &GOOD.replace("[debian]", "[base]\ntype = \"mmdebstrap\"\n[debian]"));
+        assert!(e.contains("missing field `suite`"), "{e}");
+    }
+
+    /// A part with the Debian table, a layer and the boot files; the recipe adds the rest.
+    const PART: &str = r#"
+[debian]
+architecture = "arm64"
+cache = "../cache"
+packages = { busybox-static = "1:1.35.0-4" }
+[[layers]]
+type = "deb"
+package = "busybox-static"
+[boot]
+kernel = "kernel"
+config_txt = "config.txt"
+"#;
+
+    const INCLUDING: &str = r#"
+include = ["pi/common.toml"]
+name = "test"
+version = "1.0.0"
+compatible = "metrica-test"
+[partitions]
+config = "16MiB"
+boot_a = "32MiB"
+boot_b = "32MiB"
+root_a = "64MiB"
+root_b = "64MiB"
+provision = "16MiB"
+data = "32MiB"
+[[layers]]
+type = "overlay"
+name = "base"
+[boot]
+cmdline = "console=ttyAMA0 quiet"
+"#;
+
+    fn with_part(dir: &tempfile::TempDir, part: &str) {
+        std::fs::create_dir_all(dir.path().join("recipes/pi")).unwrap();
+        std::fs::write(dir.path().join("recipes/pi/common.toml"), part).unwrap();
+    }
+
+    #[test]
+    fn an_included_part_is_merged_first() {
+        let dir = fixture();
+        with_part(&dir, PART);
+        let r = parse(&dir, INCLUDING).unwrap();
+        assert!(matches!(&r.layers[0], Layer::Deb { package, .. } if package == "busybox-static"));
+        assert!(matches!(&r.layers[1], Layer::Overlay { name, .. } if name == "base"));
+        assert_eq!(r.boot.kernel, Source::Host(dir.path().join("recipes/kernel")));
+        assert_eq!(r.boot.cmdline, "console=ttyAMA0 quiet");
+        assert_eq!(r.debian.unwrap().architecture, "arm64");
+    }
+
+    #[test]
+    fn included_parts_are_strict_and_never_silently_overridden() {
+        let dir = fixture();
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                PART,
+                "[boot]\ncmdline",
+                &["recipes/test.toml: ", "[debian]: also set by pi/common.toml"],
+            ),
+            (PART, "", &["recipes/test.toml: boot.kernel: also set by pi/common.toml"]),
+            (
+                "[base]\ntype = \"empty\"\ncolour = 1\n",
+                "",
+                &["recipes/pi/common.toml (included by ", "line 1", "unknown field `colour`"],
+            ),
+            ("name = \"x\"\n", "", &["recipes/pi/common.toml", "unknown field `name`"]),
+            ("[boot]\nkernal = \"k\"\n", "", &["recipes/pi/common.toml", "unknown field `kernal`"]),
+        ];
+        let extras = [
+            "[debian]\narchitecture = \"arm64\"\ncache = \"c\"\npackages = {}\n[boot]\ncmdline",
+            "[boot]\nkernel = \"kernel\"\ncmdline",
+        ];
+        for (i, (part, _, expected)) in cases.iter().enumerate() {
+            with_part(&dir, part);
+            let text = match extras.get(i) {
+                Some(extra) => INCLUDING.replace("[boot]\ncmdline", extra),
+                None => INCLUDING.to_string(),
+            };
+            let e = err(&dir, &text);
+            for part in *expected {
+                assert!(e.contains(part), "case {i}: {part:?} not in {e}");
+            }
+        }
+        with_part(&dir, PART);
+        for (from, to) in
+            [("[partitions]", "colour = 1\n[partitions]"), ("cmdline =", "kernal = 1\ncmdline =")]
+        {
+            let e = err(&dir, &INCLUDING.replace(from, to));
+            assert!(e.contains("recipes/test.toml: TOML parse error at line"), "{e}");
+            assert!(e.contains("unknown field"), "{e}");
+        }
+        let e = err(&dir, &INCLUDING.replace("[\"pi/common.toml\"]", "\"pi/common.toml\""));
+        assert!(e.contains("include: expected a list of paths"), "{e}");
+        let e = err(&dir, &INCLUDING.replace("pi/common.toml", "pi/nope.toml"));
+        assert!(e.contains("recipes/test.toml: include: cannot read"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,32 @@ pub struct Tree {
     next_blob: u64,
 }
 
+/// A normal path component as a string.
+fn normal(c: Component<'_>) -> Option<String> {
+    match c {
+        Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+        _ => None,
+    }
+}
+
+/// Whether `name` matches `pattern`: `*` is any run of characters, `?` any one.
+pub fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            wildcard(&pattern[1..], name) || (!name.is_empty() && wildcard(pattern, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => wildcard(&pattern[1..], &name[1..]),
+        (Some(a), Some(b)) if a == b => wildcard(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+/// Whether an image path holds glob characters.
+pub fn is_glob(path: &str) -> bool {
+    path.contains(['*', '?'])
+}
+
 /// Normalises an image path: absolute, no `.` or `..`, no trailing slash.
 pub fn image_path(path: &str) -> Result<PathBuf> {
     let mut out = PathBuf::from("/");
@@ -200,25 +226,70 @@ impl Tree {
         )
     }
 
-    /// Reads a file of the tree, following symlinks inside the tree.
+    /// Reads a file of the tree, following symlinks inside the tree (in any component).
     pub fn read(&self, path: &str) -> Result<Vec<u8>> {
-        let mut p = image_path(path)?;
-        for _ in 0..16 {
-            match self.nodes.get(&p).map(|n| &n.kind) {
-                Some(Kind::File { content, .. }) => {
-                    return std::fs::read(content)
-                        .with_context(|| format!("reading {}", content.display()))
-                }
+        let p = self.resolve(path)?;
+        match self.nodes.get(&p).map(|n| &n.kind) {
+            Some(Kind::File { content, .. }) => {
+                std::fs::read(content).with_context(|| format!("reading {}", content.display()))
+            }
+            Some(Kind::Dir) => bail!("{path} is a directory in the root filesystem"),
+            _ => bail!("{path} is not in the root filesystem"),
+        }
+    }
+
+    /// The path that `path` names once every symlink (and hard link) on the way is followed
+    /// inside the tree; a link that leaves `/` stays at `/`, as in a chroot.
+    pub fn resolve(&self, path: &str) -> Result<PathBuf> {
+        let mut todo: Vec<String> =
+            image_path(path)?.components().rev().filter_map(normal).collect();
+        let mut p = PathBuf::from("/");
+        let mut links = 0;
+        while let Some(name) = todo.pop() {
+            let next = p.join(&name);
+            match self.nodes.get(&next).map(|n| &n.kind) {
                 Some(Kind::Symlink(t)) => {
-                    let base = p.parent().unwrap_or(Path::new("/")).to_path_buf();
-                    p = image_path(&base.join(t).to_string_lossy())?;
+                    links += 1;
+                    if links > 40 {
+                        bail!("{path}: too many levels of symbolic links");
+                    }
+                    if t.starts_with('/') {
+                        p = PathBuf::from("/");
+                    }
+                    for c in Path::new(t).components().rev() {
+                        match c {
+                            Component::Normal(n) => todo.push(n.to_string_lossy().into_owned()),
+                            Component::ParentDir => todo.push("..".into()),
+                            _ => {}
+                        }
+                    }
                 }
-                Some(Kind::Hardlink(t)) => p = t.clone(),
-                Some(Kind::Dir) => bail!("{path} is a directory in the root filesystem"),
-                None => bail!("{path} is not in the root filesystem"),
+                Some(Kind::Hardlink(t)) if todo.is_empty() => p = t.clone(),
+                None if name == ".." => {
+                    p.pop();
+                }
+                None if !todo.is_empty() => bail!("{path} is not in the root filesystem"),
+                _ => p = next,
             }
         }
-        bail!("{path}: too many levels of symbolic links")
+        Ok(p)
+    }
+
+    /// The paths of the tree that match `pattern`, an absolute path whose components may hold
+    /// `*` (any characters but `/`) and `?` (one character); in tree order.
+    pub fn glob(&self, pattern: &str) -> Result<Vec<PathBuf>> {
+        let pattern = image_path(pattern)?;
+        let want: Vec<String> = pattern.components().filter_map(normal).collect();
+        Ok(self
+            .nodes
+            .keys()
+            .filter(|p| {
+                let have: Vec<String> = p.components().filter_map(normal).collect();
+                have.len() == want.len()
+                    && want.iter().zip(&have).all(|(w, h)| wildcard(w.as_bytes(), h.as_bytes()))
+            })
+            .cloned()
+            .collect())
     }
 
     /// Unpacks a tar stream, keeping its owners and modes. When `only` is not empty, entries
@@ -328,6 +399,31 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_follow_symlinks_in_any_component_and_globs_match_components() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Tree::new(dir.path()).unwrap();
+        t.add_bytes("/usr/lib/linux-image-6.12/broadcom/bcm2711-rpi-4-b.dtb", b"dtb", 0o644, 0, 0)
+            .unwrap();
+        t.add_bytes("/usr/lib/linux-image-6.12/broadcom/bcm2711-rpi-400.dtb", b"400", 0o644, 0, 0)
+            .unwrap();
+        t.add_bytes("/boot/vmlinuz-6.12.1-arm64", b"kernel", 0o644, 0, 0).unwrap();
+        t.insert(PathBuf::from("/lib"), Node::symlink("usr/lib")).unwrap();
+        t.insert(PathBuf::from("/vmlinuz"), Node::symlink("/boot/vmlinuz-6.12.1-arm64")).unwrap();
+        t.insert(PathBuf::from("/usr/lib/up"), Node::symlink("../../boot")).unwrap();
+        assert_eq!(t.read("/lib/linux-image-6.12/broadcom/bcm2711-rpi-4-b.dtb").unwrap(), b"dtb");
+        assert_eq!(t.read("/vmlinuz").unwrap(), b"kernel");
+        assert_eq!(t.read("/lib/up/vmlinuz-6.12.1-arm64").unwrap(), b"kernel");
+        assert!(t.read("/lib/nothing/here").is_err());
+        assert!(format!("{:#}", t.read("/usr/lib").unwrap_err()).contains("directory"));
+        let one = t.glob("/usr/lib/linux-image-*/broadcom/bcm2711-rpi-4-b.dtb").unwrap();
+        assert_eq!(one, [PathBuf::from("/usr/lib/linux-image-6.12/broadcom/bcm2711-rpi-4-b.dtb")]);
+        assert_eq!(t.glob("/boot/vmlinuz-*").unwrap().len(), 1);
+        assert_eq!(t.glob("/usr/lib/linux-image-*/broadcom/bcm2711-*").unwrap().len(), 2);
+        assert!(t.glob("/boot/initrd.img-*").unwrap().is_empty());
+        assert!(wildcard(b"a*b?c", b"axxbyc") && !wildcard(b"a*b?c", b"abc"));
+    }
 
     #[test]
     fn paths_normalise_and_refuse_escape() {
