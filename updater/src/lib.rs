@@ -35,6 +35,7 @@ pub mod role;
 pub mod role_cli;
 pub mod role_report;
 pub mod rollout;
+pub mod sdnotify;
 pub mod serve;
 pub mod sign;
 pub mod slot;
