@@ -28,6 +28,9 @@ pub mod install;
 pub mod layout;
 pub mod log;
 pub mod metrics;
+// Checks of overlays/pi, the systemd units that run the updater on the Pi root.
+#[cfg(test)]
+mod pi_overlay_tests;
 pub mod provision;
 pub mod reboot;
 pub mod release;
