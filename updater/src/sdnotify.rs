@@ -135,19 +135,18 @@ impl Pinger {
         notifier.send(&[NotifyState::Watchdog])?;
         let (stop, stopped) = mpsc::channel::<()>();
         let last = Arc::clone(&touched);
-        let thread =
-            std::thread::Builder::new().name("sd-watchdog".into()).spawn(move || loop {
-                match stopped.recv_timeout(every) {
-                    Err(RecvTimeoutError::Timeout) => {
-                        let fresh = last.lock().map(|t| t.elapsed() < limit).unwrap_or(false);
-                        if fresh {
-                            // A failed send is retried at the next tick; nothing else can be done.
-                            let _ = notifier.send(&[NotifyState::Watchdog]);
-                        }
+        let thread = spawn_without_stop_signals(move || loop {
+            match stopped.recv_timeout(every) {
+                Err(RecvTimeoutError::Timeout) => {
+                    let fresh = last.lock().map(|t| t.elapsed() < limit).unwrap_or(false);
+                    if fresh {
+                        // A failed send is retried at the next tick; nothing else can be done.
+                        let _ = notifier.send(&[NotifyState::Watchdog]);
                     }
-                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
-            })?;
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+        })?;
         Ok(Pinger { touched, stop: Some(stop), thread: Some(thread) })
     }
 
@@ -166,6 +165,20 @@ impl Drop for Pinger {
             let _ = t.join();
         }
     }
+}
+
+/// Spawns the pinger's thread with SIGTERM and SIGINT blocked, as the daemon blocks them in
+/// every thread but the one that waits for them (daemon::run): a stop signal delivered to a
+/// thread that had them unblocked would kill the process instead of stopping it cleanly.
+fn spawn_without_stop_signals(f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    let old = stop.thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(io::Error::from)?;
+    let spawned = std::thread::Builder::new().name("sd-watchdog".into()).spawn(f);
+    old.thread_set_mask().map_err(io::Error::from)?;
+    spawned
 }
 
 /// What a running command holds to stay supervised: a notifier and its pinger under systemd,
