@@ -331,6 +331,13 @@ fn data_links_and_config_files_point_where_the_updater_writes() {
     );
     assert!(crate::firstboot::LAYOUT.iter().any(|(d, _)| *d == "etc/wpa_supplicant"));
     assert!(crate::firstboot::LAYOUT.iter().any(|(d, _)| *d == "docker"));
+    // First boot makes the sources of the fstab binds.
+    for [what, _, _, options] in fstab() {
+        if options.split(',').any(|o| o == "bind") {
+            let rel = what.trim_start_matches("/data/");
+            assert!(crate::firstboot::LAYOUT.iter().any(|(d, _)| *d == rel), "{what}");
+        }
+    }
     let daemon: serde_json::Value =
         serde_json::from_slice(&std::fs::read(overlay().join("etc/docker/daemon.json")).unwrap())
             .unwrap();
