@@ -372,18 +372,28 @@ impl<'a> HostFacts<'a> {
         SystemReboot.reboot(mode)
     }
 
-    /// Feeds the hardware watchdog the initramfs armed for up to `longest`; a watchdog that
-    /// cannot be opened is logged and left alone (see watchdog.rs).
-    fn feed_watchdog(&self, longest: Duration) -> Option<crate::watchdog::Feeder> {
-        crate::watchdog::Feeder::open(
-            &self.cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/')),
-            crate::watchdog::FEED_EVERY,
-            longest,
-        )
-        .unwrap_or_else(|e| {
+    /// Keeps the command supervised for up to `longest` without progress (sdnotify.rs): under
+    /// systemd (`NOTIFY_SOCKET`) it sends `WATCHDOG=1` and status lines and never opens
+    /// /dev/watchdog (systemd owns it); otherwise it feeds the hardware watchdog the initramfs
+    /// armed when `feed_device`. Trouble is logged and the command goes on unsupervised.
+    fn keep_alive(&self, longest: Duration, feed_device: bool) -> crate::sdnotify::Alive {
+        let device = self.cli.sysroot.join(crate::watchdog::DEVICE.trim_start_matches('/'));
+        let keeper = crate::sdnotify::select(
+            &crate::sdnotify::process_env,
+            std::process::id(),
+            feed_device.then_some(device.as_path()),
+        );
+        crate::sdnotify::Alive::start(keeper, longest).unwrap_or_else(|e| {
             self.log.event("warning", &format!("watchdog: {e}; not feeding it"));
-            None
+            crate::sdnotify::Alive::none()
         })
+    }
+
+    /// Tells systemd `STATUS=msg` when it supervises; a failure is logged, never fatal.
+    fn tell(&self, alive: &crate::sdnotify::Alive, msg: &str) {
+        if let Err(e) = alive.status(msg) {
+            self.log.event("warning", &format!("sd_notify: {e}"));
+        }
     }
 
     /// Writes a command's one-line result and logs it.
@@ -487,6 +497,10 @@ fn daemon_trust(host: &HostFacts, args: &RunArgs) -> Result<crate::http::Trust> 
 fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
     let (config, overrides) = daemon_settings(&host, args)?;
     config.validate()?;
+    // Under systemd (Type=notify, WatchdogSec=) the pings stop when no poll has started for
+    // two intervals and an hour (a stuck install): systemd then restarts the daemon.
+    let stall = config.interval.saturating_mul(2).saturating_add(Duration::from_secs(3600));
+    let alive = host.keep_alive(stall, false);
     let trust = daemon_trust(&host, args)?;
     let cli = host.cli;
     let keyring = load_keyring(cli)?;
@@ -527,7 +541,7 @@ fn run_daemon(host: HostFacts, args: &RunArgs) -> Result<bool> {
         device: host.device,
         config,
     };
-    crate::daemon::run(daemon, args.history)?;
+    crate::daemon::run(daemon, args.history, &alive)?;
     Ok(true)
 }
 
@@ -553,8 +567,9 @@ fn status(host: &HostFacts, json: bool, history: usize, out: &mut dyn Write) -> 
 
 /// `updater firstboot`.
 fn firstboot(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
-    // Growing a large card can take a while: feed the watchdog the initramfs armed.
-    let _watchdog = host.feed_watchdog(Duration::from_secs(600));
+    // Growing a large card can take a while: keep the watchdog fed (or systemd told).
+    let alive = host.keep_alive(Duration::from_secs(600), true);
+    host.tell(&alive, "first boot: checking the provisioning");
     let platform: Box<dyn crate::firstboot::Platform> = if host.block_device {
         Box::new(crate::firstboot::Linux)
     } else {
@@ -582,6 +597,7 @@ fn firstboot(host: &HostFacts, out: &mut dyn Write) -> Result<bool> {
     };
     writeln!(out, "{summary}")?;
     host.log.event(if o.is_ok() { "info" } else { "error" }, &summary);
+    host.tell(&alive, summary.trim_start_matches("metrica: "));
     Ok(o.is_ok())
 }
 
@@ -594,9 +610,11 @@ struct HealthFlags<'a> {
 
 /// `updater boot`.
 fn boot(host: &HostFacts, flags: &HealthFlags, out: &mut dyn Write) -> Result<bool> {
-    // Feed the hardware watchdog while the checks run; never stop it (see watchdog.rs).
-    let _watchdog = host.feed_watchdog(flags.deadline.saturating_add(Duration::from_secs(120)));
+    // Keep the watchdog fed (or systemd told) while the checks run; never stop the hardware
+    // watchdog (see watchdog.rs).
+    let alive = host.keep_alive(flags.deadline.saturating_add(Duration::from_secs(120)), true);
     let info = host.booted.clone().map_err(anyhow::Error::msg)?;
+    host.tell(&alive, &format!("booted {info}: reconciling, health checks"));
     if info.tryboot && !host.never_reboot() {
         // A trial is never left pending: even a bug that panics reboots plainly, so the
         // firmware goes back to the committed slot.
@@ -635,6 +653,7 @@ fn boot(host: &HostFacts, flags: &HealthFlags, out: &mut dyn Write) -> Result<bo
     let report = host.device.boot(&info, running.as_ref(), &plan, &slot::unix_now);
     writeln!(out, "{}", report.summary)?;
     host.log.event(if report.ok { "info" } else { "error" }, &report.summary);
+    host.tell(&alive, report.summary.trim_start_matches("metrica: "));
     if let Some(mode) = report.reboot {
         out.flush()?;
         host.reboot(mode, out)?;

@@ -48,12 +48,14 @@ pub const OUTCOME: &str = "metrica/firstboot.json";
 const ALIGN: u64 = 4 << 20;
 
 /// Folders of the `/data` layout, with their modes.
-pub const LAYOUT: [(&str, u32); 11] = [
+pub const LAYOUT: [(&str, u32); 12] = [
     ("etc", 0o755),
     ("etc/wpa_supplicant", 0o755),
     ("root", 0o700),
     ("root/.ssh", 0o700),
     ("log", 0o755),
+    // Bound on /var/lib/systemd by the Pi root's fstab (docs/pi-root.md).
+    ("var/lib/systemd", 0o755),
     ("docker", 0o710),
     ("metrica", 0o755),
     ("metrica/identity", 0o700),

@@ -28,6 +28,9 @@ pub mod install;
 pub mod layout;
 pub mod log;
 pub mod metrics;
+// Checks of overlays/pi, the systemd units that run the updater on the Pi root.
+#[cfg(test)]
+mod pi_overlay_tests;
 pub mod provision;
 pub mod reboot;
 pub mod release;
@@ -35,6 +38,7 @@ pub mod role;
 pub mod role_cli;
 pub mod role_report;
 pub mod rollout;
+pub mod sdnotify;
 pub mod serve;
 pub mod sign;
 pub mod slot;

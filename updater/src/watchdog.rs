@@ -13,6 +13,10 @@
 //! init system, or busybox `watchdog` in the QEMU image) must take over. The feeder also stops
 //! feeding after a limit, so that an updater stuck in a way its own deadline cannot catch is
 //! still reset by the hardware.
+//!
+//! Under systemd (the Raspberry Pi root) PID 1 owns `/dev/watchdog` (`RuntimeWatchdogSec=`)
+//! and the updater never opens it: sdnotify.rs chooses, from `NOTIFY_SOCKET`, between this
+//! feeder and telling systemd `WATCHDOG=1` (docs/pi-root.md, "Watchdog chain on a Pi").
 
 use std::fs::File;
 use std::io::Write;

@@ -979,7 +979,7 @@ impl Planner for ChannelPlanner {
 
 /// Runs the loop until SIGTERM or SIGINT: a poll, then a jittered wait that `check-now` cuts
 /// short. The endpoints serve from `listen` meanwhile.
-pub fn run(daemon: Daemon, history: usize) -> anyhow::Result<()> {
+pub fn run(daemon: Daemon, history: usize, alive: &crate::sdnotify::Alive) -> anyhow::Result<()> {
     use crate::serve::Wake;
     use nix::sys::signal::{SigSet, Signal};
     use std::sync::mpsc;
@@ -997,16 +997,26 @@ pub fn run(daemon: Daemon, history: usize) -> anyhow::Result<()> {
             let _ = stop_tx.send(Wake::Stop);
         }
     })?;
-    serve_loop(daemon, history, tx, &rx)
+    serve_loop(daemon, history, tx, &rx, alive)
+}
+
+/// Logs a notification systemd could not be sent; the daemon goes on.
+fn notify(log: &Log, sent: std::io::Result<()>) {
+    if let Err(e) = sent {
+        log.warn("sd_notify", &format!("sd_notify: {e}"), serde_json::json!({}));
+    }
 }
 
 /// The loop of [`run`] without the signal handling: stops when `Wake::Stop` arrives on `rx`
-/// (or every sender is gone). `tx` is handed to the endpoints for `/check-now`.
+/// (or every sender is gone). `tx` is handed to the endpoints for `/check-now`. `alive` tells
+/// systemd (when it supervises) `READY=1` once the endpoints serve, and is touched at every
+/// poll so that its watchdog pings go on while the loop makes progress.
 pub fn serve_loop(
     mut daemon: Daemon,
     history: usize,
     tx: std::sync::mpsc::Sender<crate::serve::Wake>,
     rx: &std::sync::mpsc::Receiver<crate::serve::Wake>,
+    alive: &crate::sdnotify::Alive,
 ) -> anyhow::Result<()> {
     use crate::serve::{Server, Wake};
     use std::sync::mpsc::RecvTimeoutError;
@@ -1026,18 +1036,16 @@ pub fn serve_loop(
     if let Some(r) = daemon.roles.as_mut() {
         r.start(&daemon.log, crate::slot::unix_now());
     }
-    daemon.log.info(
-        "started",
-        &format!(
-            "following channel {} from {} mirror(s) every {} s ± {} %; endpoints on {}",
-            daemon.config.channel,
-            daemon.config.mirrors.len(),
-            daemon.config.interval.as_secs(),
-            crate::rollout::POLL_JITTER_PERCENT,
-            server.addr
-        ),
-        serde_json::json!({ "pid": std::process::id() }),
+    let summary = format!(
+        "following channel {} from {} mirror(s) every {} s ± {} %; endpoints on {}",
+        daemon.config.channel,
+        daemon.config.mirrors.len(),
+        daemon.config.interval.as_secs(),
+        crate::rollout::POLL_JITTER_PERCENT,
+        server.addr
     );
+    daemon.log.info("started", &summary, serde_json::json!({ "pid": std::process::id() }));
+    notify(&daemon.log, alive.ready(&summary));
     let mut jitter = Jitter::seeded();
     loop {
         // One write of the record per poll (it is fsynced: flash wear), next poll included.
@@ -1045,7 +1053,9 @@ pub fn serve_loop(
         let started = crate::slot::unix_now();
         let deadline = std::time::Instant::now() + wait;
         daemon.record.next_poll = Some(started + wait.as_secs());
+        alive.touch();
         daemon.poll(started);
+        alive.touch();
         // A check-now sent during a long poll is already served by it.
         let mut stop = false;
         while let Ok(w) = rx.try_recv() {
@@ -1062,6 +1072,7 @@ pub fn serve_loop(
             Err(RecvTimeoutError::Timeout) => {}
         }
     }
+    notify(&daemon.log, alive.stopping("SIGTERM or SIGINT: stopping"));
     server.stop();
     daemon.record.next_poll = None;
     daemon.save_record();

@@ -495,7 +495,8 @@ fn jitter_stays_within_twenty_percent() {
 }
 
 /// The loop with its endpoints: /health, /metrics, /status (the same JSON as `updater
-/// status --json`), /check-now waking the loop at once, and a clean stop.
+/// status --json`), /check-now waking the loop at once, and a clean stop; systemd is told
+/// READY=1 once the endpoints serve, and STOPPING=1.
 #[test]
 fn the_loop_serves_its_endpoints_and_wakes_on_check_now() {
     let s = TestServer::empty(Mode::Normal);
@@ -552,8 +553,23 @@ fn the_loop_serves_its_endpoints_and_wakes_on_check_now() {
         wait_for(&|r| r.counters.polls == 2);
         stop.send(crate::serve::Wake::Stop).unwrap();
     });
-    serve_loop(r.daemon, 10, tx, &rx).unwrap();
+    // systemd's notification socket, as for `updater run` in a Type=notify unit.
+    let sock_path = r.dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let keeper = crate::sdnotify::Keeper::Systemd { socket: sock_path.into(), ping_every: None };
+    let alive = crate::sdnotify::Alive::start(keeper, Duration::from_secs(60)).unwrap();
+    serve_loop(r.daemon, 10, tx, &rx, &alive).unwrap();
     client.join().unwrap();
+    let mut told = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        told.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(told[0].starts_with("READY=1\nSTATUS=following channel stable"), "{told:?}");
+    assert!(told[0].contains("endpoints on 127.0.0.1:"), "READY=1 once serving: {told:?}");
+    assert!(told[1].starts_with("STOPPING=1\n"), "{told:?}");
     let log = std::fs::read_to_string(r.dir.path().join("log.jsonl")).unwrap();
     assert!(log.contains("\"event\":\"check_now\""), "{log}");
     assert!(log.lines().last().unwrap().contains("\"event\":\"stopped\""), "{log}");
