@@ -17,8 +17,8 @@ fn check(version: &str, config: &str) -> (i32, String) {
     std::fs::write(&v, version).unwrap();
     std::fs::write(&c, config).unwrap();
     let out = Command::new("sh").arg(script()).arg(&v).arg(&c).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -34,7 +34,8 @@ fn a_current_bootloader_with_the_partition_walk_passes() {
 
 #[test]
 fn an_old_bootloader_and_a_missing_walk_are_both_named() {
-    let (code, out) = check("Sep  3 2020 13:11:43\nversion c305221a\n", "[all]\nBOOT_ORDER=0xf41\n");
+    let (code, out) =
+        check("Sep  3 2020 13:11:43\nversion c305221a\n", "[all]\nBOOT_ORDER=0xf41\n");
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("built 20200903, older than 20221018"), "{out}");
     assert!(out.contains("PARTITION_WALK is not set"), "{out}");
@@ -43,8 +44,10 @@ fn an_old_bootloader_and_a_missing_walk_are_both_named() {
 
 #[test]
 fn the_day_before_tryboot_a_b_is_too_old_and_a_walk_only_in_tryboot_does_not_count() {
-    let (code, out) =
-        check("2022/10/17 10:00:00 version x\n", "[all]\nPARTITION_WALK=0\n[tryboot]\nPARTITION_WALK=1\n");
+    let (code, out) = check(
+        "2022/10/17 10:00:00 version x\n",
+        "[all]\nPARTITION_WALK=0\n[tryboot]\nPARTITION_WALK=1\n",
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("older than 20221018"), "{out}");
     assert!(out.contains("PARTITION_WALK is 0"), "{out}");

@@ -444,8 +444,9 @@ impl<'a> Build<'a> {
             packages::unpack(&deb_path(packages, &package), &mut tree, &|p| {
                 paths.iter().any(|w| w == p || w.starts_with(p))
                     || (p.starts_with("/lib/modules") || p.starts_with("/usr/lib/modules"))
-                        && p.file_name()
-                            .is_some_and(|n| modules.contains(&n.to_string_lossy().replace('-', "_")))
+                        && p.file_name().is_some_and(|n| {
+                            modules.contains(&n.to_string_lossy().replace('-', "_"))
+                        })
             })?;
             debs.insert(package, tree);
         }
