@@ -384,6 +384,16 @@ impl<'a> Build<'a> {
             Layer::Dir { path, mode, uid, gid } => {
                 root.insert(crate::rootfs::image_path(path)?, Node::dir(*mode, *uid, *gid))?;
             }
+            Layer::Remove { paths } => {
+                for pattern in paths {
+                    if root.remove_glob(pattern)? == 0 {
+                        bail!(recipe.err(
+                            &key("paths"),
+                            format!("{pattern} matches nothing in the layers before it")
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -129,6 +129,10 @@ pub enum Layer {
     Symlinks { dir: String, target: String, names: Vec<String> },
     /// An empty directory.
     Dir { path: String, mode: u32, uid: u32, gid: u32 },
+    /// Removes what earlier layers put in (globs with `*` and `?`), with everything under a
+    /// removed folder: e.g. the SSH host keys a package made at build time, which must be per
+    /// device. Each pattern must match something, so a stale one is an error.
+    Remove { paths: Vec<String> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,6 +293,9 @@ enum RawLayer {
         mode: Option<String>,
         #[serde(default)]
         owner: Option<String>,
+    },
+    Remove {
+        paths: Vec<String>,
     },
 }
 
@@ -762,6 +769,18 @@ impl Checker<'_> {
                 let (uid, gid) = self.owner(&key("owner"), owner.as_deref())?;
                 Layer::Dir { path: self.image_path(&key("path"), &path)?, mode, uid, gid }
             }
+            RawLayer::Remove { paths } => {
+                if paths.is_empty() {
+                    bail!(self.err(&key("paths"), "expected at least one path"));
+                }
+                for p in &paths {
+                    let path = self.image_path(&key("paths"), p)?;
+                    if path == "/" {
+                        bail!(self.err(&key("paths"), "cannot remove /"));
+                    }
+                }
+                Layer::Remove { paths }
+            }
         })
     }
 
@@ -931,6 +950,23 @@ cmdline = "console=ttyAMA0 quiet"
         assert_eq!(r.layers.len(), 3);
         assert!(matches!(&r.layers[2], Layer::File { mode: 0o640, uid: 0, gid: 4, .. }));
         assert_eq!(r.stem(), "test-1.0.0");
+    }
+
+    #[test]
+    fn a_remove_layer_takes_paths_and_refuses_none_or_the_root() {
+        let dir = fixture();
+        let with = |paths: &str| {
+            GOOD.replace(
+                "[boot]",
+                &format!("[[layers]]\ntype = \"remove\"\npaths = {paths}\n[boot]"),
+            )
+        };
+        let r = parse(&dir, &with(r#"["/etc/ssh/ssh_host_*"]"#)).unwrap();
+        assert_eq!(r.layers[3], Layer::Remove { paths: vec!["/etc/ssh/ssh_host_*".into()] });
+        let e = err(&dir, &with("[]"));
+        assert!(e.contains("layers[3].paths") && e.contains("at least one path"), "{e}");
+        let e = err(&dir, &with(r#"["/"]"#));
+        assert!(e.contains("layers[3].paths") && e.contains("cannot remove /"), "{e}");
     }
 
     #[test]

@@ -170,15 +170,7 @@ impl Tree {
         self.ensure_parents(&path)?;
         if node.kind != Kind::Dir {
             if let Some(Node { kind: Kind::Dir, .. }) = self.nodes.get(&path) {
-                let under: Vec<PathBuf> = self
-                    .nodes
-                    .range(path.clone()..)
-                    .map(|(p, _)| p.clone())
-                    .take_while(|p| p.starts_with(&path))
-                    .collect();
-                for p in under {
-                    self.nodes.remove(&p);
-                }
+                self.remove_subtree(&path);
             }
         }
         self.nodes.insert(path, node);
@@ -292,6 +284,29 @@ impl Tree {
             .collect())
     }
 
+    /// Removes every entry that matches `pattern` (see [`Tree::glob`]) and everything under a
+    /// removed folder; returns how many matched.
+    pub fn remove_glob(&mut self, pattern: &str) -> Result<usize> {
+        let matched = self.glob(pattern)?;
+        for path in &matched {
+            self.remove_subtree(path);
+        }
+        Ok(matched.len())
+    }
+
+    /// Removes `path` and everything under it.
+    fn remove_subtree(&mut self, path: &Path) {
+        let under: Vec<PathBuf> = self
+            .nodes
+            .range(path.to_path_buf()..)
+            .map(|(p, _)| p.clone())
+            .take_while(|p| p.starts_with(path))
+            .collect();
+        for p in under {
+            self.nodes.remove(&p);
+        }
+    }
+
     /// Unpacks a tar stream, keeping its owners and modes. When `only` is not empty, entries
     /// outside those paths are skipped. Returns how many entries were added.
     pub fn add_tar(&mut self, reader: impl Read, only: &[String]) -> Result<usize> {
@@ -399,6 +414,28 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_glob_drops_matches_and_their_subtrees_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Tree::new(dir.path()).unwrap();
+        for p in [
+            "/etc/ssh/ssh_host_ed25519_key",
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+            "/etc/ssh/sshd_config",
+            "/usr/share/doc/a/README",
+            "/usr/share/doc-base/keep",
+        ] {
+            t.add_bytes(p, b"x", 0o644, 0, 0).unwrap();
+        }
+        assert_eq!(t.remove_glob("/etc/ssh/ssh_host_*").unwrap(), 2);
+        assert_eq!(t.remove_glob("/usr/share/doc").unwrap(), 1);
+        assert_eq!(t.remove_glob("/nothing/*").unwrap(), 0);
+        let left: Vec<_> = t.iter().map(|(p, _)| p.to_string_lossy().into_owned()).collect();
+        assert!(left.contains(&"/etc/ssh/sshd_config".to_string()), "{left:?}");
+        assert!(left.contains(&"/usr/share/doc-base/keep".to_string()), "{left:?}");
+        assert!(!left.iter().any(|p| p.contains("ssh_host") || p.starts_with("/usr/share/doc/")));
+    }
 
     #[test]
     fn reads_follow_symlinks_in_any_component_and_globs_match_components() {
