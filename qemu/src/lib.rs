@@ -21,6 +21,7 @@ pub mod fixtures;
 pub mod flows;
 pub mod harness;
 pub mod machine;
+pub mod pi_image;
 pub mod provisioning;
 pub mod qmp;
 pub mod reset;

@@ -1,0 +1,144 @@
+//! The Raspberry Pi root filesystem under QEMU (issue 14): `recipes/pi-qemu.toml` builds the
+//! same trixie root as the Pi image, with systemd, Docker and the updater's units, read-only.
+//! One run of a provisioned copy of v1:
+//!
+//! 1. boot 1 (slot A): the system reaches `running` with no failed unit, `/` is mounted
+//!    read-only, dockerd and containerd are active with their data on /data, Compose v2
+//!    answers, first boot applied the host name and made the SSH host keys on /data; then
+//!    `updater install v2 --reboot` (tryboot);
+//! 2. boot 2 (slot B, tryboot): `updater boot` under systemd commits B once Docker is up;
+//!    plain reboot;
+//! 3. boot 3 (slot B): B is the committed default.
+//!
+//! Each boot's QEMU-start-to-healthy time is reported (the `metrica-updater: healthy` line
+//! that metrica-boot.service prints).
+
+use crate::driver::{Cmd, Driver, Seen};
+use crate::fixtures;
+use crate::harness::{self, RunEnd};
+use crate::scenario::{options, sparse_copy, Context};
+use anyhow::{bail, ensure, Context as _, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const DEVICE_ID: &str = "pi-qemu-0001";
+pub const HOSTNAME: &str = "metrica-pi-qemu-0001";
+const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr metrica-pi-qemu-test";
+
+/// What the run measured.
+#[derive(Debug, Clone)]
+pub struct PiReport {
+    /// QEMU start to the healthy line, per boot (ms).
+    pub healthy_ms: Vec<u64>,
+    pub logs: Option<PathBuf>,
+}
+
+/// The checks of the first boot, each a command that must exit 0 (printed first, so that a
+/// failure's console log shows the state).
+fn live_checks() -> Vec<Cmd> {
+    vec![
+        Cmd::any("systemctl is-system-running --wait; systemctl --failed --no-legend --plain"),
+        Cmd::ok("test \"$(systemctl is-system-running)\" = running"),
+        Cmd::ok("test \"$(findmnt -no OPTIONS / | cut -d, -f1)\" = ro"),
+        Cmd::ok("! touch /usr/metrica-write-test 2>/dev/null"),
+        Cmd::ok(
+            "systemctl is-active docker containerd metrica-boot metrica-updater systemd-journald",
+        ),
+        Cmd::ok("test \"$(docker info --format '{{.DockerRootDir}}')\" = /data/docker"),
+        Cmd::ok("docker compose version | grep -q 'version 2'"),
+        Cmd::ok(format!("test \"$(hostname)\" = {HOSTNAME}")),
+        Cmd::ok(
+            "test -s /data/etc/ssh/ssh_host_ed25519_key && test ! -e /etc/ssh/ssh_host_ed25519_key",
+        ),
+        Cmd::ok("test -s /data/etc/machine-id"),
+        Cmd::status(),
+    ]
+}
+
+/// Provisions `disk` (device.toml and authorized_keys) with `imager provision`.
+fn provision(imager: &Path, disk: &Path, dir: &Path) -> Result<()> {
+    let device = dir.join("device.toml");
+    std::fs::write(
+        &device,
+        format!(
+            "device_id = \"{DEVICE_ID}\"\nrole = \"camera-single\"\nsegment = \"canary\"\n\
+             hostname = \"{HOSTNAME}\"\ntimezone = \"Europe/Berlin\"\n\n[channel]\n\
+             name = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n"
+        ),
+    )?;
+    let keys = dir.join("authorized_keys");
+    std::fs::write(&keys, format!("{SSH_KEY}\n"))?;
+    let out = Command::new(imager)
+        .arg("provision")
+        .arg(disk)
+        .arg("--device")
+        .arg(&device)
+        .arg("--authorized-keys")
+        .arg(&keys)
+        .arg("--yes")
+        .output()
+        .context("running imager provision")?;
+    ensure!(
+        out.status.success(),
+        "imager provision failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Boots a provisioned copy of v1 through the checks and the A/B update to v2.
+pub fn run(ctx: &Context, dir: &Path) -> Result<PiReport> {
+    let imager = fixtures::find_imager(ctx.imager.as_deref())?;
+    let v1 = ctx.images.v1()?;
+    let v2 = ctx.images.v2_bundle()?;
+    let v2_name = v2.file_name().context("bundle name")?.to_string_lossy().into_owned();
+    let disk = dir.join("disk.img");
+    sparse_copy(v1, &disk)?;
+    provision(&imager, &disk, dir)?;
+    let test = dir.join("test-disk.img");
+    fixtures::test_disk(&test, &[(&v2_name, &v2)])?;
+
+    let mut boot1 = live_checks();
+    boot1.push(Cmd::any(format!("updater install /run/test/{v2_name} --reboot")));
+    let plan = vec![
+        (1, boot1),
+        (2, vec![Cmd::status(), Cmd::any("sync; systemctl reboot")]),
+        (3, vec![Cmd::status(), Cmd::ok("test \"$(systemctl is-system-running)\" = running")]),
+    ];
+    let mut o = options(ctx, &disk, dir, "run");
+    o.machine.extra_disks.push(test);
+    let mut driver = Driver::new(&ctx.healthy_pattern, plan);
+    let report = harness::run(&o, &mut driver)?;
+    let log = report
+        .log_dir
+        .as_ref()
+        .map_or("(not kept)".into(), |d| d.join("console.log").display().to_string());
+    if let RunEnd::Failed(f) = &report.end {
+        bail!("the run failed: {f} (log {log})");
+    }
+    let seen = |i: usize| -> Result<&Seen> {
+        driver.seen.iter().find(|s| s.index == i).with_context(|| format!("no boot {i} ({log})"))
+    };
+    let trail: Vec<(u32, bool)> = report.boots.iter().map(|b| (b.partition, b.tryboot)).collect();
+    ensure!(
+        trail == [(2, false), (3, true), (3, false)],
+        "expected boots A, B (tryboot), B; saw {trail:?} (log {log})"
+    );
+    for i in 1..=3 {
+        ensure!(seen(i)?.healthy == Some(true), "boot {i} did not report healthy (log {log})");
+    }
+    let v2_version = seen(2)?
+        .last_status()
+        .and_then(|s| s["state"]["slots"]["b"]["version"].as_str().map(str::to_string))
+        .context("boot 2 printed no status with slot b's version")?;
+    ensure!(
+        seen(2)?.updater.iter().any(|l| l.contains(&format!("committed slot b ({v2_version})"))),
+        "the trial boot did not commit slot b: {:?} (log {log})",
+        seen(2)?.updater
+    );
+    let st = seen(3)?.last_status().context("boot 3 printed no status")?;
+    ensure!(st["state"]["committed"] == "b", "after the commit: {} (log {log})", st["state"]);
+    ensure!(st["booted"]["tryboot"] == false, "boot 3 is a trial: {} (log {log})", st["booted"]);
+    let healthy_ms = driver.healthy_times();
+    Ok(PiReport { healthy_ms, logs: report.log_dir })
+}
