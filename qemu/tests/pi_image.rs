@@ -32,7 +32,13 @@ fn the_pi_root_boots_read_only_with_docker_and_updates_a_to_b() {
         cuts: 0,
         qemu,
         memory_mib: 1024,
-        timeouts: Timeouts::default(),
+        // Boot 1 also installs v2 (a 1.25 GiB root slot) under TCG: minutes, not seconds.
+        timeouts: Timeouts {
+            boot: std::time::Duration::from_secs(1200),
+            silence: std::time::Duration::from_secs(600),
+            run: std::time::Duration::from_secs(2700),
+            ..Timeouts::default()
+        },
         echo: Echo::Notes,
         keep_logs: true,
         healthy_pattern: DEFAULT_HEALTHY_PATTERN.into(),
