@@ -2,7 +2,7 @@
 # Flash benchmark (issue 6 item 6; docs/flashing.md "Benchmark"):
 #   imager flash of a half-empty image through its bmap   vs   dd bs=4M conv=fsync of the whole image
 # to a file on the same disk, same image, same run. Prints the time ratio (target <= 0.5x) and the
-# MB/s of both (MB = 10^6 bytes; "effective" = image size / time, "written" = bytes written / time).
+# MiB/s of both (IEC units, as the tools print them; "effective" = image size / time, "written" = bytes written / time).
 # `imager flash` is timed as a user runs it: check the image against its bmap, write the mapped
 # ranges while a second thread makes each written 64 MiB window durable, drops its cached pages
 # and has it read back against the checksums, fsync, wait for the read-back to finish.
@@ -110,14 +110,14 @@ import sys
 size, mapped = int(sys.argv[1]), int(sys.argv[2])
 dd, fl, nv, ddc, flc, nvc = map(float, sys.argv[3:9])
 before = list(map(float, sys.argv[9:13]))
-mb = lambda b, s: b / 1e6 / s
+mb = lambda b, s: b / 2**20 / s
 print(f"image                          {size/2**20:.0f} MiB, {mapped/2**20:.0f} MiB mapped ({100*mapped/size:.0f}%)")
-print(f"dd bs=4M conv=fsync            {dd:6.2f} s  {mb(size, dd):8.1f} MB/s written            (cpu {ddc:.2f} s)")
-print(f"imager flash (verified)        {fl:6.2f} s  {mb(size, fl):8.1f} MB/s effective, {mb(mapped, fl):.1f} MB/s written (cpu {flc:.2f} s)")
-print(f"imager flash --no-verify       {nv:6.2f} s  {mb(size, nv):8.1f} MB/s effective, {mb(mapped, nv):.1f} MB/s written (cpu {nvc:.2f} s)")
+print(f"dd bs=4M conv=fsync            {dd:6.2f} s  {mb(size, dd):8.1f} MiB/s written            (cpu {ddc:.2f} s)")
+print(f"imager flash (verified)        {fl:6.2f} s  {mb(size, fl):8.1f} MiB/s effective, {mb(mapped, fl):.1f} MiB/s written (cpu {flc:.2f} s)")
+print(f"imager flash --no-verify       {nv:6.2f} s  {mb(size, nv):8.1f} MiB/s effective, {mb(mapped, nv):.1f} MiB/s written (cpu {nvc:.2f} s)")
 print(f"time ratio flash / dd          {fl/dd:6.2f}x (target <= 0.5x; --no-verify: {nv/dd:.2f}x)")
 if before:
     bf, bn, bfc, bnc = before
-    print(f"before: imager flash           {bf:6.2f} s  {mb(size, bf):8.1f} MB/s effective (cpu {bfc:.2f} s); --no-verify {bn:.2f} s (cpu {bnc:.2f} s)")
+    print(f"before: imager flash           {bf:6.2f} s  {mb(size, bf):8.1f} MiB/s effective (cpu {bfc:.2f} s); --no-verify {bn:.2f} s (cpu {bnc:.2f} s)")
     print(f"after / before time            {fl/bf:6.2f}x verified, {nv/bn:.2f}x --no-verify; CPU {flc/bfc:.2f}x, {nvc/bnc:.2f}x (below 1: after is faster)")
 EOF

@@ -1217,7 +1217,7 @@ mod tests {
         std::fs::write(&small, vec![0xaa; 1 << 20]).unwrap();
         let e = err(&opts(&fx.img, &small));
         assert!(
-            e.contains("small.img: too small: it holds 1048576 bytes, the image needs 25166824"),
+            e.contains("small.img: too small: it holds 1.0 MiB (1048576 bytes), the image needs 24.0 MiB (25166824 bytes)"),
             "{e}"
         );
         assert_eq!(std::fs::read(&small).unwrap(), vec![0xaa; 1 << 20], "nothing written");

@@ -222,7 +222,11 @@ pub enum TargetError {
     HoldsRoot { target: String, device: String },
     #[error("{target}: {what} is mounted ({device} on {mount_point}); unmount it first")]
     Mounted { target: String, what: String, device: String, mount_point: String },
-    #[error("{target}: too small: it holds {capacity} bytes, the image needs {needed}")]
+    #[error(
+        "{target}: too small: it holds {} ({capacity} bytes), the image needs {} ({needed} bytes)",
+        updater::units::size(*capacity),
+        updater::units::size(*needed)
+    )]
     TooSmall { target: String, capacity: u64, needed: u64 },
     #[error("{target}: is the image itself")]
     IsTheImage { target: String },
@@ -367,7 +371,12 @@ garbage line
         );
         // Too small.
         let e = err(block(dev(8, 32), 999));
-        assert!(e.contains("too small: it holds 999 bytes, the image needs 1000"), "{e}");
+        assert!(
+            e.contains(
+                "too small: it holds 999 B (999 bytes), the image needs 1000 B (1000 bytes)"
+            ),
+            "{e}"
+        );
         let small_file = Target {
             path: "/tmp/c.img".into(),
             kind: Kind::File { len: 10, loop_devs: vec![] },
