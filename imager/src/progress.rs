@@ -41,43 +41,40 @@ impl Progress {
 
     /// A step of unknown length (a spinner whose message [`Step::message`] updates).
     pub fn spinner(&self, msg: &str) -> Step {
-        let bar = match self.mode {
-            Mode::Bars => {
-                let pb = ProgressBar::new_spinner();
-                pb.set_style(
-                    ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {wide_msg}")
-                        .expect("valid template"),
-                );
-                pb.set_prefix(msg.to_string());
-                pb.enable_steady_tick(std::time::Duration::from_millis(200));
-                Some(pb)
-            }
-            Mode::Lines => {
-                eprintln!("{msg}...");
-                None
-            }
-            Mode::Quiet => None,
-        };
-        Step { bar, msg: msg.to_string(), mode: self.mode, start: Instant::now() }
+        self.start(msg, || {
+            let pb = ProgressBar::new_spinner();
+            pb.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {wide_msg}")
+                    .expect("valid template"),
+            );
+            pb.set_prefix(msg.to_string());
+            pb.enable_steady_tick(std::time::Duration::from_millis(200));
+            pb
+        })
     }
 
     fn step(&self, len: u64, msg: &str, bytes: bool) -> Step {
+        self.start(msg, || {
+            let pb = ProgressBar::new(len);
+            let template = if bytes {
+                "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}"
+            } else {
+                "{msg:>24} [{bar:30}] {pos}/{len} {eta}"
+            };
+            pb.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            pb.set_message(msg.to_string());
+            pb
+        })
+    }
+
+    /// A step: `bar` makes its indicatif bar on a terminal; plain mode prints `msg...`.
+    fn start(&self, msg: &str, bar: impl FnOnce() -> ProgressBar) -> Step {
         let bar = match self.mode {
-            Mode::Bars => {
-                let pb = ProgressBar::new(len);
-                let template = if bytes {
-                    "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}"
-                } else {
-                    "{msg:>24} [{bar:30}] {pos}/{len} {eta}"
-                };
-                pb.set_style(
-                    ProgressStyle::with_template(template)
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                );
-                pb.set_message(msg.to_string());
-                Some(pb)
-            }
+            Mode::Bars => Some(bar()),
             Mode::Lines => {
                 eprintln!("{msg}...");
                 None

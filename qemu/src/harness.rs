@@ -102,6 +102,15 @@ pub struct RunReport {
     pub elapsed_ms: u64,
 }
 
+impl RunReport {
+    /// Where the console log was kept, for error messages: "(not kept)" when it was not.
+    pub fn console_log_hint(&self) -> String {
+        self.log_dir
+            .as_ref()
+            .map_or("(not kept)".into(), |d| d.join("console.log").display().to_string())
+    }
+}
+
 /// Limits on every wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {

@@ -109,10 +109,7 @@ pub fn run(ctx: &Context, dir: &Path) -> Result<PiReport> {
     o.machine.extra_disks.push(test);
     let mut driver = Driver::new(&ctx.healthy_pattern, plan);
     let report = harness::run(&o, &mut driver)?;
-    let log = report
-        .log_dir
-        .as_ref()
-        .map_or("(not kept)".into(), |d| d.join("console.log").display().to_string());
+    let log = report.console_log_hint();
     if let RunEnd::Failed(f) = &report.end {
         bail!("the run failed: {f} (log {log})");
     }

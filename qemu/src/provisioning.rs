@@ -170,10 +170,7 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
     let mut driver = Driver::new(&ctx.healthy_pattern, vec![(1, checks(1)), (2, checks(2))]);
     let report = harness::run(&o, &mut driver)?;
     logs.extend(report.log_dir.clone());
-    let log = report
-        .log_dir
-        .as_ref()
-        .map_or("(not kept)".into(), |d| d.join("console.log").display().to_string());
+    let log = report.console_log_hint();
     if let RunEnd::Failed(f) = &report.end {
         bail!("the run failed: {f} (log {log})");
     }

@@ -2,34 +2,12 @@
 //! `updater check-now`, reports an unreachable mirror as a named error in /status, and stops
 //! cleanly (exit status 0, `stopped` logged) on SIGTERM.
 
+mod common;
+
+use common::fixture;
 use std::io::Read;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn fixture(dir: &Path) {
-    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
-    std::fs::create_dir_all(dir.join("keyring")).unwrap();
-    std::fs::write(
-        dir.join("keyring/test.pub.pem"),
-        updater::sign::public_key_to_pem(&key.verifying_key()),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("root/etc/metrica")).unwrap();
-    std::fs::create_dir_all(dir.join("root/proc")).unwrap();
-    std::fs::write(dir.join("root/proc/cmdline"), "metrica.boot_partition=2 metrica.tryboot=0\n")
-        .unwrap();
-    std::fs::write(dir.join("root/etc/machine-id"), "proc-test\n").unwrap();
-    std::fs::write(
-        dir.join("root/etc/metrica/release.toml"),
-        "name = \"m\"\nversion = \"1.0.0\"\ncompatible = \"c\"\nbuild_epoch = 1\n",
-    )
-    .unwrap();
-    let state =
-        updater::state::State::new(updater::layout::Slot::A, Some("1.0.0".parse().unwrap()));
-    updater::state::save(&updater::state::state_path(&dir.join("data")), &state).unwrap();
-    std::fs::File::create(dir.join("disk.img")).unwrap().set_len(1 << 20).unwrap();
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -5,35 +5,18 @@
 //! `updater boot` sends STATUS= lines and leaves /dev/watchdog alone, which it feeds when no
 //! NOTIFY_SOCKET is set (the busybox QEMU image).
 
+mod common;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The common device root, with a `/dev/watchdog` the updater would feed without systemd.
 fn fixture(dir: &Path) {
-    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
-    std::fs::create_dir_all(dir.join("keyring")).unwrap();
-    std::fs::write(
-        dir.join("keyring/test.pub.pem"),
-        updater::sign::public_key_to_pem(&key.verifying_key()),
-    )
-    .unwrap();
-    for d in ["root/etc/metrica", "root/proc", "root/dev"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::write(dir.join("root/proc/cmdline"), "metrica.boot_partition=2 metrica.tryboot=0\n")
-        .unwrap();
-    std::fs::write(dir.join("root/etc/machine-id"), "proc-test\n").unwrap();
+    common::fixture(dir);
+    std::fs::create_dir_all(dir.join("root/dev")).unwrap();
     std::fs::write(dir.join("root/dev/watchdog"), b"").unwrap();
-    std::fs::write(
-        dir.join("root/etc/metrica/release.toml"),
-        "name = \"m\"\nversion = \"1.0.0\"\ncompatible = \"c\"\nbuild_epoch = 1\n",
-    )
-    .unwrap();
-    let state =
-        updater::state::State::new(updater::layout::Slot::A, Some("1.0.0".parse().unwrap()));
-    updater::state::save(&updater::state::state_path(&dir.join("data")), &state).unwrap();
-    std::fs::File::create(dir.join("disk.img")).unwrap().set_len(1 << 20).unwrap();
 }
 
 /// The updater with the fixture's global flags, its environment cleared of any real
