@@ -1,8 +1,8 @@
 //! Rebooting, plainly or into a trial (`reboot "0 tryboot"`), behind a small trait so that
 //! tests use a fake.
 //!
-//! With systemd as PID 1 the updater asks it (`systemctl reboot "0 tryboot"`), so services stop
-//! cleanly. Otherwise (the QEMU initramfs, busybox init) it syncs and calls the reboot syscall
+//! With systemd as PID 1 the updater asks it (`systemctl reboot --reboot-argument="0 tryboot"`),
+//! so services stop cleanly. Otherwise (the QEMU initramfs, busybox init) it syncs and calls the reboot syscall
 //! itself: `LINUX_REBOOT_CMD_RESTART2` with the argument `0 tryboot`, which the Pi firmware
 //! driver turns into the one-shot tryboot flag and the QEMU harness reads on the console.
 
@@ -44,12 +44,10 @@ impl Reboot for SystemReboot {
     fn reboot(&self, mode: RebootMode) -> Result<()> {
         nix::unistd::sync();
         if Path::new("/run/systemd/system").exists() {
-            let mut cmd = std::process::Command::new("systemctl");
-            cmd.arg("reboot");
-            if mode == RebootMode::Tryboot {
-                cmd.arg(TRYBOOT_ARG);
-            }
-            let out = cmd.output().context("running systemctl reboot")?;
+            let out = std::process::Command::new("systemctl")
+                .args(systemctl_args(mode))
+                .output()
+                .context("running systemctl reboot")?;
             if !out.status.success() {
                 bail!(
                     "systemctl reboot failed ({}): {}",
@@ -68,6 +66,17 @@ impl Reboot for SystemReboot {
             RebootMode::Tryboot => restart2(TRYBOOT_ARG),
         }
     }
+}
+
+/// The `systemctl` arguments of a reboot. The argument for the firmware goes in
+/// `--reboot-argument=` (systemd 246 and later): trixie's systemd 257 refuses the older
+/// positional form (`systemctl reboot "0 tryboot"`: "Too many arguments", seen under QEMU).
+fn systemctl_args(mode: RebootMode) -> Vec<String> {
+    let mut args = vec!["reboot".to_string()];
+    if mode == RebootMode::Tryboot {
+        args.push(format!("--reboot-argument={TRYBOOT_ARG}"));
+    }
+    args
 }
 
 /// `reboot(LINUX_REBOOT_CMD_RESTART2, arg)`: nix has no safe wrapper for the argument form.
@@ -118,5 +127,11 @@ mod tests {
         assert_eq!(*r.requested.borrow(), [RebootMode::Tryboot, RebootMode::Plain]);
         assert_eq!(RebootMode::Tryboot.describe(), "tryboot");
         assert_eq!(TRYBOOT_ARG, "0 tryboot");
+        assert_eq!(systemctl_args(RebootMode::Plain), ["reboot"]);
+        assert_eq!(
+            systemctl_args(RebootMode::Tryboot),
+            ["reboot", "--reboot-argument=0 tryboot"],
+            "one argument: systemd 257 refuses a positional one"
+        );
     }
 }
