@@ -67,6 +67,47 @@ fn refuses_without_terminal_or_yes_and_writes_with_yes() {
     assert_eq!(sha256(&target2), sha256(&img));
 }
 
+/// `imager flash` on a terminal (a pty from util-linux `script`, which feeds it `answer`):
+/// returns the exit code and everything the terminal showed.
+fn flash_on_a_terminal(img: &Path, target: &Path, answer: &str) -> (Option<i32>, String) {
+    use std::io::Write as _;
+    let cmd =
+        format!("{} flash {} {}", env!("CARGO_BIN_EXE_imager"), img.display(), target.display());
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux script (Debian bsdutils, essential)");
+    child.stdin.take().unwrap().write_all(answer.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The question on a terminal: sizes in IEC units, and only the exact word `yes` writes.
+#[test]
+fn the_terminal_prompt_takes_only_the_exact_yes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let target = dir.path().join("card.img");
+    std::fs::File::create(&target).unwrap().set_len(32 << 20).unwrap();
+    let before = sha256(&target);
+    for answer in ["y\n", "YES\n", "yes please\n", "\n"] {
+        let (code, shown) = flash_on_a_terminal(&img, &target, answer);
+        assert!(shown.contains("file") && shown.contains("(32.0 MiB) with"), "{shown}");
+        assert!(shown.contains("Type yes to write"), "{shown}");
+        assert!(shown.contains("not confirmed: nothing written"), "{answer:?}: {shown}");
+        assert_eq!(code, Some(1), "{answer:?}: {shown}");
+        assert_eq!(sha256(&target), before, "{answer:?} wrote to the target");
+    }
+    let (code, shown) = flash_on_a_terminal(&img, &target, "yes\n");
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("verified"), "{shown}");
+    let written = std::fs::read(&target).unwrap();
+    assert_eq!(&written[..16 << 20], &std::fs::read(&img).unwrap()[..]);
+}
+
 #[test]
 fn refuses_a_folder_and_a_missing_image() {
     let dir = tempfile::tempdir().unwrap();

@@ -182,7 +182,7 @@ impl Target {
 
     /// One line for the confirmation question.
     pub fn describe(&self) -> String {
-        let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
+        let gb = updater::units::size;
         match &self.kind {
             Kind::Block { size, model, .. } => format!(
                 "block device {} ({}{})",
