@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::golden;
+use common::{golden, site};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -233,18 +233,6 @@ fn flash_nobmap_bundles_and_truncated_zst() {
     assert!(!err.contains("does not match its block map"), "{err}");
 }
 
-/// A site folder: a device.toml template with every required field but the per-device ones.
-fn site(dir: &Path) -> PathBuf {
-    let site = dir.join("site");
-    std::fs::create_dir_all(&site).unwrap();
-    std::fs::write(
-        site.join("device.toml"),
-        "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n",
-    )
-    .unwrap();
-    site
-}
-
 #[test]
 fn provision_reports_every_problem_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -302,27 +290,14 @@ fn provision_reports_every_problem_at_once() {
 
     // Every misspelled column, with did-you-mean; duplicate host names, in --check.
     std::fs::write(&fleet, "device_id,hostnme,segmnt\npi-1,cam-1,canary\n").unwrap();
-    let err = fails(&[
-        &"provision",
-        &img,
-        &"--check",
-        &"--batch",
-        &fleet,
-        &"--device",
-        &site.join("device.toml"),
-    ]);
+    let tmpl = site.join("device.toml");
+    let check_batch =
+        || fails(&[&"provision", &img, &"--check", &"--batch", &fleet, &"--device", &tmpl]);
+    let err = check_batch();
     assert!(err.contains("\"hostnme\" is not a known column; did you mean \"hostname\"?"), "{err}");
     assert!(err.contains("\"segmnt\" is not a known column; did you mean \"segment\"?"), "{err}");
     std::fs::write(&fleet, "device_id,hostname\npi-1,cam-1\npi-2,cam-2\npi-3,cam-1\n").unwrap();
-    let err = fails(&[
-        &"provision",
-        &img,
-        &"--check",
-        &"--batch",
-        &fleet,
-        &"--device",
-        &site.join("device.toml"),
-    ]);
+    let err = check_batch();
     assert!(
         err.contains(
             "row 3 (line 4), column hostname: \"cam-1\" is already the host name of row 1 (line 2)"
@@ -332,7 +307,6 @@ fn provision_reports_every_problem_at_once() {
 
     // --check --json: the devices, nothing written.
     std::fs::write(&fleet, "device_id,hostname\npi-1,cam-1\npi-2,cam-2\n").unwrap();
-    let tmpl = site.join("device.toml");
     let out =
         ok(&[&"provision", &img, &"--check", &"--json", &"--batch", &fleet, &"--device", &tmpl]);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();

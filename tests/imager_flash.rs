@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{golden, sha256};
+use common::{golden, sha256, site};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -128,22 +128,6 @@ fn refuses_a_folder_and_a_missing_image() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("opening") && stderr.contains("nope.img"), "{stderr}");
-}
-
-const KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr ops@example";
-
-fn site(dir: &Path) -> PathBuf {
-    let site = dir.join("site");
-    std::fs::create_dir_all(&site).unwrap();
-    std::fs::write(
-        site.join("device.toml"),
-        "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n",
-    )
-    .unwrap();
-    std::fs::write(site.join("ops.pub"), format!("{KEY}\n")).unwrap();
-    std::fs::write(site.join("secrets.toml"), "api_token = \"s3cr3t-do-not-show\"\n").unwrap();
-    site
 }
 
 #[test]

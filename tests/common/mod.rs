@@ -70,3 +70,22 @@ pub fn golden(dir: &Path) -> PathBuf {
     imager::output::compress_zstd(&img, &dir.join("fleet-1.0.0.img.zst"), 3, &quiet).unwrap();
     img
 }
+
+/// An operator's SSH key (the site's ops.pub).
+pub const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr ops@example";
+
+/// A site folder: a device.toml template with every required field but the per-device ones,
+/// an operator key (ops.pub) and a secrets file.
+pub fn site(dir: &Path) -> PathBuf {
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(
+        site.join("device.toml"),
+        "role = \"camera-single\"\nsegment = \"canary\"\n[channel]\nname = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n",
+    )
+    .unwrap();
+    std::fs::write(site.join("ops.pub"), format!("{KEY}\n")).unwrap();
+    std::fs::write(site.join("secrets.toml"), "api_token = \"s3cr3t-do-not-show\"\n").unwrap();
+    site
+}
