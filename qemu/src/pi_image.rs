@@ -19,11 +19,9 @@ use crate::harness::{self, RunEnd};
 use crate::scenario::{options, sparse_copy, Context};
 use anyhow::{bail, ensure, Context as _, Result};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 pub const DEVICE_ID: &str = "pi-qemu-0001";
 pub const HOSTNAME: &str = "metrica-pi-qemu-0001";
-const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr metrica-pi-qemu-test";
 
 /// What the run measured.
 #[derive(Debug, Clone)]
@@ -55,37 +53,6 @@ fn live_checks() -> Vec<Cmd> {
     ]
 }
 
-/// Provisions `disk` (device.toml and authorized_keys) with `imager provision`.
-fn provision(imager: &Path, disk: &Path, dir: &Path) -> Result<()> {
-    let device = dir.join("device.toml");
-    std::fs::write(
-        &device,
-        format!(
-            "device_id = \"{DEVICE_ID}\"\nrole = \"camera-single\"\nsegment = \"canary\"\n\
-             hostname = \"{HOSTNAME}\"\ntimezone = \"Europe/Berlin\"\n\n[channel]\n\
-             name = \"stable\"\nurl = \"https://updates.example.com/fleet\"\n"
-        ),
-    )?;
-    let keys = dir.join("authorized_keys");
-    std::fs::write(&keys, format!("{SSH_KEY}\n"))?;
-    let out = Command::new(imager)
-        .arg("provision")
-        .arg(disk)
-        .arg("--device")
-        .arg(&device)
-        .arg("--authorized-keys")
-        .arg(&keys)
-        .arg("--yes")
-        .output()
-        .context("running imager provision")?;
-    ensure!(
-        out.status.success(),
-        "imager provision failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 /// Boots a provisioned copy of v1 through the checks and the A/B update to v2.
 pub fn run(ctx: &Context, dir: &Path) -> Result<PiReport> {
     let imager = fixtures::find_imager(ctx.imager.as_deref())?;
@@ -94,7 +61,7 @@ pub fn run(ctx: &Context, dir: &Path) -> Result<PiReport> {
     let v2_name = v2.file_name().context("bundle name")?.to_string_lossy().into_owned();
     let disk = dir.join("disk.img");
     sparse_copy(v1, &disk)?;
-    provision(&imager, &disk, dir)?;
+    crate::provisioning::provision(&imager, &disk, dir, DEVICE_ID, HOSTNAME)?;
     let test = dir.join("test-disk.img");
     fixtures::test_disk(&test, &[(&v2_name, &v2)])?;
 

@@ -23,10 +23,10 @@ pub const HOSTNAME: &str = "metrica-qemu-0001";
 /// that the key is installed).
 pub const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr metrica-qemu-test";
 
-fn device_toml() -> String {
+fn device_toml(device_id: &str, hostname: &str) -> String {
     format!(
-        "device_id = \"{DEVICE_ID}\"\nrole = \"camera-single\"\nsegment = \"canary\"\n\
-         hostname = \"{HOSTNAME}\"\ntimezone = \"Europe/Berlin\"\n\n[channel]\nname = \"stable\"\n\
+        "device_id = \"{device_id}\"\nrole = \"camera-single\"\nsegment = \"canary\"\n\
+         hostname = \"{hostname}\"\ntimezone = \"Europe/Berlin\"\n\n[channel]\nname = \"stable\"\n\
          url = \"https://updates.example.com/fleet\"\n"
     )
 }
@@ -75,13 +75,31 @@ fn sbin_path() -> String {
     format!("{}:/usr/sbin:/sbin", std::env::var("PATH").unwrap_or_default())
 }
 
-/// Writes the provisioning files for the test device into `dir/provision`.
-fn provision_files(dir: &Path) -> Result<PathBuf> {
+/// Provisions `card` (an image or a card) with `imager provision`: a device.toml for
+/// `device_id` and `hostname` and the test SSH key, written into `dir/provision` first.
+pub fn provision(
+    imager: &Path,
+    card: &Path,
+    dir: &Path,
+    device_id: &str,
+    hostname: &str,
+) -> Result<()> {
     let p = dir.join("provision");
     std::fs::create_dir_all(&p)?;
-    std::fs::write(p.join("device.toml"), device_toml())?;
+    std::fs::write(p.join("device.toml"), device_toml(device_id, hostname))?;
     std::fs::write(p.join("authorized_keys"), format!("{SSH_KEY}\n"))?;
-    Ok(p)
+    run_tool(
+        "imager provision",
+        Command::new(imager)
+            .arg("provision")
+            .arg(card)
+            .arg("--device")
+            .arg(p.join("device.toml"))
+            .arg("--authorized-keys")
+            .arg(p.join("authorized_keys"))
+            .arg("--yes"),
+    )?;
+    Ok(())
 }
 
 /// The (block count × block size) of the ext4 file system at byte `offset` of `disk`, by
@@ -130,18 +148,7 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
         "before first boot, data already reaches past the image"
     );
 
-    let files = provision_files(dir)?;
-    run_tool(
-        "imager provision",
-        Command::new(&imager)
-            .arg("provision")
-            .arg(&card)
-            .arg("--device")
-            .arg(files.join("device.toml"))
-            .arg("--authorized-keys")
-            .arg(files.join("authorized_keys"))
-            .arg("--yes"),
-    )?;
+    provision(&imager, &card, dir, DEVICE_ID, HOSTNAME)?;
 
     // Boot 1: first boot provisions; check in the guest, then reboot. Boot 2: still so.
     // More than 3 GiB of /data can only come from the 4 GiB card, not from the 2 GiB image;
