@@ -191,6 +191,7 @@ fn bad_recipes_fail_with_file_and_key_and_leave_no_image() {
         ("two root sizes", "root_b = \"16MiB\"", "root_b = \"32MiB\"", &["partitions.root_b", "same size as partitions.root_a"]),
         ("package not found", "\"mini-tools\" = \"1:1.0-1\" }", "\"mini-tools\" = \"1:1.0-1\", \"no-such-package-metrica\" = \"1.0\" }", &["debian.packages.no-such-package-metrica", "cannot be found"]),
         ("boot too small", "kernel = \"mini/kernel8.img\"", "kernel = \"big.bin\"", &["partitions.boot_a", "partition boot_a is too small", "needs at least"]),
+        ("kernel without a module", "files = { \"/bin/busybox\" = \"root:/bin/busybox\" }", "files = { \"/bin/busybox\" = \"root:/bin/busybox\" }\nmodules = [\"sdhci_iproc\"]", &["boot.initramfs.modules", "module sdhci_iproc is not in"]),
         ("root too small", "[[layers]]\ntype = \"overlay\"", "[[layers]]\ntype = \"file\"\nsource = \"big.bin\"\npath = \"/big.bin\"\nmode = \"0644\"\n[[layers]]\ntype = \"overlay\"", &["partitions.root_a", "partition root_a is too small", "needs about", "gives 16 MiB"]),
     ];
     std::fs::write(dir.path().join("recipes/big.bin"), vec![7u8; 20 << 20]).unwrap();

@@ -133,14 +133,51 @@ fn refuses_a_folder_and_a_missing_image() {
 #[test]
 fn flash_and_provision_in_one_pass_then_inspect() {
     let dir = tempfile::tempdir().unwrap();
-    let img = golden(dir.path());
-    let site = site(dir.path());
     let card = dir.path().join("card.img");
+    flash_provision_inspect(dir.path(), &card);
+}
+
+/// A card (a loop device: root only, the privileged tier) flashed and provisioned in one pass,
+/// then inspected as a block device: `imager inspect` says it was given a card and reads its
+/// partitions and provisioning like an image file's.
+#[test]
+#[ignore = "needs root and loop devices: run with --ignored"]
+fn a_card_on_a_loop_device_is_flashed_provisioned_and_inspected() {
+    assert!(nix::unistd::Uid::effective().is_root(), "the loop device test needs root");
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("loop-backing.img");
+    std::fs::File::create(&backing).unwrap().set_len(128 << 20).unwrap();
+    let out = Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    struct Detach(PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    flash_provision_inspect(dir.path(), &dev);
+    let out = imager().arg("inspect").arg(&dev).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(&format!("{}: a block device\n", dev.display())), "{text}");
+    assert!(text.contains("provision") && text.contains("root_a"), "{text}");
+    let out = imager().arg("inspect").arg(&dev).arg("--json").output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["kind"], "card");
+    assert_eq!(json["size"], 128u64 << 20, "a card's size is its capacity");
+}
+
+/// Flashes the golden image to `target` (a file or a block device) with a device's
+/// provisioning in the same pass, then checks what `imager inspect` reads back.
+fn flash_provision_inspect(dir: &Path, card: &Path) {
+    let img = golden(dir);
+    let site = site(dir);
     let recipient = updater::provision::identity::recipient_from_otp_key(&[9; 32]);
     let out = imager()
         .arg("flash")
         .arg(&img)
-        .arg(&card)
+        .arg(card)
         .arg("--yes")
         .arg("--device")
         .arg(site.join("device.toml"))
@@ -156,7 +193,7 @@ fn flash_and_provision_in_one_pass_then_inspect() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("provision partition written and verified"), "{stderr}");
 
-    let out = imager().arg("inspect").arg(&card).output().unwrap();
+    let out = imager().arg("inspect").arg(card).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for want in [
@@ -168,12 +205,12 @@ fn flash_and_provision_in_one_pass_then_inspect() {
     ] {
         assert!(text.contains(want), "{want:?} in:\n{text}");
     }
-    let card_bytes = std::fs::read(&card).unwrap();
+    let card_bytes = std::fs::read(card).unwrap();
     assert!(
         !text.contains("s3cr3t") && !card_bytes.windows(6).any(|w| w == b"s3cr3t"),
         "no plain secret anywhere"
     );
-    let out = imager().arg("inspect").arg(&card).arg("--json").output().unwrap();
+    let out = imager().arg("inspect").arg(card).arg("--json").output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["provision"]["device_id"], "pi-0042");
 }

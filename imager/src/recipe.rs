@@ -24,7 +24,6 @@ pub struct Recipe {
     pub compatible: String,
     pub security_epoch: u64,
     pub signing_key: Option<PathBuf>,
-    pub default_role: Option<String>,
     pub partitions: Partitions,
     pub base: Base,
     pub debian: Option<Debian>,
@@ -189,7 +188,6 @@ struct RawRecipe {
     #[serde(default)]
     security_epoch: u64,
     signing_key: Option<String>,
-    default_role: Option<String>,
     partitions: RawPartitions,
     #[serde(default)]
     base: Option<RawBase>,
@@ -522,7 +520,6 @@ impl Recipe {
             compatible: raw.compatible,
             security_epoch: raw.security_epoch,
             signing_key,
-            default_role: raw.default_role,
             partitions,
             base,
             debian,

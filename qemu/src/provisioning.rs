@@ -23,9 +23,9 @@ pub const HOSTNAME: &str = "metrica-qemu-0001";
 /// that the key is installed).
 pub const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b3G9xq1P2W5Cxw3Y5CwG9ywJvn6dzQp2oOSs4mFr metrica-qemu-test";
 
-fn device_toml(device_id: &str, hostname: &str) -> String {
+fn device_toml(device_id: &str, hostname: &str, role: &str) -> String {
     format!(
-        "device_id = \"{device_id}\"\nrole = \"camera-single\"\nsegment = \"canary\"\n\
+        "device_id = \"{device_id}\"\nrole = \"{role}\"\nsegment = \"canary\"\n\
          hostname = \"{hostname}\"\ntimezone = \"Europe/Berlin\"\n\n[channel]\nname = \"stable\"\n\
          url = \"https://updates.example.com/fleet\"\n"
     )
@@ -76,17 +76,18 @@ fn sbin_path() -> String {
 }
 
 /// Provisions `card` (an image or a card) with `imager provision`: a device.toml for
-/// `device_id` and `hostname` and the test SSH key, written into `dir/provision` first.
+/// `device_id`, `hostname` and `role`, and the test SSH key, written into `dir/provision` first.
 pub fn provision(
     imager: &Path,
     card: &Path,
     dir: &Path,
     device_id: &str,
     hostname: &str,
+    role: &str,
 ) -> Result<()> {
     let p = dir.join("provision");
     std::fs::create_dir_all(&p)?;
-    std::fs::write(p.join("device.toml"), device_toml(device_id, hostname))?;
+    std::fs::write(p.join("device.toml"), device_toml(device_id, hostname, role))?;
     std::fs::write(p.join("authorized_keys"), format!("{SSH_KEY}\n"))?;
     run_tool(
         "imager provision",
@@ -148,7 +149,7 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
         "before first boot, data already reaches past the image"
     );
 
-    provision(&imager, &card, dir, DEVICE_ID, HOSTNAME)?;
+    provision(&imager, &card, dir, DEVICE_ID, HOSTNAME, "camera-single")?;
 
     // Boot 1: first boot provisions; check in the guest, then reboot. Boot 2: still so.
     // More than 3 GiB of /data can only come from the 4 GiB card, not from the 2 GiB image;

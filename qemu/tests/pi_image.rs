@@ -1,6 +1,7 @@
 //! The Raspberry Pi root (recipes/pi-qemu.toml: Debian trixie, systemd, Docker, the updater's
 //! units, read-only) booted under QEMU: no failed unit, Docker up with its data on /data, and
-//! the A/B update v1 -> v2 through tryboot and commit (qemu::pi_image).
+//! the A/B update v1 -> v2 through tryboot and commit; and an unprovisioned card in safe mode
+//! (qemu::pi_image).
 //!
 //! The QEMU tier (docs/testing.md): `#[ignore]`d; `cargo test -p qemu --test pi_image --
 //! --ignored` runs it with `METRICA_PI_IMAGE_DIR` naming the folder where
@@ -11,9 +12,8 @@ use qemu::harness::{Echo, Timeouts};
 use qemu::scenario::{Context, ImageSet, DEFAULT_HEALTHY_PATTERN};
 use std::path::PathBuf;
 
-#[test]
-#[ignore = "QEMU aarch64 boot test: run with --ignored (see docs/testing.md)"]
-fn the_pi_root_boots_read_only_with_docker_and_updates_a_to_b() {
+/// The context of a Pi image run (the environment names the images, QEMU, the imager).
+fn context(work: &std::path::Path) -> Context {
     let image_dir = std::env::var_os("METRICA_PI_IMAGE_DIR").map(PathBuf::from).expect(
         "the Pi image test needs METRICA_PI_IMAGE_DIR: the folder with v1 (.img) and v2 (.mfb) \
          built from recipes/pi-qemu.toml (e.g. out/pi-qemu; see docs/pi.md)",
@@ -25,10 +25,9 @@ fn the_pi_root_boots_read_only_with_docker_and_updates_a_to_b() {
         "{} is not installed (Debian package qemu-system-arm; or set METRICA_QEMU)",
         qemu.display()
     );
-    let work = tempfile::Builder::new().prefix("pi-qemu-image-").tempdir().unwrap();
-    let ctx = Context {
+    Context {
         images: ImageSet::find(&image_dir).unwrap(),
-        work_dir: work.path().to_path_buf(),
+        work_dir: work.to_path_buf(),
         cuts: 0,
         qemu,
         memory_mib: 1024,
@@ -45,20 +44,42 @@ fn the_pi_root_boots_read_only_with_docker_and_updates_a_to_b() {
         seed: None,
         imager: std::env::var_os("METRICA_IMAGER").map(PathBuf::from),
         signing_key: std::env::var_os("METRICA_SIGNING_KEY").map(PathBuf::from),
-    };
-    match qemu::pi_image::run(&ctx, work.path()) {
+    }
+}
+
+/// Runs `run` in a work folder (kept when it fails) and prints the boots' times.
+fn measured(
+    what: &str,
+    boots: usize,
+    run: fn(&Context, &std::path::Path) -> anyhow::Result<qemu::pi_image::PiReport>,
+) {
+    let work = tempfile::Builder::new().prefix("pi-qemu-image-").tempdir().unwrap();
+    match run(&context(work.path()), work.path()) {
         Ok(report) => {
             let secs: Vec<String> = report
                 .healthy_ms
                 .iter()
                 .map(|ms| format!("{:.1} s", *ms as f64 / 1000.0))
                 .collect();
-            println!("pi-qemu: boot to healthy (QEMU TCG, 1 CPU): {}", secs.join(", "));
-            assert_eq!(report.healthy_ms.len(), 3, "every boot reached healthy");
+            println!("pi-qemu {what}: boot to healthy (QEMU TCG, 1 CPU): {}", secs.join(", "));
+            assert_eq!(report.healthy_ms.len(), boots, "every boot reached healthy");
         }
         Err(e) => {
             let kept = work.keep();
             panic!("{e:#} (work folder {})", kept.display());
         }
     }
+}
+
+#[test]
+#[ignore = "QEMU aarch64 boot test: run with --ignored (see docs/testing.md)"]
+fn the_pi_root_boots_read_only_with_docker_and_updates_a_to_b() {
+    measured("A/B", 3, qemu::pi_image::run);
+}
+
+/// A card flashed but never provisioned: the daemon still runs and says why in safe mode.
+#[test]
+#[ignore = "QEMU aarch64 boot test: run with --ignored (see docs/testing.md)"]
+fn the_pi_root_unprovisioned_runs_the_safe_mode_stack() {
+    measured("unprovisioned", 1, qemu::pi_image::run_unprovisioned);
 }

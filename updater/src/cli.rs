@@ -224,7 +224,10 @@ pub fn main() -> ExitCode {
     }
     if wrap {
         let text = String::from_utf8_lossy(&captured);
-        let v = json_result(name.as_deref().unwrap_or(""), &result, &text);
+        let mut v = json_result(name.as_deref().unwrap_or(""), &result, &text);
+        if acts_on_slots(&cli.command) {
+            v["state"] = state_after(&cli);
+        }
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     match result {
@@ -234,7 +237,8 @@ pub fn main() -> ExitCode {
 }
 
 /// `--json` of every command but `status`: `{"command", "ok", "messages", "error"}`, the
-/// messages being the lines the command says (without the `metrica: ` prefix).
+/// messages being the lines the command says (without the `metrica: ` prefix); `main` adds
+/// `state` for the commands that act on the slots ([`acts_on_slots`]).
 pub fn json_result(command: &str, result: &Result<bool>, text: &str) -> serde_json::Value {
     let messages: Vec<&str> =
         text.lines().map(|l| l.strip_prefix("metrica: ").unwrap_or(l)).collect();
@@ -244,6 +248,28 @@ pub fn json_result(command: &str, result: &Result<bool>, text: &str) -> serde_js
         "messages": messages,
         "error": result.as_ref().err().map(crate::cli_error::message),
     })
+}
+
+/// The commands that change or settle the slots: their `--json` carries the slot state after
+/// them (`state`, as in `updater status --json`), so a script reads the outcome, not words.
+fn acts_on_slots(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Firstboot
+            | Command::Boot { .. }
+            | Command::Install { .. }
+            | Command::Trial
+            | Command::MarkGood { .. }
+            | Command::MarkBad { .. }
+    )
+}
+
+/// The device's slot state as `updater status --json` gives it (`null`: none yet, or the
+/// disk could not be read).
+fn state_after(cli: &Cli) -> serde_json::Value {
+    let Ok(host) = HostFacts::new(cli) else { return serde_json::Value::Null };
+    let status = host.device.status(host.booted.clone(), 0);
+    serde_json::to_value(&status).map(|v| v["state"].clone()).unwrap_or_default()
 }
 
 /// Runs one command, writing what it reports to `out`. `Ok(false)`: it ran but failed.
@@ -436,13 +462,13 @@ fn daemon_settings(
 ) -> Result<(crate::daemon::Config, crate::rollout::Overrides)> {
     let provisioned = provisioned_device(&host.disk);
     let prov = provisioned.as_ref().ok();
-    let mirrors = match (args.mirrors.is_empty(), prov) {
-        (false, _) => args.mirrors.clone(),
-        (true, Some(p)) => p.channel.urls.clone(),
-        (true, None) => bail!(
-            "--mirror: none given, and no valid provisioning to take them from ({})",
-            provisioned.as_ref().err().map(|e| format!("{e:#}")).unwrap_or_default()
-        ),
+    // No mirror and no valid provisioning: a device in the field that nobody provisioned
+    // right. The daemon then follows no channel, but serves its endpoints and runs the
+    // safe-mode stack, which say why (docs/daemon.md, "Without valid provisioning").
+    let (mirrors, unprovisioned) = match (args.mirrors.is_empty(), &provisioned) {
+        (false, _) => (args.mirrors.clone(), None),
+        (true, Ok(p)) => (p.channel.urls.clone(), None),
+        (true, Err(e)) => (vec![], Some(format!("no --mirror and no valid provisioning: {e:#}"))),
     };
     let device_id = match (&args.device_id, prov) {
         (Some(id), _) => id.clone(),
@@ -471,6 +497,7 @@ fn daemon_settings(
             .clone()
             .or_else(|| prov.map(|p| p.segment.to_string()))
             .unwrap_or_else(|| "general".into()),
+        unprovisioned,
     };
     Ok((config, prov.map(rollout_overrides).unwrap_or_default()))
 }
@@ -1141,14 +1168,21 @@ mod tests {
     }
 
     /// `updater run` with no flags takes its settings from the provision partition; with
-    /// neither flags nor provisioning it refuses to start, saying what is missing.
+    /// neither flags nor provisioning it follows no channel, saying why (and still starts:
+    /// its endpoints and the safe-mode stack tell whoever comes to the device).
     #[test]
     fn run_takes_its_settings_from_the_provisioning() {
         let h = host("metrica.boot_partition=2");
-        let (r, _) = cmd(&h, &["run"]);
-        let e = format!("{:#}", r.unwrap_err());
-        assert!(e.contains("--mirror: none given, and no valid provisioning"), "{e}");
-        assert!(e.contains("device.toml"), "{e}");
+        let mut argv = h.args.clone();
+        argv.extend(["run", "--device-id", "d1"].map(String::from));
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Run(args) = &cli.command else { panic!("not run") };
+        let (config, _) = daemon_settings(&HostFacts::new(&cli).unwrap(), args).unwrap();
+        config.validate().unwrap();
+        assert!(config.mirrors.is_empty());
+        let why = config.unprovisioned.unwrap();
+        assert!(why.starts_with("no --mirror and no valid provisioning: provision partition: "));
+        assert!(why.contains("device.toml"), "{why}");
 
         let disk = Path::new(&h.args[2]);
         provision_device_toml(disk);

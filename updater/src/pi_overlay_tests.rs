@@ -377,4 +377,10 @@ fn health_checks_are_executable_scripts() {
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.starts_with("#!/bin/sh\n"), "{}", p.display());
     }
+    // The role check runs a command this updater has.
+    let role = std::fs::read_to_string(dir.join("20-role")).unwrap();
+    let line = role.lines().find_map(|l| l.strip_prefix("exec /usr/bin/")).expect("an exec line");
+    let argv: Vec<&str> = line.split(" >").next().unwrap().split_whitespace().collect();
+    assert_eq!(argv, ["updater", "role", "status", "--check"]);
+    <crate::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap();
 }

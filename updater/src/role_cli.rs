@@ -55,7 +55,13 @@ pub enum RoleCommand {
     },
     /// Show every role: current and previous release, committed, pending and failed
     /// versions, containers and health; and safe mode.
-    Status,
+    Status {
+        /// Exit 1 unless every role that has a release runs healthy (in safe mode the roles
+        /// are stopped on purpose: 0). The trial-boot health check of the Pi image
+        /// (/etc/metrica/health.d/20-role).
+        #[arg(long)]
+        check: bool,
+    },
     /// Finish applies a power cut interrupted and bring up the stacks that should run
     /// (the safe-mode stack in safe mode). Run at every start.
     Recover,
@@ -198,7 +204,17 @@ pub fn run(
             progress.finish();
             report_applied(&applied?, cli.json, out)?
         }
-        Which::Role(RoleCommand::Status) => report_status(&roles.status()?, cli.json, out)?,
+        Which::Role(RoleCommand::Status { check }) => {
+            let st = roles.status()?;
+            let code = report_status(&st, cli.json, out)?;
+            match (check, roles_unhealthy(&st)) {
+                (true, Some(why)) => {
+                    eprintln!("updater: role check: {why}");
+                    Exit::Failed
+                }
+                _ => code,
+            }
+        }
         Which::Role(RoleCommand::Recover) => recover(&roles, out)?,
         Which::SafeMode(SafeModeCommand::Enter) => {
             report_change(roles.command(SafeCommand::Enter)?.as_ref(), &roles, cli.json, out)?
@@ -356,6 +372,33 @@ fn report_status(st: &RolesStatus, json: bool, out: &mut dyn Write) -> Result<Ex
         }
     }
     Ok(Exit::Done)
+}
+
+/// Why the roles are not as they should be, for `role status --check`: a role with a
+/// release whose stack is not up and healthy, or an engine that does not answer. `None`: all
+/// well, no role has a release yet (a new device: the daemon applies the baked one), or safe
+/// mode is on (the roles are stopped on purpose).
+fn roles_unhealthy(st: &RolesStatus) -> Option<String> {
+    if st.safe_mode.is_some() {
+        return None;
+    }
+    let bad: Vec<String> = st
+        .roles
+        .iter()
+        .filter(|r| r.current.is_some() && r.healthy != Some(true))
+        .map(|r| {
+            let version = r.current.as_deref().unwrap_or_default();
+            match r.healthy {
+                Some(_) => format!("role {} {version} is not healthy", r.name),
+                None => format!("the health of role {} {version} is unknown", r.name),
+            }
+        })
+        .collect();
+    match (bad.is_empty(), st.engine_up) {
+        (true, _) => None,
+        (false, false) => Some(format!("{} (the container engine is down)", bad.join("; "))),
+        (false, true) => Some(bad.join("; ")),
+    }
 }
 
 fn recover(roles: &Roles, out: &mut dyn Write) -> Result<Exit, ServiceError> {
@@ -526,6 +569,45 @@ mod tests {
         assert_eq!(code, Exit::Failed);
         assert!(msg.contains("the OS version: /etc/metrica/release.toml under"), "{msg}");
         assert!(msg.contains("--os-version"), "{msg}");
+    }
+
+    #[test]
+    fn the_role_check_passes_only_when_every_released_role_is_healthy() {
+        use crate::role::service::RoleStatus;
+        let role = |name: &str, current: Option<&str>, healthy: Option<bool>| RoleStatus {
+            name: name.into(),
+            current: current.map(str::to_string),
+            previous: None,
+            committed: current.map(str::to_string),
+            pending: None,
+            failed: vec![],
+            consecutive_failures: 0,
+            rollbacks_total: 0,
+            last_error: None,
+            containers: None,
+            checks: None,
+            healthy,
+        };
+        let status = |roles, engine_up, safe: bool| RolesStatus {
+            roles,
+            safe_mode: safe
+                .then_some(safe_mode::Marker { reason: safe_mode::Reason::Operator, since: 1 }),
+            engine_up,
+        };
+        let check = |st: RolesStatus| roles_unhealthy(&st);
+        assert_eq!(check(status(vec![], true, false)), None, "no role");
+        assert_eq!(check(status(vec![role("cam", None, None)], false, false)), None, "no release");
+        assert_eq!(check(status(vec![role("cam", Some("1.0.0"), Some(true))], true, false)), None);
+        assert_eq!(
+            check(status(vec![role("cam", Some("1.0.0"), Some(false))], true, false)).as_deref(),
+            Some("role cam 1.0.0 is not healthy")
+        );
+        assert_eq!(
+            check(status(vec![role("cam", Some("1.0.0"), None)], false, false)).as_deref(),
+            Some("the health of role cam 1.0.0 is unknown (the container engine is down)")
+        );
+        // Safe mode: the role is stopped on purpose.
+        assert_eq!(check(status(vec![role("cam", Some("1.0.0"), Some(false))], true, true)), None);
     }
 
     #[test]

@@ -323,17 +323,17 @@ fn three_failed_updates_decide_safe_mode_and_a_good_update_leaves_it() {
     assert_eq!(d.layout.read_state().unwrap().consecutive_failures, 0);
 }
 
-/// The repository's roles: Compose v2 accepts each compose file, and every image is pinned
+/// The repository's roles (and the QEMU Pi image's test role): Compose v2 accepts each compose file, and every image is pinned
 /// (a bundle-local tag with `pull_policy: never`, or a digest).
 #[test]
 #[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
 fn the_repository_roles_pass_compose_config() {
     images();
-    let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("../roles");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let engine = DockerCli::default();
     let mut checked = 0;
-    for entry in std::fs::read_dir(roles).unwrap() {
-        let dir = entry.unwrap().path();
+    let dirs = std::fs::read_dir(repo.join("roles")).unwrap().map(|e| e.unwrap().path());
+    for dir in dirs.chain([repo.join("qemu/roles/hello")]) {
         let spec = spec::load(&dir.join("role.toml")).unwrap();
         let project = Project::for_release(&spec.role.name.0, &dir, &spec.role.compose.0);
         engine.config_check(&project).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -349,7 +349,7 @@ fn the_repository_roles_pass_compose_config() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 7, "{NEEDS}");
+    assert_eq!(checked, 8, "{NEEDS}");
 }
 
 #[test]
@@ -654,4 +654,93 @@ fn the_crash_loop_watch_sees_a_container_that_keeps_exiting() {
         std::thread::sleep(Duration::from_secs(1));
     };
     assert!(looping, "no crash loop seen; restart totals sampled: {samples:?}");
+}
+
+/// A stand-in for the updater's endpoints on 127.0.0.1:9731: `/health` answers 503 with a
+/// JSON body, anything else 200 with `{"path":...}`; every request line it gets is recorded.
+fn fake_updater_endpoints() -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:9731")
+        .expect("127.0.0.1:9731 (the updater's port, which the safe-mode API relays) is busy");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            // The rest of the header, up to the empty line.
+            let mut h = String::new();
+            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                h.clear();
+            }
+            let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+            record.lock().unwrap().push(line.trim_end().to_string());
+            let (status, body) = if path == "/health" {
+                (
+                    "503 Service Unavailable",
+                    "{\"healthy\":false,\"failing\":[\"role\"]}".to_string(),
+                )
+            } else {
+                ("200 OK", format!("{{\"path\":\"{path}\"}}"))
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    seen
+}
+
+/// The repository's safe-mode stack (roles/safe-mode) on the real engine with its real image,
+/// Debian's busybox-static made by recipes/pi/role-bundles.sh: the apply commits (its own
+/// health checks pass), port 80 serves the page, and the status API relays the updater's
+/// GET endpoints with their status and body, and nothing else.
+#[test]
+#[ignore = "needs the Docker engine and Compose v2: run with --ignored"]
+fn the_repositorys_safe_mode_stack_serves_its_page_and_relays_the_status_api() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = repo.join("target/busybox-image");
+    let script = repo.join("recipes/pi/role-bundles.sh");
+    let st = Command::new("bash").arg(script).args(["amd64"]).arg(&out).status().unwrap();
+    assert!(st.success(), "role-bundles.sh failed: {st}");
+    TcpListener::bind("0.0.0.0:80").expect("port 80, which the safe-mode stack serves, is busy");
+    let seen = fake_updater_endpoints();
+    let d = Device::new("safe-mode");
+    let src = d.dir.path().join("safe-mode");
+    let copied = Command::new("cp").arg("-r").arg(repo.join("roles/safe-mode")).arg(&src).status();
+    assert!(copied.unwrap().success());
+    std::fs::create_dir(src.join("images")).unwrap();
+    std::os::unix::fs::symlink(
+        out.join("busybox-1.35.0-amd64.tar"),
+        src.join("images/busybox.tar"),
+    )
+    .unwrap();
+    assert!(matches!(d.apply(&src), Outcome::Committed { .. }));
+    assert!(get(80, "/").contains("This device is in safe mode"));
+    assert_eq!(get(80, "/cgi-bin/api.sh/status"), "{\"path\":\"/status\"}");
+    assert_eq!(get(80, "/cgi-bin/api.sh/metrics"), "{\"path\":\"/metrics\"}");
+    let answer = |method: &str, path: &str| -> (u16, String) {
+        let url = format!("http://127.0.0.1:80{path}");
+        match ureq::request(method, &url).timeout(Duration::from_secs(3)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    };
+    let (code, body) = answer("GET", "/cgi-bin/api.sh/health");
+    assert_eq!((code, body.as_str()), (503, "{\"healthy\":false,\"failing\":[\"role\"]}"));
+    assert_eq!(answer("POST", "/cgi-bin/api.sh/status").0, 404);
+    assert_eq!(answer("GET", "/cgi-bin/api.sh/check-now").0, 404);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        ["GET /status HTTP/1.0", "GET /metrics HTTP/1.0", "GET /health HTTP/1.0"],
+        "only the GET endpoints reach the updater"
+    );
 }

@@ -94,6 +94,19 @@ fn json_on_every_command() {
     assert_eq!(j["ok"], true, "{j} {}", stderr(&out));
     assert!(j["messages"][0].as_str().unwrap().contains("slot a"), "{j}");
     assert!(j["error"].is_null());
+    // A command on the slots also gives the state after it, as `status --json` does.
+    assert_eq!(j["state"]["committed"], "a", "{j}");
+    assert_eq!(j["state"]["slots"]["a"]["version"], "1.0.0", "{j}");
+    // A refused one too: the state it left unchanged.
+    let out = with(&["--json", "mark-bad", "b", "--reason", "test"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["command"].as_str(), j["ok"].as_bool()), (Some("mark-bad"), Some(false)), "{j}");
+    assert_eq!(j["error"], "slot b holds no installed system", "{j}");
+    assert_eq!(j["state"]["slots"]["b"]["state"], "empty", "{j}");
+    // Others do not.
+    let out = with(&["--json", "check-now", "--listen", "127.0.0.1:1"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["command"].as_str(), j.get("state")), (Some("check-now"), None), "{j}");
 }
 
 /// Every subcommand's --help, recursively: each `--flag` it names exists.

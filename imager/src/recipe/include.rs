@@ -40,7 +40,6 @@ struct RawIncluding {
     compatible: String,
     security_epoch: Option<u64>,
     signing_key: Option<String>,
-    default_role: Option<String>,
     partitions: super::RawPartitions,
     base: Option<RawBase>,
     debian: Option<RawDebian>,

@@ -122,6 +122,7 @@ impl Fleet {
             no_reboot: false,
             device_id: id.into(),
             segment: segment.to_string(),
+            unprovisioned: None,
         };
         let log = device.data_dir.join("log.jsonl");
         Daemon {

@@ -63,6 +63,10 @@ pub struct Config {
     pub no_reboot: bool,
     pub device_id: String,
     pub segment: String,
+    /// Why the device has no channel to follow: its provisioning is missing or invalid and no
+    /// `--mirror` was given. The daemon then polls nothing but still serves its endpoints and
+    /// runs the safe-mode stack, so that whoever comes to the device sees why.
+    pub unprovisioned: Option<String>,
 }
 
 impl Config {
@@ -70,7 +74,7 @@ impl Config {
     /// what was expected.
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::bail;
-        if self.mirrors.is_empty() {
+        if self.mirrors.is_empty() && self.unprovisioned.is_none() {
             bail!("--mirror: at least one mirror is needed");
         }
         for m in &self.mirrors {
@@ -375,6 +379,11 @@ impl Daemon {
         self.record.poll_errors.clear();
         self.record.last_poll = Some(now);
         self.record.counters.polls += 1;
+        if let Some(why) = &self.config.unprovisioned {
+            let why = format!("no channel to follow: {why}");
+            self.decide(now, DecisionOutcome::Stay, "unprovisioned", None, &why);
+            return PollOutcome::NoChannel;
+        }
         self.fetcher.channel = self.config.channel.clone();
         let (fresh, cached) = self.fetch(now);
         let c = self.record.connectivity_at(now);
@@ -1036,14 +1045,17 @@ pub fn serve_loop(
     if let Some(r) = daemon.roles.as_mut() {
         r.start(&daemon.log, crate::slot::unix_now());
     }
-    let summary = format!(
-        "following channel {} from {} mirror(s) every {} s ± {} %; endpoints on {}",
-        daemon.config.channel,
-        daemon.config.mirrors.len(),
-        daemon.config.interval.as_secs(),
-        crate::rollout::POLL_JITTER_PERCENT,
-        server.addr
-    );
+    let summary = match &daemon.config.unprovisioned {
+        Some(why) => format!("following no channel ({why}); endpoints on {}", server.addr),
+        None => format!(
+            "following channel {} from {} mirror(s) every {} s ± {} %; endpoints on {}",
+            daemon.config.channel,
+            daemon.config.mirrors.len(),
+            daemon.config.interval.as_secs(),
+            crate::rollout::POLL_JITTER_PERCENT,
+            server.addr
+        ),
+    };
     daemon.log.info("started", &summary, serde_json::json!({ "pid": std::process::id() }));
     notify(&daemon.log, alive.ready(&summary));
     let mut jitter = Jitter::seeded();

@@ -132,6 +132,7 @@ fn rig_with(mirrors: &[&str], no_reboot: bool, planner: Box<dyn Planner>, compat
         no_reboot,
         device_id: "dev-1".into(),
         segment: "general".into(),
+        unprovisioned: None,
     };
     let installs = Rc::new(Calls::default());
     let reboots = Rc::new(Calls::default());
@@ -848,6 +849,7 @@ mod real_install {
             no_reboot: false,
             device_id: "dev-1".into(),
             segment: "general".into(),
+            unprovisioned: None,
         };
         device.open_state(Some(Slot::A), Some(&release("1.0.0")), CT0).unwrap();
         Daemon {
@@ -1043,4 +1045,26 @@ fn a_poll_runs_the_role_from_the_same_verified_document() {
     assert_eq!(rec.errors[0].kind, "role_bundle", "{:?}", rec.errors);
     assert!(rec.failed.contains("web@1.1.0"), "{rec:?}");
     assert_eq!(r.events("role_decision").len(), 1);
+}
+
+/// No mirror and no valid provisioning: the daemon fetches nothing and installs nothing, and
+/// its decision (in /status) says why, every poll.
+#[test]
+fn an_unprovisioned_daemon_follows_no_channel_and_says_why() {
+    let mut r = rig(&[], false);
+    r.daemon.config.unprovisioned = Some("no --mirror and no valid provisioning: x".into());
+    r.daemon.config.validate().unwrap();
+    seed_state(&r);
+    for t in [T0, T0 + 600] {
+        assert_eq!(r.daemon.poll(t), PollOutcome::NoChannel);
+    }
+    assert!(r.installs.0.borrow().is_empty());
+    let st = r.status();
+    assert_eq!(st["daemon"]["decision"]["code"], "unprovisioned");
+    let reason = st["daemon"]["decision"]["reason"].as_str().unwrap();
+    assert_eq!(reason, "no channel to follow: no --mirror and no valid provisioning: x");
+    assert_eq!(r.events("decision").len(), 2, "each poll logs its decision");
+    // Without the reason, no mirror is still an error of the flags.
+    r.daemon.config.unprovisioned = None;
+    assert!(r.daemon.config.validate().is_err());
 }

@@ -537,10 +537,11 @@ service = "mediamtx"
     /// image its compose file names, and passes its own validation script.
     #[test]
     fn every_role_in_the_repository_reads_and_validates() {
-        let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("../roles");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&roles).unwrap() {
-            let dir = entry.unwrap().path();
+        let dirs = std::fs::read_dir(repo.join("roles")).unwrap().map(|e| e.unwrap().path());
+        // And the QEMU Pi image's test role.
+        for dir in dirs.chain([repo.join("qemu/roles/hello")]) {
             let spec = load(&dir.join(ROLE_FILE)).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(dir.file_name().unwrap().to_str(), Some(spec.role.name.0.as_str()));
             let compose = std::fs::read_to_string(dir.join(&spec.role.compose.0)).unwrap();
@@ -567,6 +568,7 @@ service = "mediamtx"
             "audio-player",
             "camera-dual",
             "camera-single",
+            "hello",
             "safe-mode",
             "video-player",
             "zigbee-hub",

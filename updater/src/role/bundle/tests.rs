@@ -111,7 +111,7 @@ fn the_repositorys_safe_mode_role_builds_into_a_bundle() {
     assert_eq!(path.file_name().unwrap(), "safe-mode-1.0.0.mfr");
     let u = unpack(&path, &ring(), &tmp.path().join("r")).unwrap();
     assert_eq!(u.name, "safe-mode");
-    for f in ["role.toml", "compose.yaml", "nginx.conf", "html/index.html"] {
+    for f in ["role.toml", "compose.yaml", "httpd.conf", "html/index.html", "html/cgi-bin/api.sh"] {
         assert_eq!(
             std::fs::read(u.dir.join(f)).unwrap(),
             std::fs::read(role.join(f)).unwrap(),
