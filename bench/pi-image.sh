@@ -48,7 +48,7 @@ grep -q "base: cached" "$WORK/build.log" || echo "note: this build bootstrapped 
 # baked bundle and the memory probe sees the whole userspace: systemd, Docker, the daemon and
 # the role's container.
 cp --sparse=always "$WORK/out/metrica-pi-qemu-1.0.0.img" "$WORK/provisioned.img"
-printf '%s\n' 'device_id = "bench-0001"' 'role = "hello"' 'segment = "canary"' \
+printf '%s\n' 'device_id = "bench-0001"' 'role = "hello"' 'segment = "canary"' 'hostname = "bench-0001"' \
   '[channel]' 'name = "stable"' 'url = "https://updates.example.com/fleet"' >"$WORK/device.toml"
 "$IMAGER" provision "$WORK/provisioned.img" --device "$WORK/device.toml" --yes >/dev/null
 

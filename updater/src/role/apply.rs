@@ -296,7 +296,8 @@ fn prepare(cx: &Ctx, spec: &RoleSpec, source: &Path) -> Result<(), ApplyError> {
     validate(cx, spec)
 }
 
-fn image_archives(source: &Path) -> Vec<PathBuf> {
+/// The image archives (`images/*.tar`) of a release or stack folder, in name order.
+pub(crate) fn image_archives(source: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(source.join(IMAGES_DIR))
         .map(|rd| {
             rd.filter_map(|e| e.ok())

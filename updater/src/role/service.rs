@@ -503,6 +503,14 @@ impl Roles<'_> {
         let Some((project, wait)) = self.safe_mode_project() else {
             return self.say("safe-mode", "", "error", "no safe-mode stack on this device");
         };
+        // Its images, every time: nothing else loads them (a device that never applied a
+        // role has none), and a `docker load` of what the engine holds is quick.
+        for archive in self.safe_mode_stack.iter().flat_map(|d| apply::image_archives(d)) {
+            if let Err(e) = self.engine.load_images(&archive) {
+                let msg = format!("loading {}: {e}", archive.display());
+                self.say("safe-mode", "", "error", &msg);
+            }
+        }
         let report = safe_mode::switch_stacks(self.engine, None, &project, wait);
         for e in &report.errors {
             self.say("safe-mode", "", "error", &format!("starting the safe-mode stack: {e}"));

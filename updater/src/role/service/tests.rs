@@ -38,9 +38,10 @@ impl Bench {
             log: Box::new(move |e: &Event| events.borrow_mut().push(e.clone())),
             min_free_bytes: 0,
         };
+        // The stack carries its image as an archive, as the baked bundle does: the engine
+        // has it only once something loads it.
         let safe = b.safe_stack();
-        b.write_release(&safe, "safe-mode", "1.0.0", "");
-        b.fake.add_image("status:1");
+        b.write_release(&safe, "safe-mode", "1.0.0", "status:1\n");
         b.fake.release(&safe, Release::new(&[("status", "status:1")]));
         b
     }
@@ -255,6 +256,19 @@ fn the_operator_swaps_the_stacks_and_a_crash_loop_enters() {
         b.history(),
         ["role-applied", "safe-mode-enter", "safe-mode-exit", "safe-mode-enter"]
     );
+}
+
+/// A device that never applied a role (bad provisioning at first boot): entering safe mode
+/// loads the stack's own images, and the stack runs.
+#[test]
+fn safe_mode_on_a_fresh_device_loads_the_stacks_images() {
+    let b = Bench::new();
+    let bad = Reason::BadProvisioning { error: "device.toml: missing".into() };
+    assert_eq!(b.roles().enter_safe_mode(&bad).unwrap(), Some(SafeModeChange::Entered(bad)));
+    assert!(b.safe_running());
+    let calls = b.fake.calls();
+    let load = format!("load {}", b.safe_stack().join("images/web.tar").display());
+    assert!(calls.contains(&load), "{calls:?}");
 }
 
 #[test]
