@@ -39,6 +39,9 @@ pub struct MachineArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub memory: u32,
+    /// Virtual CPUs (`boot` only; the scenarios boot the lean images with one).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
     /// Limit for one boot, QEMU start to exit, in seconds.
     #[arg(long, default_value_t = 300)]
     pub boot_timeout: u64,
@@ -192,6 +195,7 @@ fn boot(args: &BootArgs) -> Result<ExitCode> {
     let mut machine = MachineConfig::new(&args.disk);
     machine.qemu = args.machine.qemu.clone();
     machine.memory_mib = args.machine.memory;
+    machine.cpus = args.machine.cpus;
     machine.extra_disks = args.extra_disks.clone();
     let mut options = Options::new(machine);
     options.timeouts = args.machine.timeouts();

@@ -61,7 +61,11 @@ fn measured(
                 .iter()
                 .map(|ms| format!("{:.1} s", *ms as f64 / 1000.0))
                 .collect();
-            println!("pi-qemu {what}: boot to healthy (QEMU TCG, 1 CPU): {}", secs.join(", "));
+            let cpus = qemu::pi_image::CPUS;
+            println!(
+                "pi-qemu {what}: boot to healthy (QEMU TCG, {cpus} CPUs): {}",
+                secs.join(", ")
+            );
             assert_eq!(report.healthy_ms.len(), boots, "every boot reached healthy");
         }
         Err(e) => {
