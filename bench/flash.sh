@@ -41,20 +41,11 @@ if [ -n "$BASE" ] && cmp -s "$BASE" "$BIN"; then
   echo "warning: the before and after binaries are identical" >&2
 fi
 
-# The image: 64 MiB slots, of which the first MAPPED percent hold random data and the rest is a
-# hole, like a fresh image whose partitions are partly filled.
+. bench/image.sh
 IMG=$WORK/bench.img
-rm -f "$IMG"
-truncate -s "${SIZE_MIB}M" "$IMG"
-slots=$(( SIZE_MIB / 64 ))
-fill=$(( 64 * MAPPED / 100 ))
-for i in $(seq 0 $(( slots - 1 ))); do
-  [ "$fill" -gt 0 ] || break
-  head -c "$(( fill << 20 ))" /dev/urandom | dd of="$IMG" bs=1M seek=$(( i * 64 )) conv=notrunc,fsync status=none
-done
-bmaptool -q create "$IMG" -o "$WORK/bench.bmap"
-mapped=$(python3 -c "import re,sys; t=open(sys.argv[1]).read(); m=re.search(r'<MappedBlocksCount>\s*(\d+)', t); b=re.search(r'<BlockSize>\s*(\d+)', t); print(int(m[1])*int(b[1]))" "$WORK/bench.bmap")
-size=$(stat -c %s "$IMG")
+make_image "$IMG" "$SIZE_MIB" "$MAPPED"
+mapped=$MAPPED_BYTES
+size=$IMAGE_BYTES
 echo "image: $SIZE_MIB MiB, $(( mapped * 100 / size ))% mapped, in $WORK" >&2
 echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores" >&2
 

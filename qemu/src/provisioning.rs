@@ -5,10 +5,12 @@
 //! keeps all of it. On the host afterwards, the card's GPT and the data file system are read
 //! with the harness's own GPT reader and e2fsprogs, not with the updater's code.
 
+use crate::cut::Delay;
+use crate::disk::GptPartition;
 use crate::driver::{Cmd, Driver, Seen};
 use crate::fixtures;
-use crate::harness::{self, RunEnd};
-use crate::scenario::{options, Context, Done};
+use crate::harness::{self, Director, RunEnd};
+use crate::scenario::{cut_series, options, Context, CutSeries, Done};
 use anyhow::{bail, ensure, Context as _, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -122,7 +124,10 @@ fn ext4_bytes(disk: &Path, offset: u64) -> Result<u64> {
     Ok(field("Block count:")? * field("Block size:")?)
 }
 
-pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Result<Done> {
+/// The provisioning scenarios' card: the 2 GiB image flashed with `imager flash` onto an
+/// empty 4 GiB sparse file (`dir/card.img`), like an SD card, then provisioned; and its data
+/// partition before first boot.
+fn provisioned_card(ctx: &Context, dir: &Path) -> Result<(PathBuf, GptPartition)> {
     let imager = fixtures::find_imager(ctx.imager.as_deref())?;
     let image = big_image(ctx)?;
     let image_len = std::fs::metadata(&image)?.len();
@@ -133,8 +138,6 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
         image_len / MIB,
         CARD_BYTES / MIB
     );
-
-    // The card: an empty 4 GiB sparse file, written like an SD card.
     let card = dir.join("card.img");
     std::fs::File::create(&card)?.set_len(CARD_BYTES)?;
     run_tool(
@@ -143,82 +146,55 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
     )?;
     ensure!(std::fs::metadata(&card)?.len() == CARD_BYTES, "imager flash changed the card's size");
     let before = crate::disk::partitions(&card)?;
-    let data_before = before.iter().find(|p| p.label == "data").context("no data partition")?;
+    let data_before =
+        before.into_iter().find(|p| p.label == "data").context("no data partition")?;
     ensure!(
         data_before.start + data_before.len <= image_len,
         "before first boot, data already reaches past the image"
     );
-
     provision(&imager, &card, dir, DEVICE_ID, HOSTNAME, "camera-single")?;
+    Ok((card, data_before))
+}
 
-    // Boot 1: first boot provisions; check in the guest, then reboot. Boot 2: still so.
-    // More than 3 GiB of /data can only come from the 4 GiB card, not from the 2 GiB image;
-    // the host checks the exact size afterwards.
+/// The guest's checks of a provisioned boot: the status, the host name, the SSH key, /data
+/// grown past 3 GiB (only the 4 GiB card, not the 2 GiB image, has room for that), the
+/// provisioning recorded, and no temporary file of an atomic write left on /data.
+fn provisioned_checks() -> Vec<Cmd> {
     let data_min_kib = 3 * 1024 * 1024;
-    let checks = |boot: usize| -> Vec<Cmd> {
-        let mut c = vec![
-            Cmd::status(),
-            Cmd::any("df -k /data; hostname; cat /root/.ssh/authorized_keys"),
-            Cmd::ok(format!("test \"$(hostname)\" = {HOSTNAME}")),
-            Cmd::ok("grep -q 'metrica-qemu-test' /root/.ssh/authorized_keys"),
-            Cmd::ok(format!(
-                "test $(df -k /data | tail -n 1 | tr -s ' ' | cut -d ' ' -f 2) -gt {data_min_kib}"
-            )),
-            Cmd::ok("test -f /data/metrica/provisioned.json"),
-        ];
-        if boot == 1 {
-            c.push(Cmd::any("sync; reboot -f"));
-        }
-        c
-    };
-    let test = dir.join("test-disk.img");
-    fixtures::test_disk(&test, &[])?;
-    let mut o = options(ctx, &card, dir, "run");
-    o.machine.extra_disks.push(test);
-    let mut driver = Driver::new(&ctx.healthy_pattern, vec![(1, checks(1)), (2, checks(2))]);
-    let report = harness::run(&o, &mut driver)?;
-    logs.extend(report.log_dir.clone());
-    let log = report.console_log_hint();
-    if let RunEnd::Failed(f) = &report.end {
-        bail!("the run failed: {f} (log {log})");
-    }
-    ensure!(
-        matches!(report.end, RunEnd::Stopped(_)) && report.boots.len() == 2,
-        "expected two boots through their checks, saw {} ending {:?} (log {log})",
-        report.boots.len(),
-        report.end
-    );
-    let seen = |i: usize| -> Result<&Seen> {
-        driver
-            .seen
-            .iter()
-            .find(|s| s.index == i)
-            .with_context(|| format!("boot {i} printed nothing"))
-    };
-    for i in [1, 2] {
-        let s = seen(i)?;
-        ensure!(s.healthy == Some(true), "boot {i} did not report healthy (log {log})");
-        let st = s.last_status().with_context(|| format!("boot {i} printed no status"))?;
-        let p = &st["provisioning"];
-        ensure!(p["device_id"] == DEVICE_ID, "boot {i}: status reports {p} (log {log})");
-        ensure!(p["result"] == "ok", "boot {i}: provisioning result {} (log {log})", p["result"]);
-        ensure!(p["hostname"] == HOSTNAME, "boot {i}: status reports {p} (log {log})");
-    }
-    // First boot ran once; the second boot found it done.
-    let console = std::fs::read_to_string(&report.console_log)
-        .with_context(|| format!("reading {}", report.console_log.display()))?;
-    let lines: Vec<&str> = console.lines().filter(|l| !l.starts_with('{')).collect();
-    let done = lines.iter().filter(|l| l.contains("metrica: first boot done: ")).count();
-    let again =
-        lines.iter().filter(|l| l.contains(&format!("metrica: provisioned ({DEVICE_ID})"))).count();
-    ensure!(
-        (done, again) == (1, 1),
-        "expected one first boot and one provisioned boot, saw {done} and {again} (log {log})"
-    );
+    vec![
+        Cmd::status(),
+        Cmd::any("df -k /data; hostname; cat /root/.ssh/authorized_keys"),
+        Cmd::ok(format!("test \"$(hostname)\" = {HOSTNAME}")),
+        Cmd::ok("grep -q 'metrica-qemu-test' /root/.ssh/authorized_keys"),
+        Cmd::ok(format!(
+            "test $(df -k /data | tail -n 1 | tr -s ' ' | cut -d ' ' -f 2) -gt {data_min_kib}"
+        )),
+        Cmd::ok("test -f /data/metrica/provisioned.json"),
+        // Nothing half-written: an atomic write's temporary file (.NAME.tmp) that a cut
+        // left is gone once first boot has finished.
+        Cmd::ok("test -z \"$(find /data -name '.*.tmp')\""),
+    ]
+}
 
-    // The host's view of the card after the run.
-    let after = crate::disk::partitions(&card)?;
-    let data = after.iter().find(|p| p.label == "data").context("no data partition")?;
+/// What a provisioned boot reported: healthy, and a status naming the device.
+fn provisioned_status(s: &Seen, log: &str) -> Result<()> {
+    let i = s.index;
+    ensure!(s.healthy == Some(true), "boot {i} did not report healthy (log {log})");
+    let st = s.last_status().with_context(|| format!("boot {i} printed no status"))?;
+    let p = &st["provisioning"];
+    ensure!(p["device_id"] == DEVICE_ID, "boot {i}: status reports {p} (log {log})");
+    ensure!(p["result"] == "ok", "boot {i}: provisioning result {} (log {log})", p["result"]);
+    ensure!(p["hostname"] == HOSTNAME, "boot {i}: status reports {p} (log {log})");
+    Ok(())
+}
+
+/// The host's view of a card after first boot, with tools that know nothing of this project:
+/// /data starts where it did and ends at the card's last 4 MiB boundary before the backup
+/// GPT, its file system fills it (`dumpe2fs`), `sgdisk -v` finds no problem and `e2fsck -fn`
+/// passes. Returns the data partition.
+fn card_is_sound(card: &Path, data_before: &GptPartition) -> Result<GptPartition> {
+    let after = crate::disk::partitions(card)?;
+    let data = after.into_iter().find(|p| p.label == "data").context("no data partition")?;
     ensure!(data.start == data_before.start, "data moved");
     let end = data.start + data.len;
     ensure!(
@@ -227,9 +203,9 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
         end / MIB,
         CARD_BYTES / MIB - 4
     );
-    let fs = ext4_bytes(&card, data.start)?;
+    let fs = ext4_bytes(card, data.start)?;
     ensure!(fs == data.len, "the data file system is {fs} bytes, its partition {}", data.len);
-    run_tool("sgdisk -v", Command::new("sgdisk").env("PATH", sbin_path()).arg("-v").arg(&card))
+    run_tool("sgdisk -v", Command::new("sgdisk").env("PATH", sbin_path()).arg("-v").arg(card))
         .and_then(|out| {
             ensure!(out.contains("No problems found"), "sgdisk -v: {out}");
             Ok(())
@@ -242,6 +218,47 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
             data.start
         )),
     )?;
+    Ok(data)
+}
+
+pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Result<Done> {
+    let (card, data_before) = provisioned_card(ctx, dir)?;
+    // Boot 1: first boot provisions; check in the guest, then reboot. Boot 2: still so.
+    let mut boot1 = provisioned_checks();
+    boot1.push(Cmd::any("sync; reboot -f"));
+    let test = dir.join("test-disk.img");
+    fixtures::test_disk(&test, &[])?;
+    let mut o = options(ctx, &card, dir, "run");
+    o.machine.extra_disks.push(test);
+    let mut driver = Driver::new(&ctx.healthy_pattern, vec![(1, boot1), (2, provisioned_checks())]);
+    let report = harness::run(&o, &mut driver)?;
+    logs.extend(report.log_dir.clone());
+    let log = report.console_log_hint();
+    if let RunEnd::Failed(f) = &report.end {
+        bail!("the run failed: {f} (log {log})");
+    }
+    ensure!(
+        matches!(report.end, RunEnd::Stopped(_)) && report.boots.len() == 2,
+        "expected two boots through their checks, saw {} ending {:?} (log {log})",
+        report.boots.len(),
+        report.end
+    );
+    for i in [1, 2] {
+        let s = driver.seen.iter().find(|s| s.index == i);
+        provisioned_status(s.with_context(|| format!("boot {i} printed nothing"))?, &log)?;
+    }
+    // First boot ran once; the second boot found it done.
+    let console = std::fs::read_to_string(&report.console_log)
+        .with_context(|| format!("reading {}", report.console_log.display()))?;
+    let lines: Vec<&str> = console.lines().filter(|l| !l.starts_with('{')).collect();
+    let done = lines.iter().filter(|l| l.contains("metrica: first boot done: ")).count();
+    let again =
+        lines.iter().filter(|l| l.contains(&format!("metrica: provisioned ({DEVICE_ID})"))).count();
+    ensure!(
+        (done, again) == (1, 1),
+        "expected one first boot and one provisioned boot, saw {done} and {again} (log {log})"
+    );
+    let data = card_is_sound(&card, &data_before)?;
     Ok(Done {
         boots: report.boots,
         note: format!(
@@ -250,5 +267,65 @@ pub fn provision_grow(ctx: &Context, dir: &Path, logs: &mut Vec<PathBuf>) -> Res
             data.len / MIB,
             CARD_BYTES / MIB
         ),
+    })
+}
+
+/// The console line init prints just before `updater firstboot` (overlays/qemu/sbin/init).
+pub const FIRST_BOOT_MARK: &str = "metrica: running updater firstboot";
+
+/// Power cuts across first boot (issue 17 item 2): the provisioned card of provision-grow is
+/// cut (QEMU killed) a random 0-400 ms after init starts first boot, once per run,
+/// `ctx.cuts` runs, each on a fresh copy: somewhere in the GPT grow, the resize, the /data
+/// layout, the keys, the Wi-Fi files or the identity (first boot takes about 0.2 s under TCG
+/// here; some cuts land after it, and the note counts both; none inside fails). The next boot must complete first boot (healthy, the device's host
+/// name, key and grown /data, provisioning recorded), and on the host the card must be sound
+/// (GPT, /data's size, `sgdisk -v`, `e2fsck -fn`).
+pub fn provision_cuts(ctx: &Context, dir: &Path, _logs: &mut Vec<PathBuf>) -> Result<Done> {
+    let (template, data_before) = provisioned_card(ctx, dir)?;
+    let test = dir.join("test-disk.img");
+    fixtures::test_disk(&test, &[])?;
+    let series = CutSeries {
+        runs: ctx.cuts,
+        cut_on: FIRST_BOOT_MARK.into(),
+        window: Delay { min_ms: 0, max_ms: 400 },
+        boot: Some(1),
+        extra_disks: vec![test],
+    };
+    let healthy = ctx.healthy_pattern.clone();
+    // Boot 1 is cut (its hook, if first boot finished in time, only prints the status); boot 2
+    // finishes first boot and is checked.
+    let mut director = |_: usize| -> Box<dyn Director> {
+        Box::new(Driver::new(&healthy, vec![(1, vec![Cmd::status()]), (2, provisioned_checks())]))
+    };
+    let mut inside = 0;
+    let mut check = |i: usize, report: &harness::RunReport| -> Result<()> {
+        let log = report.console_log_hint();
+        ensure!(
+            matches!(report.end, RunEnd::Stopped(_)) && report.boots.len() == 2,
+            "expected the cut boot and one more through its checks, saw {} ending {:?} (log {log})",
+            report.boots.len(),
+            report.end
+        );
+        let card = dir.join(format!("cut-{:03}", i + 1)).join("disk.img");
+        card_is_sound(&card, &data_before)?;
+        // Where the cut fell: before or after first boot said it was done.
+        let console = std::fs::read_to_string(&report.console_log)
+            .with_context(|| format!("reading {}", report.console_log.display()))?;
+        let before_cut = console.split("SIGKILL at").next().unwrap_or_default();
+        if !before_cut.contains("metrica: first boot done: ") {
+            inside += 1;
+        }
+        Ok(())
+    };
+    let boots = cut_series(ctx, dir, &template, &series, &mut director, &mut check)?;
+    // A series whose cuts all came after first boot tested nothing of it.
+    ensure!(
+        inside > 0 || ctx.cuts == 0,
+        "none of the {} cuts fell inside first boot (each came after \"first boot done\")",
+        ctx.cuts
+    );
+    Ok(Done {
+        boots,
+        note: format!("{} cuts, {inside} of them inside first boot, the rest after it", ctx.cuts),
     })
 }

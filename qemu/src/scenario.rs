@@ -207,6 +207,11 @@ pub const SCENARIOS: &[Scenario] = &[
         summary: "2 GiB image flashed to a 4 GiB card and provisioned: first boot grows /data to the card, applies host name and SSH keys; status reports the device_id",
         body: Some(crate::provisioning::provision_grow),
     },
+    Scenario {
+        name: "provision-cuts",
+        summary: "power cuts across first boot of the provision-grow card (--cuts N): the next boot completes it, the GPT and /data stay sound",
+        body: Some(crate::provisioning::provision_cuts),
+    },
 ];
 
 /// Looks a scenario up by name.
