@@ -264,10 +264,20 @@ fn an_up_wait_that_hangs_is_rolled_back() {
     let d = Device::new("rt-hang");
     assert!(matches!(d.apply(&d.bundle("1.0.0", "ok")), Outcome::Committed { .. }));
     let t = Instant::now();
-    assert_eq!(
-        rolled_back(d.apply(&d.bundle("2.0.0", "hang")), "bringing the stack up"),
-        v("1.0.0")
-    );
+    // Which step sees it depends on the engine's timing: `up --wait` times out waiting for
+    // the health check (usually), or returns with the container still "starting" and the
+    // role's container check then fails on it (seen on a loaded machine). Both roll back.
+    match d.apply(&d.bundle("2.0.0", "hang")) {
+        Outcome::RolledBack { error, restored, .. } => {
+            let e = error.to_string();
+            assert!(
+                e.contains("bringing the stack up") || e.contains("is running and starting"),
+                "{e}"
+            );
+            assert_eq!(restored, Some(v("1.0.0")));
+        }
+        other => panic!("not rolled back: {other:?}"),
+    }
     assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
     assert_eq!(d.get("/"), "version 1.0.0\n");
 }
