@@ -112,15 +112,7 @@ pub fn run(ctx: &Context, dir: &Path) -> Result<PiReport> {
             ],
         ),
     ];
-    let mut o = options(ctx, &disk, dir, "run");
-    o.machine.cpus = CPUS;
-    o.machine.extra_disks.push(test);
-    let mut driver = Driver::new(&ctx.healthy_pattern, plan);
-    let report = harness::run(&o, &mut driver)?;
-    let log = report.console_log_hint();
-    if let RunEnd::Failed(f) = &report.end {
-        bail!("the run failed: {f} (log {log})");
-    }
+    let (driver, report, log) = drive(ctx, &disk, &test, dir, "run", plan)?;
     let seen = |i: usize| -> Result<&Seen> {
         driver.seen.iter().find(|s| s.index == i).with_context(|| format!("no boot {i} ({log})"))
     };
@@ -172,17 +164,31 @@ pub fn run_unprovisioned(ctx: &Context, dir: &Path) -> Result<PiReport> {
     let test = dir.join("test-disk.img");
     fixtures::test_disk(&test, &[])?;
     let plan = vec![(1, unprovisioned_checks())];
-    let mut o = options(ctx, &disk, dir, "unprovisioned");
+    let (driver, report, log) = drive(ctx, &disk, &test, dir, "unprovisioned", plan)?;
+    let seen =
+        driver.seen.iter().find(|s| s.index == 1).with_context(|| format!("no boot ({log})"))?;
+    ensure!(seen.healthy == Some(true), "the boot did not report healthy (log {log})");
+    Ok(PiReport { healthy_ms: driver.healthy_times(), logs: report.log_dir })
+}
+
+/// One run of the Pi image: `disk` with the test disk `test`, [`CPUS`] vCPUs, driven through
+/// `plan`; the driver, the report and the console log's hint. A failed run is the error.
+fn drive(
+    ctx: &Context,
+    disk: &Path,
+    test: &Path,
+    dir: &Path,
+    name: &str,
+    plan: Vec<(usize, Vec<Cmd>)>,
+) -> Result<(Driver, harness::RunReport, String)> {
+    let mut o = options(ctx, disk, dir, name);
     o.machine.cpus = CPUS;
-    o.machine.extra_disks.push(test);
+    o.machine.extra_disks.push(test.to_path_buf());
     let mut driver = Driver::new(&ctx.healthy_pattern, plan);
     let report = harness::run(&o, &mut driver)?;
     let log = report.console_log_hint();
     if let RunEnd::Failed(f) = &report.end {
         bail!("the run failed: {f} (log {log})");
     }
-    let seen =
-        driver.seen.iter().find(|s| s.index == 1).with_context(|| format!("no boot ({log})"))?;
-    ensure!(seen.healthy == Some(true), "the boot did not report healthy (log {log})");
-    Ok(PiReport { healthy_ms: driver.healthy_times(), logs: report.log_dir })
+    Ok((driver, report, log))
 }
